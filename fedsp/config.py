@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 # The client algorithms `fedsp.selfplay.get_algorithm` provides.
-ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo")
+ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo", "spin", "tpaw", "dpo")
+POOL_ON_ERROR = ("raise", "drop")
 PARTITIONS = ("iid", "dirichlet")
 DTYPES = ("float32", "bfloat16", "float16")
 MULTIPLE_CHOICE_EVALS = ("loglik", "generate")
@@ -138,6 +139,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.choice("algorithm.reward", ("verdict", "score"))
     e.number("algorithm.awr_max_weight", 0.0, low_open=True)
     e.number("algorithm.baseline_decay", 0.0, 1.0)
+    _check_pairwise(e)
 
     e.integer("rollout.prompts_per_client", 1)
     e.integer("rollout.max_new_tokens", 1)
@@ -157,6 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     _check_fl(e)
 
+    _check_eval_task(e)
     e.integer("eval.every", 0)
     e.integer("eval.examples", 1)
     e.integer("eval.max_new_tokens", 1)
@@ -169,6 +172,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
             e.add(field, f"must be True or False, got {e.get(field)!r}")
     if e.messages:
         raise ValueError("invalid config:\n  " + "\n  ".join(e.messages))
+
+
+def _check_pairwise(e: _Errors) -> None:
+    """SPIN / TPAW / DPO fields (`fedsp.selfplay.pairs`)."""
+    e.number("algorithm.lam", 0.0, low_open=True)
+    e.number("algorithm.eta", 0.0, low_open=True)
+    e.number("algorithm.gamma", 0.0)
+    e.number("algorithm.beta", 0.0, low_open=True)
+    e.number("algorithm.label_smoothing", 0.0, 0.5)
+    e.integer("algorithm.n_max", 1)
+    if e.get("algorithm.opponent_rounds") is not None:
+        e.integer("algorithm.opponent_rounds", 1)
+    e.choice("algorithm.pool_on_error", POOL_ON_ERROR)
+
+
+def _check_eval_task(e: _Errors) -> None:
+    """``eval.task`` ("" = the training task) and ``eval.split`` ("" = task.eval_split)."""
+    name, split = e.get("eval.task"), e.get("eval.split")
+    if not name:
+        if split and e.get("task.name") in task_names():
+            task = get_task(e.get("task.name"), **dict(e.get("task.options")))
+            if split not in task.splits:
+                e.add("eval.split", f"got {split!r}; task {task.name!r} has splits {task.splits}")
+        return
+    if name not in task_names():
+        e.add("eval.task", f"got {name!r}; choose one of {task_names()} (or \"\": task.name)")
+        return
+    task = get_task(name)
+    if (split or e.get("task.eval_split")) not in task.splits:
+        field = "eval.split" if split else "task.eval_split"
+        e.add(field, f"got {split or e.get('task.eval_split')!r}; eval.task {name!r} has "
+                     f"splits {task.splits}")
 
 
 def _check_model(e: _Errors) -> None:

@@ -78,6 +78,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.algorithm.baseline_decay = 0.9
     # Reward of a first answer: "verdict" (1/0) or "score" (the feedback's score).
     config.algorithm.reward = "verdict"
+    # Pairwise self-play (SPIN / TPAW / DPO, `fedsp.selfplay.pairs`). lam: the implicit
+    # reward scale λ of SPIN and TPAW (SPIN's β = 0.1, uclaml/SPIN configs/config.yaml);
+    # eta, gamma, n_max: TPAW's response weight η, player-weight sharpness γ and team
+    # size N_max (arXiv 2605.09922: 6, 0.5, 3); beta, label_smoothing: DPO's β and cDPO ε;
+    # opponent_rounds: rounds of opponent data trained per round, this round's included
+    # (None: the algorithm's own, SPIN 2, TPAW 3, DPO 1); pool_on_error: a damaged
+    # player-pool entry "raise"s or is "drop"ped with a warning.
+    config.algorithm.lam = 0.1
+    config.algorithm.eta = 6.0
+    config.algorithm.gamma = 0.5
+    config.algorithm.n_max = 3
+    config.algorithm.beta = 0.1
+    config.algorithm.label_smoothing = 0.0
+    config.algorithm.opponent_rounds = config_dict.placeholder(int)
+    config.algorithm.pool_on_error = "drop"
 
     config.rollout = ml_collections.ConfigDict()
     config.rollout.prompts_per_client = 16
@@ -117,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.max_new_tokens = 64
     config.eval.batch_size = 32
     config.eval.multiple_choice = "loglik"
+    # Evaluate on another task ("" = task.name) and split ("" = task.eval_split).
+    config.eval.task = ""
+    config.eval.split = ""
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 1

@@ -32,6 +32,18 @@ history, so a run killed after round r and restarted in the same ``workdir`` con
 with the numbers of an uninterrupted run. It also holds a fingerprint of the config:
 resuming with different settings raises, naming the fields (``log.*`` and
 ``checkpoint.*`` may change).
+
+Pairwise self-play (SPIN, TPAW, DPO; the optional protocol parts in
+`fedsp.selfplay.base`): an algorithm with ``uses_context`` gets a `RoundContext` (the
+sampled clients' ids, the round-0 adapters, the pool's players). With ``uses_pool`` the
+loop keeps a `fedsp.checkpoint.PlayerPool` in ``<workdir>/pool``: the round-0 adapters
+enter it before round 1 and the global adapters after every round (with the round's
+accuracy and loss as metadata); its index is part of the run state, so a resumed run
+sees exactly the players it saw. A damaged or missing player raises, or with
+``pool_on_error = "drop"`` is dropped with a warning naming it and the round goes on
+with the others. An algorithm with ``client_state()`` has its client-side data saved
+to ``<workdir>/client_state/round_<r>.npz`` with every checkpoint and restored on
+resume; it never reaches the server step.
 """
 
 from __future__ import annotations
@@ -53,7 +65,15 @@ from flax import nnx
 
 from fedsp import config as config_lib
 from fedsp import data as data_lib
-from fedsp.checkpoint import RunCheckpointer, RunState, config_fingerprint
+from fedsp.checkpoint import (
+    PlayerPool,
+    RunCheckpointer,
+    RunState,
+    config_fingerprint,
+    load_client_state,
+    prune_client_state,
+    save_client_state,
+)
 from fedsp.core.aggregation import server_optimizer
 from fedsp.eval import evaluate
 from fedsp.federated.mapping import map_clients
@@ -176,7 +196,7 @@ def run(
     """
     config_lib.validate(config)
     from fedsp.selfplay import get_algorithm
-    from fedsp.selfplay.base import Policy
+    from fedsp.selfplay.base import Policy, RoundContext
 
     start = time.perf_counter()
     # Orbax requires absolute checkpoint paths; a relative --workdir is the usual case.
@@ -189,8 +209,11 @@ def run(
     data_dir = config.task.data_dir or None
     train = task.load(config.task.train_split, data_dir, limit=config.data.limit or None,
                       seed=config.seed)
-    eval_set = task.load(config.task.eval_split, data_dir, limit=config.eval.examples,
-                         seed=config.seed)
+    # eval.task (optional) scores on another benchmark, e.g. chat SFT data evaluated on
+    # ARC as in SPIN / TPAW.
+    eval_task = data_lib.get_task(config.eval.task) if config.eval.get("task") else task
+    eval_set = eval_task.load(config.eval.get("split") or config.task.eval_split, data_dir,
+                              limit=config.eval.examples, seed=config.seed)
     shards = _client_shards(config, train)
     feedback = data_lib.get_feedback(config.algorithm.feedback, task)
     algo = algorithm if algorithm is not None else get_algorithm(config.algorithm.name, config)
@@ -203,8 +226,11 @@ def run(
     adapter_bytes = tree_bytes(lora_state)
     num_clients = config.data.num_clients
     base_key = jax.random.key(config.seed)
+    initial_params = lora_state
     state = RunState(round=0, params=lora_state, opt_state=optimizer.init(lora_state),
                      rng=base_key, baselines=jnp.full((num_clients,), jnp.nan, jnp.float32))
+    uses_pool = bool(getattr(algo, "uses_pool", False))
+    client_state_dir = workdir / "client_state"
 
     checkpoints = RunCheckpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -213,6 +239,19 @@ def run(
     if checkpoints.latest_round() is not None:
         state = checkpoints.restore_latest_valid(state)
         _log.info("resumed %s after round %d", workdir, state.round)
+    pool = None
+    if uses_pool:
+        # A fresh run starts from an empty index: entries of an earlier attempt that
+        # never reached a checkpoint are deleted.
+        pool = PlayerPool.from_state_dict(
+            workdir / "pool", state.pool or {"max_players": algo.max_players, "entries": []},
+            keep_dropped=config.checkpoint.keep)
+        if state.round == 0 and not pool.rounds:
+            pool.push(initial_params, round=0, metadata={"initial": True})
+        state = dataclasses.replace(state, pool=pool.state_dict())
+    if hasattr(algo, "client_state"):
+        algo.load_client_state(load_client_state(client_state_dir, state.round)
+                               if state.round else None)
     history = [dict(r) for r in state.metrics_history]
     logger.rewrite(history)
 
@@ -244,9 +283,20 @@ def run(
         ]
         collect_key, train_key = jax.random.split(jax.random.fold_in(base_key, rnd))
         baselines = np.array(state.baselines)
+        extra: dict[str, Any] = {}
+        pool_dropped: list[int] = []
+        if getattr(algo, "uses_context", False):
+            players = player_mask = None
+            if pool is not None:
+                before = pool.rounds
+                players, player_mask = pool.stacked(state.params, on_error=algo.pool_on_error)
+                pool_dropped = [r for r in before if r not in pool.rounds]
+            extra["context"] = RoundContext(
+                clients=np.asarray(clients), reference=initial_params, players=players,
+                player_mask=player_mask, player_rounds=pool.rounds if pool else ())
         batch, collect_metrics = algo.collect(policy, state.params, client_examples, task,
                                               feedback, collect_key, rnd,
-                                              baselines=baselines[clients])
+                                              baselines=baselines[clients], **extra)
         keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
         client_lora, stats = train_clients(base_state, state.params, batch, keys)
         stats = {k: np.asarray(v) for k, v in stats.items()}
@@ -291,10 +341,20 @@ def run(
                          baselines=jnp.asarray(baselines))
         if rnd == fl.rounds or (config.eval.every and rnd % config.eval.every == 0):
             record.update(evaluate_round(state.params))
+        if pool is not None:
+            record["pool/rounds"] = list(pool.rounds)
+            record["pool/dropped"] = pool_dropped
+            pool.push(state.params, round=rnd, score=record.get("eval/accuracy"),
+                      metadata={"loss": record["loss"]})
+            state = dataclasses.replace(state, pool=pool.state_dict())
         record["time_s"] = time.perf_counter() - round_start
         log(record)
         if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
+            if hasattr(algo, "client_state"):
+                save_client_state(client_state_dir, rnd, algo.client_state())
             checkpoints.save(dataclasses.replace(state, metrics_history=tuple(history)))
+            if hasattr(algo, "client_state"):
+                prune_client_state(client_state_dir, checkpoints.rounds())
         bar.set_postfix(round=rnd, acc=_last(history, "eval/accuracy"), loss=record["loss"])
     bar.close()
     checkpoints.close()

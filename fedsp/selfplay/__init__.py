@@ -1,4 +1,5 @@
-"""Client algorithms of federated self-play: SPEAR, feedback-SFT, SFT and GRPO.
+"""Client algorithms of federated self-play: SPEAR, feedback-SFT, SFT, GRPO, and the
+pairwise SPIN, TPAW and DPO.
 
     algo = get_algorithm("spear", config)
     batch, metrics = algo.collect(policy, lora_state, client_examples, task, feedback,
@@ -14,9 +15,12 @@ from fedsp.selfplay.base import (
     ALGORITHMS,
     Algorithm,
     ClientBatch,
+    PlayerLogps,
     Policy,
+    RoundContext,
     Sequences,
     get_algorithm,
 )
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientBatch", "Policy", "Sequences", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientBatch", "PlayerLogps", "Policy", "RoundContext",
+           "Sequences", "get_algorithm"]

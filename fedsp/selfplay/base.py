@@ -16,6 +16,19 @@ Per-client state that outlives a round, the reward baseline of advantage weighti
 baselines to ``collect(..., baselines=...)`` and stores ``stats["baseline"]`` from
 ``local_train`` (NaN means "no baseline yet").
 
+Optional parts of the protocol, used by the pairwise self-play algorithms (SPIN, TPAW,
+DPO) and read by the loop with ``getattr``:
+
+- ``uses_context = True``: ``collect`` also takes ``context=`` a `RoundContext` (the
+  sampled clients' global ids, the run's round-0 adapters, the player pool's adapters).
+- ``uses_pool = True`` (with ``max_players`` and ``pool_on_error``): the loop keeps a
+  `fedsp.checkpoint.PlayerPool` of the global adapters (round 0, then after every round)
+  in the run state and hands its players to ``collect`` through the context.
+- ``client_state() -> dict[str, np.ndarray]`` / ``load_client_state(arrays | None)``:
+  host-side client data that outlives a round (SPIN/TPAW keep their clients' opponent
+  data of earlier rounds: token ids). The loop stores it beside each run checkpoint,
+  client side (never passed to the server step), and restores it on resume.
+
 Shapes: C clients, S sequences per client, T tokens per sequence.
 """
 
@@ -34,7 +47,7 @@ from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
 from fedsp.model.tokenizer import Tokenizer
 
-ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo")
+ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo", "spin", "tpaw", "dpo")
 # name -> module that registers it (imported on first use, so importing the interface
 # does not import every algorithm).
 _MODULES = {
@@ -42,6 +55,9 @@ _MODULES = {
     "feedback_sft": "fedsp.selfplay.spear",
     "sft": "fedsp.selfplay.sft",
     "grpo": "fedsp.selfplay.grpo",
+    "spin": "fedsp.selfplay.spin",
+    "tpaw": "fedsp.selfplay.tpaw",
+    "dpo": "fedsp.selfplay.dpo",
 }
 _REGISTRY: dict[str, Any] = {}
 
@@ -80,6 +96,29 @@ class Sequences:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PlayerLogps:
+    """Sequence log-probs of every pair under J fixed players, computed once per round.
+
+    Pairwise algorithms train on (y⁺, y⁻) pairs: row s of ``ClientBatch.train`` (y⁺) goes
+    with row s of ``ClientBatch.lose`` (y⁻). A player is a frozen policy the loss
+    compares against: SPIN's opponent (the round-start policy), TPAW's team of pool
+    checkpoints, DPO's reference. Their log-probs carry no gradient, so ``collect``
+    computes them in one forward per player per response and every local step reuses
+    them.
+
+    Attributes:
+      pos: [..., J, S] float32 Σ_t log π_j(y⁺_t | x, y⁺_<t) over the completion tokens.
+      neg: [..., J, S] the same for y⁻.
+      mask: [..., J] bool, True for real players (a pool that is not full yet pads J).
+    """
+
+    pos: jax.Array
+    neg: jax.Array
+    mask: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class ClientBatch:
     """Everything ``local_train`` needs, stacked over clients [C, ...]; arrays only.
 
@@ -95,6 +134,8 @@ class ClientBatch:
       baseline: [C] the client's reward baseline after this round (NaN: none yet).
       wins: [C] win traces (correct first answers + successful revisions).
       losses: [C] wrong first answers (before the ρ cap).
+      players: pairwise algorithms only: the players' log-probs of every pair
+        (`PlayerLogps`, leaves [C, J, S] / [C, J]); None otherwise.
     """
 
     train: Sequences
@@ -105,10 +146,30 @@ class ClientBatch:
     baseline: jax.Array
     wins: jax.Array
     losses: jax.Array
+    players: PlayerLogps | None = None
 
     @property
     def num_clients(self) -> int:
         return int(self.lr.shape[0])
+
+
+class RoundContext(NamedTuple):
+    """What the loop tells algorithms with ``uses_context = True`` besides the examples.
+
+    Attributes:
+      clients: [C] the sampled clients' global ids (keys of per-client state).
+      reference: the run's round-0 adapters (DPO's frozen reference), or None.
+      players: the player pool's adapters stacked on a leading J axis (``uses_pool``),
+        oldest first, padded with zeros; None without a pool.
+      player_mask: [J] bool, True for the real players; None without a pool.
+      player_rounds: the rounds whose global adapters the real players are.
+    """
+
+    clients: np.ndarray
+    reference: nnx.State | None = None
+    players: Any = None
+    player_mask: jax.Array | None = None
+    player_rounds: tuple[int, ...] = ()
 
 
 class Algorithm(Protocol):
