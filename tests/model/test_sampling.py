@@ -66,6 +66,45 @@ def test_greedy_equals_full_recompute_argmax_and_logprobs(model, prompts):
     assert (np.asarray(out.logprobs) < 0).all()
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "mistral"])
+def test_decode_matches_full_recompute_for_every_architecture(kind):
+    """The unrolled per-layer decode step (qkv bias, llama3 rope, sliding window) agrees
+    with the scanned full forward; the prompts are longer than Mistral's window of 4."""
+    hf = tiny.tiny_hf_config(kind)
+    m = Transformer(ModelConfig.from_hf(hf), rngs=nnx.Rngs(0))
+    load_hf_state_dict(m, tiny.torch_state_dict(tiny.torch_model(hf, seed=4)))
+    prompts = tiny.left_padded_batch(128, [7, 3, 6], 7, seed=6, pad_id=PAD)
+    out = generate(*nnx.split(m), *prompts, max_new_tokens=N, pad_id=PAD, layer_loop="unrolled")
+    for r, logits in enumerate(_teacher_forced(m, prompts, out)):
+        np.testing.assert_array_equal(out.tokens[r], logits.argmax(-1))
+        logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
+        ref = np.take_along_axis(logp, np.asarray(out.tokens[r])[:, None], -1)[:, 0]
+        np.testing.assert_allclose(out.logprobs[r], ref, atol=1e-4)
+    scanned = generate(*nnx.split(m), *prompts, max_new_tokens=N, pad_id=PAD, layer_loop="scan")
+    np.testing.assert_array_equal(scanned.tokens, out.tokens)
+    np.testing.assert_allclose(scanned.logprobs, out.logprobs, atol=1e-5)
+
+
+def test_lora_merged_for_decoding_equals_applied_per_step(model, prompts):
+    """generate folds the adapters into the base once (merge_lora=True, the default);
+    that gives the tokens and log-probs of applying them at every step, and of the
+    adapted model's full forward."""
+    lora_model = nnx.clone(model)
+    apply_lora(lora_model, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+    graphdef, lora, base = split_lora(lora_model)
+    lora = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), lora)
+    nnx.update(lora_model, lora)
+    merged = generate(graphdef, (lora, base), *prompts, max_new_tokens=N, pad_id=PAD)
+    applied = generate(graphdef, (lora, base), *prompts, max_new_tokens=N, pad_id=PAD,
+                       merge_lora=False)
+    np.testing.assert_array_equal(merged.tokens, applied.tokens)
+    np.testing.assert_allclose(merged.logprobs, applied.logprobs, atol=1e-5)
+    plain = generate(*nnx.split(model), *prompts, max_new_tokens=N, pad_id=PAD)
+    assert not np.array_equal(np.asarray(plain.logprobs), np.asarray(merged.logprobs))
+    for r, logits in enumerate(_teacher_forced(lora_model, prompts, merged)):
+        np.testing.assert_array_equal(merged.tokens[r], logits.argmax(-1))
+
+
 def test_sampled_logprobs_are_the_untempered_policy_logprobs(model, prompts):
     graphdef, state = nnx.split(model)
     out = generate(graphdef, state, *prompts, jax.random.key(3), max_new_tokens=N,
@@ -250,6 +289,7 @@ def test_bucket_length_golden():
         (dict(top_p=1.5), "top_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(temperature=0.5), "key"),
+        (dict(layer_loop="python"), "layer_loop"),
     ],
 )
 def test_bad_arguments(model, prompts, kwargs, match):
