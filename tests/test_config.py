@@ -49,10 +49,27 @@ def test_default_config_is_valid():
         ({"data__limit": 2}, r"data.limit: 2 examples cannot give 4 clients"),
         ({"task__eval_split": "validation"}, r"task.eval_split: got 'validation'; task 'arithmetic' has splits \('train', 'test'\)"),
         ({"eval__multiple_choice": "ppl"}, r"eval.multiple_choice: got 'ppl'; choose one of \('loglik', 'generate'\)"),
+        ({"algorithm__name": "tpaw", "algorithm__lam": 0.0}, r"algorithm.lam: must be a finite number in \(0, inf\), got 0.0"),
+        ({"algorithm__eta": -6.0}, r"algorithm.eta: must be a finite number in \(0, inf\)"),
+        ({"algorithm__gamma": -0.5}, r"algorithm.gamma: must be a finite number in \[0, inf\)"),
+        ({"algorithm__n_max": 0}, r"algorithm.n_max: must be >= 1, got 0"),
+        ({"algorithm__beta": 0.0}, r"algorithm.beta: must be a finite number in \(0, inf\)"),
+        ({"algorithm__label_smoothing": 0.7}, r"algorithm.label_smoothing: must be a finite number in \[0, 0.5\]"),
+        ({"algorithm__opponent_rounds": 0}, r"algorithm.opponent_rounds: must be >= 1, got 0"),
+        ({"algorithm__pool_on_error": "ignore"}, r"algorithm.pool_on_error: got 'ignore'; choose one of \('raise', 'drop'\)"),
+        ({"eval__task": "mmlu"}, r"eval.task: got 'mmlu'; choose one of"),
+        ({"eval__task": "arc_challenge", "eval__split": "dev"}, r"eval.split: got 'dev'; eval.task 'arc_challenge' has splits"),
     ],
 )
 def test_errors_name_the_field(changes, expected):
     assert re.search(expected, _error(**changes)), _error(**changes)
+
+
+def test_pairwise_algorithms_are_accepted():
+    for name in ("spin", "tpaw", "dpo"):
+        config = base.get_config()
+        config.algorithm.name = name
+        config_lib.validate(config)
 
 
 def test_all_errors_are_reported_together():

@@ -12,13 +12,20 @@ Typical use::
     clients = data.dirichlet_partition([ex.label for ex in examples], 4, alpha=0.5, seed=0)
 
 Built-in tasks (`task_names()`): arithmetic (generated, the default), gsm8k,
-arc_challenge, hellaswag, strategyqa, math. Benchmark files are read from ``data_dir`` /
+arc_challenge, hellaswag, strategyqa, math, ultrachat (chat SFT data, hub only). Benchmark files are read from ``data_dir`` /
 ``$FEDSP_DATA_DIR``, else from the Hugging Face hub (``pip install 'fedsp[data]'``).
 """
 
 from __future__ import annotations
 
-from fedsp.data import arithmetic, competition_math, gsm8k, multiple_choice, strategyqa  # noqa: F401  (registers)
+from fedsp.data import (  # noqa: F401  (registers)
+    arithmetic,
+    competition_math,
+    gsm8k,
+    multiple_choice,
+    strategyqa,
+    ultrachat,
+)
 from fedsp.data.base import (
     Example,
     FileTask,

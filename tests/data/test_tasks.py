@@ -34,6 +34,7 @@ def test_registry_lists_the_builtin_tasks():
         "hellaswag",
         "math",
         "strategyqa",
+        "ultrachat",
     )
     assert data.DEFAULT_TASK == "arithmetic"
     assert isinstance(data.get_task("gsm8k", source="local"), data.FileTask)
@@ -211,6 +212,20 @@ def test_hub_dispatch_gsm8k(tmp_path, monkeypatch):
     assert [(ex.question, ex.answer, ex.gold_response) for ex in examples] == [
         ("2+2?", "4", "2+2=4\nAnswer: 4")
     ]
+
+
+def test_hub_dispatch_ultrachat_first_turn_is_the_gold_response(monkeypatch):
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Sure."}]
+    fake = _FakeHub([{"prompt": "Hi?", "prompt_id": "abc", "messages": turns}])
+    monkeypatch.setattr(sources, "hub_dataset", fake)
+    task = data.get_task("ultrachat")
+    (ex,) = task.load("train_sft")
+    assert fake.calls == [("HuggingFaceH4/ultrachat_200k", None, "train_sft")]
+    assert (ex.uid, ex.question, ex.gold_response, ex.label) == (
+        "ultrachat/train_sft/abc", "Hi?", "Hello.", "2")
+    assert task.messages(ex) == [{"role": "user", "content": "Hi?"}]
+    assert not task.is_correct("Hello.", ex) and task.source == "hub"
 
 
 def test_hub_is_not_touched_when_the_local_file_exists(monkeypatch):

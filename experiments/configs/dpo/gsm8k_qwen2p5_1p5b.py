@@ -1,0 +1,18 @@
+"""DPO on GSM8K from a Qwen2.5-1.5B SFT model: the paper-scale setting, centralized
+(one client, every prompt each round). Every value and its source:
+`experiments.configs.selfplay_reference`.
+
+Reference: the frozen round-0 (SFT) model; pairs (gold, own sample judged
+wrong), see `fedsp.selfplay.dpo`.
+
+Point ``--config.model.path`` at the downloaded SFT checkpoint (config.json +
+safetensors).
+"""
+
+from __future__ import annotations
+
+from experiments.configs import selfplay_reference
+
+
+def get_config():
+    return selfplay_reference.selfplay_config("dpo", "gsm8k", "qwen2p5_1p5b")

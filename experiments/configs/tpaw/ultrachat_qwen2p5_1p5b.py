@@ -1,0 +1,19 @@
+"""TPAW on UltraChat (50k prompts of HuggingFaceH4/ultrachat_200k; online only,
+read through Hugging Face `datasets`) from a Qwen2.5-1.5B SFT model, evaluated on
+ARC-Challenge: the paper-scale setting, centralized (one client, every prompt each
+round). Every value and its source: `experiments.configs.selfplay_reference`.
+
+Team: the round-0 model and the global models after each round, the newest 3
+(N_max); η = 6, γ = 0.5.
+
+Point ``--config.model.path`` at the downloaded SFT checkpoint (config.json +
+safetensors).
+"""
+
+from __future__ import annotations
+
+from experiments.configs import selfplay_reference
+
+
+def get_config():
+    return selfplay_reference.selfplay_config("tpaw", "ultrachat", "qwen2p5_1p5b")
