@@ -242,6 +242,11 @@ def _decode(template: PyTree, restored: PyTree) -> PyTree:
             return jax.random.wrap_key_data(r, impl=impl)
         if isinstance(t, np.generic):
             return np.asarray(r, t.dtype)[()]
+        if isinstance(t, jax.Array) and not getattr(t, "committed", True):
+            # Orbax places restored arrays on a device (committed); a template that was not
+            # placed restores unplaced too, so a resumed run hits the jit caches of a fresh
+            # one (commitment is part of the cache key) instead of recompiling everything.
+            return jnp.asarray(np.asarray(r))
         return r
 
     return jax.tree.map(decode, template, restored, is_leaf=_is_node)

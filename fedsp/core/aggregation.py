@@ -23,6 +23,7 @@ DP-FedAvg (`dp_noise`, McMahan et al. 2018).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -345,6 +346,21 @@ def server_optimizer(
     """
     _checks.check_choice("name", name, SERVER_OPTIMIZERS)
     _checks.check_interval("lr", lr, 0.0, None, low_open=True)
+    try:
+        return _cached_server_optimizer(name, lr, b1, b2, tau, v0)
+    except TypeError:  # an unhashable lr (schedule object): build it afresh
+        return _build_server_optimizer(name, lr, b1, b2, tau, v0)
+
+
+# The server step takes the optimizer as a static argument, so each new instance is a
+# jit cache miss: equal settings share one instance (several runs in one process — tests,
+# notebooks, grids — then compile the server step once).
+@functools.lru_cache(maxsize=64)
+def _cached_server_optimizer(name, lr, b1, b2, tau, v0):
+    return _build_server_optimizer(name, lr, b1, b2, tau, v0)
+
+
+def _build_server_optimizer(name, lr, b1, b2, tau, v0):
     step = optax.scale_by_learning_rate(lr)
     if name == "fedavg":
         return step
