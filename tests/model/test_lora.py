@@ -15,6 +15,7 @@ from fedsp.model.lora import (
     LoRAScale,
     apply_lora,
     lora_hf_config,
+    lora_delta,
     lora_hf_state_dict,
     lora_state,
     merge_lora_into_base,
@@ -129,6 +130,29 @@ def test_only_lora_params_get_gradients(torch_model):
                                  argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
     np.testing.assert_allclose(
         nnx_grads["layers"]["mlp"]["up_proj"]["lora"]["lora_b"].get_value(), b_grad, atol=1e-6)
+
+
+def test_lora_delta_backward_equals_autodiff():
+    """The hand-written backward of s·(xA)B (which keeps XLA from transposing the big
+    operands) gives autodiff's gradients for x, A and B; the scale gets none."""
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (2, 5, 8))
+    a = jax.random.normal(k[1], (8, 3))
+    b = jax.random.normal(k[2], (3, 6))
+    w = jax.random.normal(k[3], (2, 5, 6))
+    s = jnp.float32(1.7)
+
+    def reference(x, a, b):
+        return jnp.sum(jnp.sin((x @ a @ b) * s) * w)
+
+    def custom(x, a, b):
+        return jnp.sum(jnp.sin(lora_delta(x, a, b, s)) * w)
+
+    np.testing.assert_allclose(custom(x, a, b), reference(x, a, b), rtol=1e-6)
+    for got, want in zip(jax.jit(jax.grad(custom, (0, 1, 2)))(x, a, b),
+                         jax.grad(reference, (0, 1, 2))(x, a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jax.grad(lambda s: jnp.sum(lora_delta(x, a, b, s)))(s)) == 0.0
 
 
 def test_layer_subset_adapts_only_those_layers(torch_model):
