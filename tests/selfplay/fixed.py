@@ -61,8 +61,13 @@ def perturbed(lora, seed: int, scale: float = 0.05):
     """A different adapter: ``lora`` plus seeded noise (a stand-in for a trained player)."""
     leaves, treedef = jax.tree.flatten(lora)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves)])
+    # x + scale · normal(k, x.shape), drawn at one size and sliced (the same numbers:
+    # threefry draws are a function of the flat index): eager normal compiles per shape.
+    size = max(x.size for x in leaves)
+    noise = [np.asarray(jax.random.normal(k, (size,)))[:x.size].reshape(x.shape) for k, x in
+             zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(x) + np.float32(scale) * n)
+                                        for n, x in zip(noise, leaves)])
 
 
 def client(batch, c: int = 0):

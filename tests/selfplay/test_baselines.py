@@ -31,8 +31,10 @@ def test_grpo_group_advantages_and_round_start_ratio(policy, split_model, task):
     np.testing.assert_array_equal(batch.num_examples, [2, 2])
     assert metrics["rollout/accuracy"] == 0.25
     graphdef, lora, base = split_model
-    _, m = grpo_minibatch_loss(graphdef, algo.hp.static(), base, lora, lora,
-                               jax.tree.map(lambda x: x[0], batch), jax.random.key(1))
+    # Jitted: eagerly, the model's ops compile one by one (≈ 8 s more here).
+    loss_fn = jax.jit(grpo_minibatch_loss, static_argnums=(0, 1))
+    _, m = loss_fn(graphdef, algo.hp.static(), base, lora, lora,
+                   jax.tree.map(lambda x: x[0], batch), jax.random.key(1))
     # At the round start the policy is the old and the reference policy.
     assert float(m["ratio"]) == pytest.approx(1.0, abs=1e-5)
     assert float(m["kl"]) == pytest.approx(0.0, abs=1e-6)
