@@ -108,11 +108,12 @@ def selfplay_config(algorithm: str, dataset: str, model: str) -> ml_collections.
 def smollm2_config(algorithm: str, federated: bool = False) -> ml_collections.ConfigDict:
     """A CPU-scale GSM8K run from SmolLM2-135M-Instruct (the default asset; its instruct
     tuning is the SFT start): three rounds so TPAW's team fills up (1, 2, 3 players),
-    evaluated before training and after the last round on the same 64 test problems.
+    evaluated before training and after the last round on the same 32 test problems
+    (greedy, 160 new tokens).
 
-    Centralized: one client with 16 prompts a round. Federated: 4 clients on disjoint IID
-    shards of GSM8K train, 4 prompts each, all playing every round (FedAvg).
-    Sized for 2 CPU cores, about 10 minutes.
+    Centralized: one client with 8 prompts a round. Federated: 4 clients on disjoint IID
+    shards of GSM8K train, 2 prompts each, all playing every round (FedAvg).
+    Sized for 2 CPU cores: about 10 minutes on an idle machine.
     """
     config = base.get_config()
     config.model.lora.rank = 8
@@ -132,21 +133,21 @@ def smollm2_config(algorithm: str, federated: bool = False) -> ml_collections.Co
     config.algorithm.n_max = 3
     config.algorithm.beta = 0.1
 
-    config.rollout.prompts_per_client = 4 if federated else 16
-    config.rollout.max_new_tokens = 128
+    config.rollout.prompts_per_client = 2 if federated else 8
+    config.rollout.max_new_tokens = 96
     config.rollout.temperature = 0.8
     config.rollout.top_p = 0.95
 
-    config.local.steps = 4
+    config.local.steps = 3
     config.local.batch_size = 4
     # Few rounds and small adapters: a higher rate than the paper-scale one (as demo.py).
     config.local.lr = 2e-4
     config.local.lr_min = 2e-4
     config.local.warmup_ratio = 0.0
-    config.local.max_len = 320
+    config.local.max_len = 256
 
     config.eval.every = 0
-    config.eval.examples = 64
-    config.eval.max_new_tokens = 192
+    config.eval.examples = 32
+    config.eval.max_new_tokens = 160
     config.eval.batch_size = 32
     return config

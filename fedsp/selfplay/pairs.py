@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -207,11 +208,26 @@ class OpponentHistory:
 # ---------------------------------------------------------------------------- scoring
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _sequence_logps(graphdef, lora_state, base_state, tokens, attention_mask, loss_mask):
     """[N] Σ over ``loss_mask`` of the token log-probs under one player's adapters."""
     logps = tr.sequence_token_logps(graphdef, lora_state, base_state, tokens, attention_mask)
     return jnp.sum(jnp.where(loss_mask > 0, logps, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_players(graphdef, players, which, base_state, tokens, attention_mask, loss_mask):
+    """[J', K, R] scores of K chunks of R rows under the players ``which`` [J'] of the stack.
+
+    One compiled program per round (per number of real players): a sequential map over
+    players and chunks, so memory stays that of one R-row forward.
+    """
+    chosen = jax.tree.map(lambda x: x[which], players)
+
+    def per_player(adapters):
+        return jax.lax.map(lambda rows: _sequence_logps(graphdef, adapters, base_state, *rows),
+                           (tokens, attention_mask, loss_mask))
+
+    return jax.lax.map(per_player, chosen)
 
 
 def score_sequences(
@@ -226,8 +242,8 @@ def score_sequences(
 ) -> np.ndarray:
     """[J, N] sequence log-probs of N rows under each of J players, without gradient.
 
-    One forward per real player per row: rows go through in chunks of ``batch_size``
-    (the last chunk padded with copies of the first row, so every call has one shape);
+    One forward per real player per row, all in one jitted call: rows go through in
+    chunks of ``batch_size`` (the last chunk padded with copies of the first row);
     masked players are skipped (their entries are 0).
 
     Args:
@@ -240,20 +256,16 @@ def score_sequences(
     player_mask = np.asarray(player_mask, bool)
     n = tokens.shape[0]
     out = np.zeros((player_mask.shape[0], n), np.float32)
-    if n == 0:
+    which = np.flatnonzero(player_mask)
+    if n == 0 or which.size == 0:
         return out
     chunk = min(batch_size, 1 << (n - 1).bit_length())
     padded = -(-n // chunk) * chunk
     fill = np.zeros(padded - n, np.int64)
-    rows = [np.concatenate([np.asarray(x), np.asarray(x)[fill]]) for x in
-            (tokens, attention_mask, loss_mask)]
-    for j in np.flatnonzero(player_mask):
-        adapters = jax.tree.map(lambda x, j=j: x[j], players)
-        parts = [
-            _sequence_logps(graphdef, adapters, base_state, *(x[s:s + chunk] for x in rows))
-            for s in range(0, padded, chunk)
-        ]
-        out[j] = np.concatenate(jax.device_get(parts))[:n]
+    rows = [np.concatenate([np.asarray(x), np.asarray(x)[fill]]).reshape(
+        padded // chunk, chunk, -1) for x in (tokens, attention_mask, loss_mask)]
+    scores = _score_players(graphdef, players, jnp.asarray(which, jnp.int32), base_state, *rows)
+    out[which] = np.asarray(jax.device_get(scores)).reshape(which.size, padded)[:, :n]
     return out
 
 
@@ -413,11 +425,13 @@ class PairwiseSelfPlay:
         rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
         sampled = [j for j, (_, _, ex) in enumerate(rows) if self.rejected_text(ex) is None]
+        start = time.perf_counter()
         keys = rollout.row_keys(key, round, 0, [rows[j][0] for j in sampled],
                                 [rows[j][1] for j in sampled])
         outs = dict(zip(sampled, self.generate_fn(policy, lora_state, [prompts[j] for j in sampled],
                                                    keys, self.sampling) if sampled else []))
 
+        generate_s = time.perf_counter() - start
         this_round: list[list[Pair]] = [[] for _ in range(num_clients)]
         correct = np.zeros(num_clients, np.float32)
         wrong = np.zeros(num_clients, np.float32)
@@ -440,8 +454,10 @@ class PairwiseSelfPlay:
             self.history.record(ids[c], round, this_round[c])
 
         pos, neg = pack_pairs(pairs, hp.train.max_len, tok.pad_token_id)
+        start = time.perf_counter()
         player_logps = score_pairs(policy.graphdef, policy.base_state, players, player_mask,
                                    pos, neg, 2 * hp.train.batch_size)
+        score_s = time.perf_counter() - start
         counts = np.asarray([len(p) for p in pairs], np.float32)
         lr = tr.round_lr(hp.train, round)
         batch = ClientBatch(
@@ -463,6 +479,8 @@ class PairwiseSelfPlay:
             "pairs/opponent_history": float(counts.sum() - fresh),
             "players/count": float(np.sum(player_mask)),
             "players/forward_rows": float(np.sum(player_mask) * 2 * counts.sum()),
+            "time/generate_s": generate_s,
+            "time/score_players_s": score_s,
             "lr": lr,
         }
         return batch, metrics

@@ -129,26 +129,27 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     tok = policy.tokenizer
     graphdef, lora, base = split_model
     scored, forwards = [], []
-    real_score, real_forward = pairs._sequence_logps, tr.sequence_token_logps
+    real_score, real_forward = pairs._score_players, tr.sequence_token_logps
 
-    def count_score(graphdef, lora_state, *args):
-        scored.append(args[1].shape)
-        return real_score(graphdef, lora_state, *args)
+    def count_score(graphdef, players, which, base_state, tokens, *rest):
+        scored.append((int(which.shape[0]), tokens.shape))
+        return real_score(graphdef, players, which, base_state, tokens, *rest)
 
     def count_forward(*args, **kwargs):
         forwards.append(args[3].shape)
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(pairs, "_sequence_logps", count_score)
+    monkeypatch.setattr(pairs, "_score_players", count_score)
     # A fresh lam gives a fresh static config, so local_train is traced below.
     algo = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.1234}),
                 generate_fn=FixedReplies(tok, REPLIES))
     players, mask = stack_players(lora, perturbed(lora, 1), perturbed(lora, 2))
     context = RoundContext(clients=np.arange(2), players=players, player_mask=mask)
-    batch, _ = _collect(algo, policy, lora, task, context=context)
-    # 2 clients × 2 pairs × (y⁺, y⁻) = 8 responses, forwards of 2 × batch_size = 4 rows:
-    # one forward per player per response, nothing else.
-    assert scored == [(4, batch.train.tokens.shape[-1])] * (3 * 2)
+    batch, metrics = _collect(algo, policy, lora, task, context=context)
+    # 2 clients × 2 pairs × (y⁺, y⁻) = 8 responses, in 2 chunks of 2 × batch_size = 4 rows,
+    # scored by the 3 players in ONE call: one forward per player per response.
+    assert scored == [(3, (2, 4, batch.train.tokens.shape[-1]))]
+    assert metrics["players/forward_rows"] == 3 * 8
     scored.clear()
     monkeypatch.setattr(tr, "sequence_token_logps", count_forward)
     algo.local_train(graphdef, base, lora, client(batch), jax.random.key(0))
@@ -202,7 +203,8 @@ def _config(model_dir, **overrides):
 
 
 def _history(workdir):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+    return [{k: v for k, v in json.loads(line).items()
+             if k != "time_s" and not k.startswith("collect/time/")}
             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
