@@ -21,8 +21,10 @@ Deliberate differences, all because fedsp trains LoRA adapters in federated roun
   generates y_gen for every prompt (``rollout.prompts_per_client`` = the data size);
 - LoRA r16/α32 on all projections of all layers with AdamW at 5e-5 (the SPEAR
   reference's LoRA rate), not full fine-tuning with RMSprop at 5e-7;
-- ``local.steps`` = epochs × prompts / batch of randomly drawn minibatches (3 epochs of
-  one iteration's prompts), constant LR within and across rounds (no warmup);
+- ``local.steps`` = epochs × pairs / batch of randomly drawn minibatches, for 3 epochs
+  over a full round's training set (this iteration's prompts × ``opponent_rounds``; the
+  first rounds, with less opponent data, make more passes), constant LR within and
+  across rounds (no warmup);
 - ``model.path`` names the base model: TPAW and SPIN start from an SFT model, so first
   fine-tune it (e.g. ``experiments/configs/baselines/sft_*`` style, or any SFT
   checkpoint) and point ``--config.model.path`` at that directory.
@@ -92,7 +94,7 @@ def selfplay_config(algorithm: str, dataset: str, model: str) -> ml_collections.
     config.rollout.top_p = 0.95  # SPIN generate.py
 
     config.local.batch_size = SPIN_BATCH
-    config.local.steps = SPIN_EPOCHS * prompts // SPIN_BATCH
+    config.local.steps = SPIN_EPOCHS * prompts * OPPONENT_ROUNDS[algorithm] // SPIN_BATCH
     config.local.max_len = 1024  # SPIN max_length
     config.local.lr = 5e-5  # fedsp LoRA rate (SPIN full FT: 5e-7)
     config.local.lr_min = 5e-5
