@@ -32,6 +32,10 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.6",
         "hypothesis>=6.100",
         "nbmake>=1.5",
+        # tests/test_notebooks.py executes notebooks/ in a kernel of the venv's python
+        "nbclient>=0.10",
+        "nbformat>=5.9",
+        "ipykernel>=6.29",
         # torch (CPU) is only the test oracle for model parity; 2.13 ships a CPU wheel
         # for Python 3.11 on the machines this project is developed on.
         "torch>=2.4,<2.14",
