@@ -2,6 +2,7 @@
 #   make test    venv + deps + default model, then the whole test suite (slow tests too)
 #   make test-fast   the suite without the tests marked slow
 #   make bench   the benchmarks in benchmarks/ (results go to BENCHMARKS.md by hand)
+#   make bench-round   federated round vs clients per round + the spear_client_update unit
 #   make demo    federated SPEAR on arithmetic with SmolLM2-135M into runs/demo (prints the table)
 
 PYTHON_SYS ?= python3
@@ -16,7 +17,7 @@ export FEDSP_DATA_DIR ?= $(abspath ../shared/data)
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test test-fast bench demo clean
+.PHONY: setup assets test test-fast bench bench-round demo clean
 
 # Re-installs only when setup.py changes, so a second `make test` starts at once.
 $(STAMP): setup.py
@@ -37,8 +38,13 @@ test: setup assets
 test-fast: setup assets
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
-bench: setup assets
+bench: setup assets bench-round
 	$(PY) -m benchmarks.model
+
+# Each configuration runs in its own child process (its own peak RSS); ~15 + ~6 min here.
+bench-round: setup assets
+	$(PY) -m benchmarks.round
+	$(PY) -m benchmarks.client_update
 
 # A second `make demo` resumes runs/demo from its last checkpoint (or prints the
 # finished table at once); `rm -rf runs/demo` starts over.
