@@ -11,7 +11,8 @@ Per client and round (`PairwiseSelfPlay.collect`, then ``local_train``):
    which it keeps as token ids in client-side state (`OpponentHistory`,
    ``client_state``): the loop checkpoints it beside the run state, never on the server;
 3. the players' sequence log-probs of every y⁺ and y⁻: ONE forward per player per
-   response, without gradient, batched over all clients (`score_sequences`), stored in
+   response, without gradient, batched over all clients (`score_sequences`: one jitted
+   call per chunk of rows covers every player), stored in
    ``ClientBatch.players`` as [C, J, S] (`fedsp.selfplay.base.PlayerLogps`);
 4. ``local.steps`` AdamW steps on ``local.batch_size`` pairs each: one forward of the
    trained policy over the minibatch's y⁺ and y⁻ rows, then the algorithm's loss on those
@@ -215,19 +216,25 @@ def _sequence_logps(graphdef, lora_state, base_state, tokens, attention_mask, lo
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_players(graphdef, players, which, base_state, tokens, attention_mask, loss_mask):
-    """[J', K, R] scores of K chunks of R rows under the players ``which`` [J'] of the stack.
+def _score_chunk(graphdef, players, player_mask, base_state, tokens, attention_mask, loss_mask):
+    """[J, R] scores of one R-row chunk under every player of the stack [J, ...].
 
-    One compiled program per round (per number of real players): a sequential map over
-    players and chunks, so memory stays that of one R-row forward.
+    A sequential map over the J slots; a masked slot takes the other branch of a
+    ``lax.cond`` (0, no forward). One compiled program serves every round whatever the
+    number of real players and of rows, so a filling pool or growing opponent data
+    compiles nothing new.
     """
-    chosen = jax.tree.map(lambda x: x[which], players)
 
-    def per_player(adapters):
-        return jax.lax.map(lambda rows: _sequence_logps(graphdef, adapters, base_state, *rows),
-                           (tokens, attention_mask, loss_mask))
+    def per_player(slot):
+        adapters, real = slot
+        return jax.lax.cond(
+            real,
+            lambda: _sequence_logps(graphdef, adapters, base_state, tokens, attention_mask,
+                                    loss_mask),
+            lambda: jnp.zeros(tokens.shape[:1], jnp.float32),
+        )
 
-    return jax.lax.map(per_player, chosen)
+    return jax.lax.map(per_player, (players, player_mask))
 
 
 def score_sequences(
@@ -242,9 +249,9 @@ def score_sequences(
 ) -> np.ndarray:
     """[J, N] sequence log-probs of N rows under each of J players, without gradient.
 
-    One forward per real player per row, all in one jitted call: rows go through in
-    chunks of ``batch_size`` (the last chunk padded with copies of the first row);
-    masked players are skipped (their entries are 0).
+    One forward per real player per row: rows go through in chunks of ``batch_size``
+    (the last chunk padded with copies of the first row), each chunk in one jitted call
+    over all players; masked players are skipped (their entries are 0).
 
     Args:
       graphdef, base_state: the split model's graph and frozen base.
@@ -255,18 +262,17 @@ def score_sequences(
     """
     player_mask = np.asarray(player_mask, bool)
     n = tokens.shape[0]
-    out = np.zeros((player_mask.shape[0], n), np.float32)
-    which = np.flatnonzero(player_mask)
-    if n == 0 or which.size == 0:
-        return out
+    if n == 0 or not player_mask.any():
+        return np.zeros((player_mask.shape[0], n), np.float32)
     chunk = min(batch_size, 1 << (n - 1).bit_length())
     padded = -(-n // chunk) * chunk
     fill = np.zeros(padded - n, np.int64)
-    rows = [np.concatenate([np.asarray(x), np.asarray(x)[fill]]).reshape(
-        padded // chunk, chunk, -1) for x in (tokens, attention_mask, loss_mask)]
-    scores = _score_players(graphdef, players, jnp.asarray(which, jnp.int32), base_state, *rows)
-    out[which] = np.asarray(jax.device_get(scores)).reshape(which.size, padded)[:, :n]
-    return out
+    rows = [np.concatenate([np.asarray(x), np.asarray(x)[fill]]) for x in
+            (tokens, attention_mask, loss_mask)]
+    mask = jnp.asarray(player_mask)
+    parts = [_score_chunk(graphdef, players, mask, base_state, *(x[s:s + chunk] for x in rows))
+             for s in range(0, padded, chunk)]
+    return np.concatenate(jax.device_get(parts), axis=1)[:, :n]
 
 
 def _widen(seqs: Sequences, width: int, pad_id: int) -> Sequences:

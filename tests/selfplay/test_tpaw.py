@@ -129,17 +129,17 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     tok = policy.tokenizer
     graphdef, lora, base = split_model
     scored, forwards = [], []
-    real_score, real_forward = pairs._score_players, tr.sequence_token_logps
+    real_score, real_forward = pairs._score_chunk, tr.sequence_token_logps
 
-    def count_score(graphdef, players, which, base_state, tokens, *rest):
-        scored.append((int(which.shape[0]), tokens.shape))
-        return real_score(graphdef, players, which, base_state, tokens, *rest)
+    def count_score(graphdef, players, player_mask, base_state, tokens, *rest):
+        scored.append((int(np.sum(player_mask)), tokens.shape))
+        return real_score(graphdef, players, player_mask, base_state, tokens, *rest)
 
     def count_forward(*args, **kwargs):
         forwards.append(args[3].shape)
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(pairs, "_score_players", count_score)
+    monkeypatch.setattr(pairs, "_score_chunk", count_score)
     # A fresh lam gives a fresh static config, so local_train is traced below.
     algo = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.1234}),
                 generate_fn=FixedReplies(tok, REPLIES))
@@ -147,8 +147,8 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     context = RoundContext(clients=np.arange(2), players=players, player_mask=mask)
     batch, metrics = _collect(algo, policy, lora, task, context=context)
     # 2 clients × 2 pairs × (y⁺, y⁻) = 8 responses, in 2 chunks of 2 × batch_size = 4 rows,
-    # scored by the 3 players in ONE call: one forward per player per response.
-    assert scored == [(3, (2, 4, batch.train.tokens.shape[-1]))]
+    # each chunk scored by the 3 players: one forward per player per response.
+    assert scored == [(3, (4, batch.train.tokens.shape[-1]))] * 2
     assert metrics["players/forward_rows"] == 3 * 8
     scored.clear()
     monkeypatch.setattr(tr, "sequence_token_logps", count_forward)
