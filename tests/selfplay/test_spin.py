@@ -118,14 +118,17 @@ def test_opponent_data_of_the_last_two_iterations_is_client_state(policy, split_
 
 
 def test_one_federated_round_through_the_loop(model_dir, tmp_path):
+    # The vmap backend (drjax over 4 simulated devices): ClientBatch.players is stacked
+    # and sharded over the client axis like the rest of the batch.
     config = fixtures.tiny_config(
-        model_dir, fl__rounds=1, fl__clients_per_round=2, algorithm__name="spin",
+        model_dir, fl__rounds=1, fl__clients_per_round=4, fl__backend="vmap",
+        algorithm__name="spin",
         rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
         local__steps=2, local__batch_size=2, local__max_len=96)
     summary = loop.run(config, tmp_path / "run")
     history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     record = history[1]
-    assert summary["rounds"] == 1 and len(record["clients"]) == 2
+    assert summary["rounds"] == 1 and len(record["clients"]) == 4
     assert np.isfinite(record["loss"]) and record["client/num_examples"] == 2.0
     assert record["collect/players/count"] == 1.0
     # Client-side opponent data is stored beside the run checkpoint, not inside it.
