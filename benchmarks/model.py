@@ -15,6 +15,9 @@ What is measured:
   tokens. fedsp: ``fedsp.model.sampling.generate``; torch: ``model.generate``. Reported as
   end-to-end tokens/s (new tokens over wall time, prefill included) and decode-only
   tokens/s (a one-token run's time subtracted first).
+- rollout: greedy generation with EOS on (rows stop when they answer), as self-play
+  runs it, from other arithmetic prompts; both sides produce the same tokens, and
+  tokens/s counts real tokens (padding after a row's end excluded) over wall time.
 - LoRA train step: rank 16, alpha 32 on q,k,v,o,gate,up,down of all layers, AdamW, a
   batch of 4 × 256 tokens, forward + backward + update. fedsp: one jitted step over the
   LoRA state; torch: peft + ``torch.optim.AdamW`` (no gradient checkpointing, the faster
@@ -89,9 +92,9 @@ def forward_flops_per_token(config: Any, context: int) -> float:
     return 2.0 * matmul_params + attention
 
 
-def prompt_batch(tokenizer: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_batch(tokenizer: Any, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     task = get_task("arithmetic")
-    examples = task.load("test", limit=batch, seed=0)
+    examples = task.load("test", limit=batch, seed=seed)
     texts = [tokenizer.apply_chat_template(task.messages(ex)) for ex in examples]
     return tokenizer.encode_batch(texts)
 
@@ -145,6 +148,62 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
             "fedsp_first_call_s": compile_s,
         }
         row["speedup"] = row["fedsp_tok_s"] / row["torch_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_rollout(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: Any) -> list[dict]:
+    """Greedy decoding as self-play runs it: EOS on, rows stop when they answer.
+
+    Both sides generate the same greedy continuations of the same prompts (checked), so
+    they produce the same real tokens; tokens/s counts real tokens (EOS included, the
+    padding after a row's end excluded) over wall time. HF ``generate`` keeps computing
+    a finished row until the last row ends; fedsp drops finished rows from the batch
+    (``compact``), which is the point of the comparison.
+    """
+    graphdef, state = nnx.split(model)
+    pad = tokenizer.pad_token_id
+    eos = list(tokenizer.eos_token_ids)
+    rows = []
+    for batch in args.rollout_batches:
+        ids, mask = prompt_batch(tokenizer, batch, seed=1)
+        n = args.rollout_tokens
+        result: dict[str, Any] = {}
+
+        def fedsp_run() -> None:
+            out = generate(graphdef, state, ids, mask, max_new_tokens=n, eos_ids=eos, pad_id=pad)
+            result["fedsp"] = np.asarray(out.lengths)
+            result["fedsp_tokens"] = np.asarray(out.tokens)
+
+        t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+        def torch_run() -> None:
+            with torch.no_grad():
+                out = tmodel.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
+                                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            new = out[:, ids.shape[1]:].numpy()
+            is_eos = np.isin(new, eos)
+            ended = is_eos.any(axis=1)
+            result["torch"] = np.where(ended, is_eos.argmax(axis=1) + 1, new.shape[1])
+
+        compile_s, fedsp_s = timed(fedsp_run, args.repeats)
+        _, torch_s = timed(torch_run, args.repeats)
+        same = int((result["fedsp"] == result["torch"]).sum())
+        real = int(result["fedsp"].sum())
+        row = {
+            "batch": batch,
+            "max_new_tokens": n,
+            "real_tokens": real,
+            "rows_with_same_length": same,
+            "longest_row": int(result["fedsp"].max()),
+            "fedsp_s": fedsp_s,
+            "torch_s": torch_s,
+            "fedsp_tok_s": real / fedsp_s,
+            "torch_tok_s": int(result["torch"].sum()) / torch_s,
+            "fedsp_first_call_s": compile_s,
+        }
+        row["speedup"] = torch_s / fedsp_s
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -226,12 +285,16 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,16,64",
-                        type=lambda s: [int(x) for x in s.split(",")])
+                        type=lambda s: [int(x) for x in s.split(",") if x])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rollout-batches", default="16,64",
+                        type=lambda s: [int(x) for x in s.split(",") if x])
+    parser.add_argument("--rollout-tokens", type=int, default=128)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -248,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = from_pretrained(gguf)
         tmodel = load_torch_model(gguf)
         results["decode"] = bench_decode(args, model, tokenizer, tmodel)
+        if not args.skip_rollout:
+            results["rollout"] = bench_rollout(args, model, tokenizer, tmodel)
         del model, tmodel
     if not args.skip_train:
         results["train"] = bench_train(args, gguf, peaks)
