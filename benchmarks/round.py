@@ -154,6 +154,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     keys = jnp.stack([jax.random.fold_in(train_key, k) for k in clients])
     baselines = np.full((c,), np.nan, np.float32)
 
+    batch_for_analysis: list[Any] = []
+
     def one_round() -> dict[str, Any]:
         sampler.calls = sampler.tokens = 0
         t0 = time.perf_counter()
@@ -161,6 +163,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             batch, metrics = algo.collect(policy, lora, examples, task, feedback, collect_key, 1,
                                           baselines=baselines)
         common.block(batch)
+        batch_for_analysis[:] = [batch]
         t1 = time.perf_counter()
         client_lora, stats = common.block(train_clients(base_state, lora, batch, keys))
         t2 = time.perf_counter()
@@ -181,10 +184,42 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     reset = common.reset_peak_rss()
     rss_after_warmup = common.current_rss_bytes()
     timed = [one_round() for _ in range(args.repeats)]
+    round_peak = common.peak_rss_bytes() if reset else None
+    process_peak = max(warm_peak, common.peak_rss_bytes())
     med = {k: statistics.median(t[k] for t in timed)
            for k in ("rollout_s", "train_s", "server_s", "round_s")}
+    side_by_side: dict[str, Any] = {}
+    if args.rollout == "batched" and args.side_by_side and c > 1:
+        # The per-client rollout of the same round in this process, alternating with the
+        # batched one: both see the same machine load (the two children do not).
+        other = Sampler(per_client=True)
+        algo_pc = Spear("spear", config, generate_fn=other)
+
+        def collect(a, s):
+            t0 = time.perf_counter()
+            with s.collecting():
+                out = common.block(a.collect(policy, lora, examples, task, feedback, collect_key,
+                                             1, baselines=baselines)[0])
+            return out, time.perf_counter() - t0
+
+        ref, _ = collect(algo_pc, other)  # warm-up: compiles the per-client shapes
+        pairs = [(collect(algo, sampler)[1], collect(algo_pc, other)[1])
+                 for _ in range(args.repeats)]
+        batched_batch, _ = collect(algo, sampler)
+        side_by_side = {
+            "sbs_batched_rollout_s": statistics.median(p[0] for p in pairs),
+            "sbs_per_client_rollout_s": statistics.median(p[1] for p in pairs),
+            "sbs_pairs_s": pairs,
+            "sbs_same_batch": all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                                  zip(jax.tree.leaves(ref), jax.tree.leaves(batched_batch))),
+        }
+    xla: dict[str, Any] = {}
+    if args.rollout == "batched" and args.train_memory:
+        xla = train_memory(train_clients, base_state, lora, batch_for_analysis[0], keys, c)
     adapter = tree_bytes(lora)
     return {
+        **side_by_side,
+        **xla,
         "clients": c,
         "rollout": args.rollout,
         **med,
@@ -195,8 +230,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                                     "train_shape", "fingerprint")},
         "load_s": load_s,
         "loaded_rss_mib": common.mib(loaded_rss),
-        "process_peak_rss_mib": common.mib(max(warm_peak, common.peak_rss_bytes())),
-        "round_peak_rss_mib": common.mib(common.peak_rss_bytes()) if reset else None,
+        "process_peak_rss_mib": common.mib(process_peak),
+        "round_peak_rss_mib": common.mib(round_peak),
         "adapter_mib": common.mib(adapter),
         # adapters + AdamW (m, v): the state a client holds through its local steps.
         "client_state_mib": common.mib(3 * adapter),
@@ -204,13 +239,39 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def train_memory(train_clients, base_state, lora, batch, keys, clients: int) -> dict[str, Any]:
+    """XLA's buffer sizes of the round's local-training program, and whether any buffer
+    has the shape of a base weight stacked over clients ([C, *base_shape]: a per-client
+    base-model copy). Compiled apart from the timed runs (one more compile)."""
+    import jax
+
+    compiled = jax.jit(train_clients).lower(base_state, lora, batch, keys).compile()
+    stats = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    base_shapes = {tuple(x.shape) for x in jax.tree.leaves(base_state) if x.ndim >= 2}
+    stacked = sorted(f"f32[{clients},{','.join(map(str, s))}]" for s in base_shapes
+                     if f"f32[{clients},{','.join(map(str, s))}]" in hlo)
+    return {"train_xla_temp_mib": common.mib(stats.temp_size_in_bytes),
+            "train_xla_argument_mib": common.mib(stats.argument_size_in_bytes),
+            "train_xla_output_mib": common.mib(stats.output_size_in_bytes),
+            "train_stacked_base_buffers": stacked}
+
+
+def sbs(row: dict[str, Any]) -> str:
+    if "sbs_batched_rollout_s" not in row:
+        return "—"
+    b, p = row["sbs_batched_rollout_s"], row["sbs_per_client_rollout_s"]
+    return f"{b:.1f} / {p:.1f} s ({p / b:.2f}×)"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     by = {(r["clients"], r["rollout"]): r for r in rows}
     lines = [
         "| clients | batched round | per-client round | speed-up | batched rollout | "
-        "per-client rollout | rollout speed-up | train | sampler calls (b / pc) | "
-        "round peak RSS b / pc (MiB) | process peak RSS b / pc (MiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "per-client rollout | rollout speed-up | side by side: rollout b / pc (speed-up) | "
+        "train b / pc | sampler calls b / pc | round peak RSS b / pc (MiB) | "
+        "process peak RSS b / pc (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in sorted({r["clients"] for r in rows}):
         b, p = by.get((c, "batched")), by.get((c, "per_client"))
@@ -220,7 +281,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {c} | {b['round_s']:.1f} s | {p['round_s']:.1f} s | "
             f"{p['round_s'] / b['round_s']:.2f}× | {b['rollout_s']:.1f} s | "
-            f"{p['rollout_s']:.1f} s | {p['rollout_s'] / b['rollout_s']:.2f}× | "
+            f"{p['rollout_s']:.1f} s | {p['rollout_s'] / b['rollout_s']:.2f}× | {sbs(b)} | "
             f"{b['train_s']:.1f} / {p['train_s']:.1f} s | {b['sampler_calls']} / "
             f"{p['sampler_calls']} | {fmt(b['round_peak_rss_mib'])} / "
             f"{fmt(p['round_peak_rss_mib'])} | {fmt(b['process_peak_rss_mib'])} / "
@@ -243,6 +304,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=128, help="local.max_len")
     p.add_argument("--backend", default="vmap", help="fl.backend of local training")
     p.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up")
+    p.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
+                   help="skip timing the per-client rollout inside the batched child")
+    p.add_argument("--no-train-memory", dest="train_memory", action="store_false",
+                   help="skip XLA's memory analysis of the training program (batched child)")
     p.add_argument("--json", help="also write every configuration's figures here")
     # Internal: run one configuration in this process.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -259,7 +324,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     shared = ["--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
               "--revisions", str(args.revisions), "--local-steps", str(args.local_steps),
               "--local-batch", str(args.local_batch), "--max-len", str(args.max_len),
-              "--backend", args.backend, "--repeats", str(args.repeats)]
+              "--backend", args.backend, "--repeats", str(args.repeats),
+              *([] if args.side_by_side else ["--no-side-by-side"]),
+              *([] if args.train_memory else ["--no-train-memory"])]
     rows = []
     start = time.perf_counter()
     for c in args.clients:
@@ -282,6 +349,13 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.repeats} timed round(s) after a warm-up; total "
           f"{time.perf_counter() - start:.0f} s\n")
     print(table(rows))
+    for r in rows:
+        if r["rollout"] == "batched" and "train_xla_temp_mib" in r:
+            print(f"C={r['clients']}: training program temp {r['train_xla_temp_mib']:.0f} MiB "
+                  f"({r['train_xla_temp_mib'] / r['clients']:.0f} MiB per client), arguments "
+                  f"{r['train_xla_argument_mib']:.0f} MiB, outputs {r['train_xla_output_mib']:.0f} "
+                  f"MiB; base weights stacked over clients: "
+                  f"{r['train_stacked_base_buffers'] or 'none'}")
     if rows:
         print(f"\nper-client state (analytic): adapters {rows[0]['adapter_mib']:.1f} MiB, "
               f"+ AdamW moments {rows[0]['client_state_mib']:.1f} MiB, + gradients "
