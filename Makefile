@@ -41,7 +41,7 @@ test-fast: setup assets
 bench: setup assets bench-round
 	$(PY) -m benchmarks.model
 
-# Each configuration runs in its own child process (its own peak RSS); ~15 + ~6 min here.
+# Each configuration runs in its own child process (its own peak RSS); ≈ 14 + 7 min here.
 bench-round: setup assets
 	$(PY) -m benchmarks.round
 	$(PY) -m benchmarks.client_update

@@ -20,15 +20,18 @@ completions, traces, training batches and adapters (checked: ``fingerprint`` in 
 output), and the timings differ only by how generation is batched.
 
 Every (C, rollout) configuration runs in its own child process, so its peak RSS is its
-own; the two rollouts of one C run back to back, so machine-load drift affects them
-alike. In the child: load the model (RSS after loading is reported), one warm-up round
+own; the two rollouts of one C run back to back, and the batched child also times the
+per-client rollout of the same round, alternating with its own ("side by side": one
+process, the same machine load; separate children can see different loads). In the child: load the model (RSS after loading is reported), one warm-up round
 (compiles), then ``--repeats`` timed rounds on the same inputs (same shapes, nothing
 recompiles); times are medians. Peak RSS is reported twice: for the whole process
 (``ru_maxrss``: loading, compilation and all rounds) and for the timed rounds alone
 (the kernel's peak reset after the warm-up, `benchmarks.common.reset_peak_rss`). The
 analytic per-client state is the adapter copy plus AdamW's two moments (3 × adapter
 bytes) and its gradient (1 ×) — what the client axis carries; the base weights are
-shared by all clients, never stacked.
+shared by all clients, never stacked. The batched child checks that too: XLA's memory
+analysis of the local-training program (temporaries per client) and a search of its HLO
+for any buffer shaped like a base weight with a leading client axis (`train_memory`).
 """
 
 from __future__ import annotations
