@@ -42,6 +42,7 @@ from flax import nnx
 from fedsp.model.transformer import (
     _MASK_VALUE,
     KVCache,
+    _merged_kernel,
     default_positions,
     init_cache,
     rope_cos_sin,
@@ -447,6 +448,11 @@ def _layer_weights(model: Any, merge_lora: bool) -> list[dict[str, Any]]:
     instead of 21.
     """
     layers = model.layers
+    merged = {}
+    for parent, name in _PROJECTIONS:
+        lin = getattr(getattr(layers, parent), name)
+        if merge_lora and lin.lora is not None:
+            merged[name] = _merged_kernel(lin)  # [L, in, out]
     out = []
     for i in range(model.config.num_hidden_layers):
         w: dict[str, Any] = {
@@ -455,16 +461,11 @@ def _layer_weights(model: Any, merge_lora: bool) -> list[dict[str, Any]]:
         }
         for parent, name in _PROJECTIONS:
             lin = getattr(getattr(layers, parent), name)
-            kernel = lin.kernel[...][i]
+            kernel = merged[name][i] if name in merged else lin.kernel[...][i]
             lora = None
-            if lin.lora is not None:
-                a, b = lin.lora.lora_a[...][i], lin.lora.lora_b[...][i]
-                s = lin.lora.scale[...][i]
-                if merge_lora:
-                    delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * s
-                    kernel = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-                else:
-                    lora = (a, b, s)
+            if lin.lora is not None and name not in merged:
+                lora = (lin.lora.lora_a[...][i], lin.lora.lora_b[...][i],
+                        lin.lora.scale[...][i])
             bias = None if lin.bias is None else lin.bias[...][i]
             w[name] = (kernel, bias, lora)
         out.append(w)
