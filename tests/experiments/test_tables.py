@@ -1,0 +1,293 @@
+"""experiments/tables.py: the grids, the numbers read off the runs, the CLI, and a tiny
+end-to-end table on a random model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import tables
+from fedsp import config as config_lib
+from tests.federated import fixtures
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(a, b):
+    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
+    return {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
+
+
+@pytest.mark.parametrize("name,runs,datasets", [
+    ("spear", ("spear", "feedback_sft", "grpo", "sft"), ("arithmetic", "gsm8k", "arc_challenge")),
+    ("tpaw", ("spin", "tpaw"), ("gsm8k",)),
+    ("aggregation", ("fedavg", "fedavg_prune", "advantage", "advantage_prune"), ("arithmetic",)),
+    ("settings", ("centralized", "fed_sft", "fed_selfplay"), ("arithmetic",)),
+])
+def test_grid_has_every_run_dataset_seed(name, runs, datasets):
+    grid = tables.cells(tables.TABLES[name])
+    assert sorted(c.name for c in grid) == sorted(
+        f"{r}-{d}-s{s}" for r in runs for d in datasets for s in (0, 1, 2))
+    for cell in grid:
+        config = cell.config
+        assert config.seed == cell.seed and config.task.name == cell.dataset
+        assert config.model.path == ""  # the default SmolLM2-135M-Instruct asset
+        assert config.algorithm.name in config_lib.ALGORITHMS
+        if cell.run != "centralized":
+            assert (config.data.num_clients, config.data.partition, config.data.alpha) == (
+                8, "dirichlet", 1.0)
+
+
+def test_spear_rows_read_the_right_runs():
+    table = tables.TABLES["spear"]
+    algorithms = {c.run: c.config.algorithm.name for c in tables.cells(table, seeds=[0])}
+    assert algorithms == {"spear": "spear", "feedback_sft": "feedback_sft", "grpo": "grpo",
+                          "sft": "sft"}
+    start = next(r for r in table.rows if r.key == "start")
+    assert (start.run, start.round) == ("spear", 0)
+    tpaw = tables.TABLES["tpaw"]
+    assert [(r.label, r.run, r.round) for r in tpaw.rows] == [
+        ("SFT start", "spin", 0), ("SPIN iter 1", "spin", 1), ("SPIN iter 2", "spin", 2),
+        ("SPIN iter 3", "spin", 3), ("TPAW iter 1", "tpaw", 1), ("TPAW iter 2", "tpaw", 2),
+        ("TPAW iter 3", "tpaw", 3)]
+    assert all(c.config.fl.rounds == 3 and c.config.eval.every == 1
+               for c in tables.cells(tpaw, seeds=[0]))
+
+
+def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
+    agg = {c.run: c.config for c in tables.cells(tables.TABLES["aggregation"], seeds=[0])}
+    assert _diff(agg["fedavg"], agg["advantage_prune"]) == {"fl.client_weighting",
+                                                            "fl.prune_threshold"}
+    assert (agg["advantage_prune"].fl.client_weighting, agg["advantage_prune"].fl.prune_threshold,
+            agg["fedavg"].fl.prune_threshold) == ("advantage", 0.0, None)
+    settings = {c.run: c.config for c in tables.cells(tables.TABLES["settings"], seeds=[0])}
+    assert _diff(settings["fed_sft"], settings["fed_selfplay"]) == {"algorithm.name"}
+    central = settings["centralized"]
+    assert (central.data.num_clients, central.fl.clients_per_round) == (1, 1)
+    # The holder sees per round what the 4 sampled clients see together.
+    fed = settings["fed_selfplay"]
+    assert central.rollout.prompts_per_client == 4 * fed.rollout.prompts_per_client
+
+
+def test_arithmetic_cells_validate():
+    for name in tables.TABLES:
+        grid = [c for c in tables.cells(tables.TABLES[name], seeds=[0])
+                if c.dataset == "arithmetic"]
+        assert tables.validation_problems(grid) == []
+
+
+def test_stated_budgets_match_the_cost_model():
+    total = 0.0
+    for table in tables.TABLES.values():
+        hours = sum(tables.estimate_seconds(c.config) for c in tables.cells(table)) / 3600
+        assert abs(hours - table.cpu_budget_h) <= 0.1 * table.cpu_budget_h, (table.name, hours)
+        total += hours
+    assert total < 11.0
+
+
+def test_cost_model_on_the_benchmarked_round():
+    # BENCHMARKS.md: SPEAR, 4 clients × 4 prompts × 16 tokens, one revision: rollout 10.4 s.
+    config = tables.cpu_config("arithmetic", 0)
+    config.local.steps, config.fl.rounds, config.eval.every = 1, 1, 0
+    rollout = 4 * 4 * 16 * 1.75 / tables.DECODE_TOKENS_S
+    assert rollout == pytest.approx(10.4, rel=0.1)
+    train = 4 * 1 * 4 * 160 / tables.TRAIN_TOKENS_S
+    evals = 2 * 32 * 16 / tables.DECODE_TOKENS_S
+    assert tables.estimate_seconds(config) == pytest.approx(
+        tables.STARTUP_S + rollout + train + tables.ROUND_OVERHEAD_S + evals)
+
+
+def test_mean_std_is_numpy_sample_std():
+    values = [0.25, 0.5, 0.375]
+    mean, std, n = tables.mean_std(values)
+    assert (mean, n) == (pytest.approx(np.mean(values)), 3)
+    assert std == pytest.approx(np.std(values, ddof=1))
+    assert tables.mean_std([0.5, None, 0.25])[:2] == (pytest.approx(0.375),
+                                                      pytest.approx(np.std([0.5, 0.25], ddof=1)))
+    mean, std, n = tables.mean_std([0.5])
+    assert mean == 0.5 and math.isnan(std) and n == 1
+    assert tables.mean_std([None])[2] == 0
+    assert tables._fmt(tables.mean_std(values)) == "0.375 ± 0.125"
+    assert tables._fmt(tables.mean_std([0.5, None]), total=2) == "0.500 (1/2)"
+
+
+def test_rounds_to_target_and_bytes_from_a_known_curve():
+    curve = {"0": 0.1, "1": 0.2, "2": 0.35, "3": 0.3, "4": 0.5}
+    assert tables.rounds_to_target(curve, 0.3) == 2
+    assert tables.rounds_to_target(curve, 0.35) == 2
+    assert tables.rounds_to_target(curve, 0.1) == 0
+    assert tables.rounds_to_target(curve, 0.51) is None
+    # Rounds evaluated every other round: the first evaluated round at or above target.
+    assert tables.rounds_to_target({"0": 0.0, "2": 0.2, "10": 0.4}, 0.3) == 10
+    sent = {"0": 0, "1": 100, "2": 50, "3": 100}
+    assert tables.bytes_until(sent, 2) == 150 and tables.bytes_until(sent, 0) == 0
+
+
+def _result(run, seed, accuracy, *, sent=100, saved=0, num_clients=8, text_leaves=0):
+    rounds = sorted(accuracy, key=int)
+    return {"run": run, "dataset": "arithmetic", "seed": seed,
+            "curves": {"accuracy": accuracy, "bytes_sent": {r: (0 if r == "0" else sent)
+                                                            for r in rounds},
+                       "bytes_saved": {r: saved for r in rounds}},
+            "summary": {"bytes_sent": sent * (len(rounds) - 1), "bytes_saved": saved},
+            "audit": {"server_calls": len(rounds) - 1, "text_leaves": text_leaves},
+            "config": {"data": {"num_clients": num_clients}}}
+
+
+def test_collect_aggregation_numbers():
+    table = tables.TABLES["aggregation"]
+    results = []
+    for seed in (0, 1):
+        results.append(_result("fedavg", seed, {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.5}))
+        results.append(_result("advantage", seed, {"0": 0.1, "1": 0.35, "2": 0.4, "3": 0.4}))
+        results.append(_result("fedavg_prune", seed, {"0": 0.1, "1": 0.1, "2": 0.1, "3": 0.2},
+                               sent=50, saved=50))
+        results.append(_result("advantage_prune", seed, {"0": 0.1, "1": 0.3, "2": 0.3, "3": 0.3}))
+    numbers = tables.collect(table, results)
+    # target = round-0 + 0.5 × (best − round-0) of FedAvg = 0.1 + 0.5 × 0.4 = 0.3
+    assert numbers["targets"]["arithmetic"]["target"] == pytest.approx(0.3)
+    rows = numbers["rows"]
+    assert rows["fedavg"]["arithmetic"]["rounds_to_target"] == {0: 2, 1: 2}
+    assert rows["advantage"]["arithmetic"]["rounds_to_target"] == {0: 1, 1: 1}
+    assert rows["fedavg_prune"]["arithmetic"]["rounds_to_target"] == {0: None, 1: None}
+    assert rows["fedavg_prune"]["arithmetic"]["rounds_to_target_stat"][2] == 0
+    assert rows["advantage"]["arithmetic"]["bytes_to_target"] == {0: 100, 1: 100}
+    assert rows["fedavg"]["arithmetic"]["bytes_to_target"] == {0: 200, 1: 200}
+    assert rows["fedavg_prune"]["arithmetic"]["bytes_saved_stat"][0] == 50
+    assert rows["fedavg"]["arithmetic"]["mean"] == pytest.approx(0.5)
+    assert tables.collect(table, results, target=0.45)["rows"]["fedavg"]["arithmetic"][
+        "rounds_to_target"] == {0: 3, 1: 3}
+    md = tables.render_markdown(table, numbers, {"scale": "cpu", "estimated_s": 3600.0,
+                                                 "measured_s": 0.0, "command": "x"})
+    assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
+    assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
+
+
+def test_raw_text_flag_comes_from_the_audit_and_the_pooling():
+    assert tables.raw_text_left_client(_result("fed_sft", 0, {"0": 0.0})) is False
+    assert tables.raw_text_left_client(_result("x", 0, {"0": 0.0}, text_leaves=1)) is True
+    assert tables.raw_text_left_client(_result("centralized", 0, {"0": 0.0}, num_clients=1))
+    no_audit = dict(_result("fed_sft", 0, {"0": 0.0}), audit=None)
+    assert tables.raw_text_left_client(no_audit) is None
+
+
+def test_server_audit_types_every_leaf():
+    audit = tables.ServerAudit()
+    audit._inner = lambda *args, **kwargs: "stepped"
+    assert audit({"w": np.ones(2)}, np.float32(1.0), threshold=None) == "stepped"
+    audit({"w": np.ones(2), "feedback": "the answer is 4"}, threshold=0.0)
+    assert audit.calls == 2 and audit.text_leaves == 1
+    assert audit.leaf_types == {"ndarray": 2, "float32": 1, "str": 1, "float": 1}
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--table", "nope"], "--table"),
+    (["--table", "spear", "--scale", "huge"], "--scale"),
+    (["--table", "spear", "--seeds", "0,x"], "--seeds"),
+    (["--table", "spear", "--set", "fl.roundz=3", "--dry-run"], "fl.roundz"),
+    (["--table", "spear", "--set", "fl.rounds", "--dry-run"], "--set"),
+    (["--table", "spear", "--cells", "zzz", "--dry-run"], "--cells"),
+])
+def test_bad_options_name_the_field(argv, field, capsys):
+    with pytest.raises(SystemExit) as err:
+        tables.main(argv)
+    assert err.value.code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_dry_run_prints_cells_and_configs(capsys):
+    assert tables.main(["--table", "aggregation", "--seeds", "0", "--cells", "advantage",
+                        "--set", "fl.rounds=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("table aggregation: 2 cells, scale cpu")
+    assert "== advantage-arithmetic-s0" in out and "== advantage_prune-arithmetic-s0" in out
+    assert "fedavg-" not in out and '"rounds": 2' in out
+
+
+def test_full_scale_configs_for_every_row(capsys):
+    for name, table in tables.TABLES.items():
+        for cell in tables.cells(table, seeds=[0], scale="full"):
+            assert cell.config.model.path in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-1.5B")
+            assert cell.config.model.dtype == "bfloat16"
+    tpaw = tables.cells(tables.TABLES["tpaw"], seeds=[0], scale="full")
+    assert {(c.config.data.num_clients, c.config.fl.clients_per_round) for c in tpaw} == {(8, 8)}
+    spear = {c.name: c.config
+             for c in tables.cells(tables.TABLES["spear"], seeds=[0], scale="full")}
+    assert spear["grpo-arc_challenge-s0"].algorithm.name == "grpo"
+    assert spear["spear-arc_challenge-s0"].data.num_clients == 50
+    settings = {c.run: c.config for c in tables.cells(tables.TABLES["settings"], seeds=[1],
+                                                      scale="full")}
+    assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
+    assert tables.main(["--table", "tpaw", "--scale", "full", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen/Qwen2.5-1.5B" in out and "== tpaw-gsm8k-s2" in out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.mark.slow
+def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path, monkeypatch):
+    argv = ["--table", "settings", "--scale", "tiny", "--seeds", "0",
+            "--cells", "centralized,fed_sft", "--workdir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results"), "--set", f"model.path={model_dir}"]
+    assert tables.main(argv) == 0
+    results = tmp_path / "results"
+    md = (results / "settings.md").read_text()
+    assert "| centralized (SPEAR, pooled data) |" in md and "| yes |" in md
+    assert "| federated gold SFT |" in md and "| no |" in md
+    assert (results / "settings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((results / "settings.json").read_text())
+    assert sorted(c["run"] for c in data["cells"]) == ["centralized", "fed_sft"]
+    for cell in data["cells"]:
+        summary = json.loads((tmp_path / "runs" / "tiny" / "settings" /
+                              f"{cell['run']}-arithmetic-s0" / "summary.json").read_text())
+        assert cell["curves"]["accuracy"] == summary["accuracy_by_round"]
+        assert data["numbers"]["rows"][cell["run"]]["arithmetic"]["per_seed"]["0"] == \
+            summary["final_accuracy"]
+    fed = next(c for c in data["cells"] if c["run"] == "fed_sft")
+    assert fed["audit"]["server_calls"] == 2 and fed["audit"]["text_leaves"] == 0
+
+    # Re-running skips finished cells: the loop must not be entered again.
+    from fedsp.federated import loop
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(loop, "run", fail)
+    (results / "settings.md").unlink()
+    assert tables.main(argv) == 0
+    assert (results / "settings.md").read_text() == md
+    # A finished cell whose config changed is refused, naming the field.
+    with pytest.raises(ValueError, match="local.lr"):
+        tables.main(argv + ["--set", "local.lr=0.001"])
+
+
+def test_speedup_line_reports_what_was_measured():
+    rows = {"fedavg": {"a": {"rounds_to_target_stat": (5.0, 0.0, 3)}},
+            "advantage": {"a": {"rounds_to_target_stat": (3.0, 0.0, 3)}}}
+    assert "3.00 vs 5.00" in tables._speedup(rows, "a") and "40% fewer" in tables._speedup(rows, "a")
+    rows["advantage"]["a"]["rounds_to_target_stat"] = (6.0, 0.0, 3)
+    assert "20% more" in tables._speedup(rows, "a")
+    rows["advantage"]["a"]["rounds_to_target_stat"] = (math.nan, math.nan, 0)
+    assert "not comparable" in tables._speedup(rows, "a")
+
+
+def test_all_tables_dry_run(capsys):
+    assert tables.main(["--table", "all", "--seeds", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("table ")] == [
+        f"table {name}" for name in tables.TABLES]
