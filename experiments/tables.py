@@ -470,9 +470,10 @@ class ServerAudit:
         self.text_leaves = 0
 
     def __enter__(self):
-        from fedsp.federated import loop, server
+        from fedsp.federated import loop
 
-        self._loop, self._inner = loop, server.server_step
+        # Wraps whatever the loop calls, and puts exactly that back on exit.
+        self._loop, self._inner = loop, loop.server_step
         loop.server_step = self
         return self
 

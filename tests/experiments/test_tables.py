@@ -291,3 +291,37 @@ def test_all_tables_dry_run(capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("table ")] == [
         f"table {name}" for name in tables.TABLES]
+
+
+def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monkeypatch):
+    from fedsp.federated import loop
+
+    cell = tables.cells(tables.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    workdir = tmp_path / cell.name
+    calls = []
+
+    def fake_run(config, directory):
+        # Stands in for the loop: two server steps, then a summary.
+        calls.append(directory)
+        for _ in range(2):
+            loop.server_step({"w": np.ones(2)}, np.float32(1.0), threshold=None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the first attempt dies mid-run
+        (directory / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+        (directory / "config.json").write_text(config.to_json_best_effort())
+        return {"final_accuracy": 0.5}
+
+    monkeypatch.setattr(loop, "run", fake_run)
+    stub = lambda *args, **kwargs: None  # noqa: E731
+    monkeypatch.setattr(loop, "server_step", stub)
+    workdir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        tables.run_cell(cell, workdir)
+    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5}
+    assert calls == [workdir, workdir]
+    audit = json.loads((workdir / "server_audit.json").read_text())
+    assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 4, "float32": 4},
+                     "text_leaves": 0}
+    assert loop.server_step is stub  # the audit put back what it wrapped
+    # Finished: a third call reads the summary without running.
+    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
