@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from fedsp import hostalloc
 
 # DESIGN.md, "Reference figures to beat": lee3296/SPEAR (PyTorch + transformers + peft) on
 # this machine class (2 cores, fp32), the same work unit.
@@ -155,4 +156,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    hostalloc.reexec_with_tunables()  # before any work: see fedsp/hostalloc.py
     main()

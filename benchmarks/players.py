@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp import hostalloc
 from fedsp.model.config import ModelConfig
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.transformer import Transformer
@@ -201,4 +202,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostalloc.reexec_with_tunables()  # before any work: see fedsp/hostalloc.py
     main()

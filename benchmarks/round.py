@@ -48,6 +48,7 @@ from unittest import mock
 import numpy as np
 
 from benchmarks import common
+from fedsp import hostalloc
 
 ROLLOUTS = ("batched", "per_client")
 
@@ -369,4 +370,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    hostalloc.reexec_with_tunables()  # before any work: see fedsp/hostalloc.py
     main()

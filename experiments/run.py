@@ -45,5 +45,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from fedsp import hostalloc
+
+    hostalloc.reexec_with_tunables()  # before any work: see fedsp/hostalloc.py
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
