@@ -10,15 +10,12 @@ warm-up also holds the JAX compilation, reported separately).
 
 What is measured:
 - matmul peak: a 2048³ float32 matmul, jitted in JAX and ``torch.mm`` in torch (GFLOP/s).
-- decode matmul ceiling: at each decode batch size, a chain of one decode step's matmuls
-  (every layer's projections and the LM head, nothing else) jitted in JAX and run in
-  torch: the GFLOP/s and tokens/s that a decode step could reach with each framework's
-  matmul kernels at that row count.
 - decode: greedy generation of ``--new-tokens`` tokens at several batch sizes from
   chat-formatted arithmetic prompts (left-padded), EOS disabled so every row decodes all
   tokens. fedsp: ``fedsp.model.sampling.generate``; torch: ``model.generate``. Reported as
   end-to-end tokens/s (new tokens over wall time, prefill included) and decode-only
-  tokens/s (a one-token run's time subtracted first).
+  tokens/s (a one-token run's time subtracted first), the latter also as model GFLOP/s
+  (forward FLOPs per token at the mean context) to set against the matmul peak.
 - rollout: greedy generation with EOS on (rows stop when they answer), as self-play
   runs it, from other arithmetic prompts; both sides produce the same tokens, and
   tokens/s counts real tokens (padding after a row's end excluded) over wall time.
@@ -30,9 +27,10 @@ What is measured:
   pass computes activation gradients (one matmul per forward matmul) but no base-weight
   gradients; the LoRA matmuls (< 3% of the total at rank 16) are left out.
 - Unlike the other benchmarks this one does not re-execute itself with
-  ``fedsp.hostalloc.TUNABLES``: both frameworks share the process's allocator, and those
-  settings made the torch step 10–25% slower here, so it runs with glibc's defaults (torch's
-  best) unless ``GLIBC_TUNABLES`` is set by the caller; the results record which ran.
+  ``fedsp.hostalloc.TUNABLES``: both frameworks share the process's allocator, so the
+  caller chooses it (``GLIBC_TUNABLES=$(python -m fedsp.hostalloc)`` or not) and the
+  results record which ran. The train row also counts the page faults and kernel time of
+  one fedsp step, which those settings remove.
 """
 
 from __future__ import annotations
@@ -88,50 +86,6 @@ def matmul_peaks(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     with torch.no_grad():
         _, t_torch = timed(lambda: torch.mm(ta, tb), repeats)
     return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9}
-
-
-def decode_matmul_ceiling(config: Any, batch: int, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of one decode step's matmuls alone, at ``batch`` rows, in each framework.
-
-    A chain through every layer's q, k, v, o, gate, up, down projections (distinct random
-    weights per layer, so each step streams them from memory as a real step does) and the
-    tied LM head, nothing else: the most a decode step of that batch could reach with
-    these matmul kernels. ``*_tok_s`` is that rate turned into tokens/s.
-    """
-    d, f = config.hidden_size, config.intermediate_size
-    hd = config.head_dim or d // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
-    rng = np.random.default_rng(0)
-    # Scaled by 1/sqrt(fan-in) so activations stay O(1) through the chain: no overflow
-    # and no denormals (torch does not flush them to zero; XLA:CPU does).
-    weights = [[(rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for s in shapes]
-               for _ in range(config.num_hidden_layers)]
-    head = (rng.standard_normal((config.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
-    x = rng.standard_normal((batch, d)).astype(np.float32)
-    flops = 2.0 * batch * (sum(a * b for a, b in shapes) * config.num_hidden_layers
-                           + config.vocab_size * d)
-
-    def chain(x, weights, head, xp):
-        for wq, wk, wv, wo, wg, wu, wd in weights:
-            h = x @ wq
-            k, v = x @ wk, x @ wv
-            x = x + h @ wo + (k.sum() + v.sum()) * 0.0
-            x = x + (x @ wg * (x @ wu)) @ wd
-            x = x / (1.0 + abs(x).max())
-        return x @ head.T
-
-    jx = jax.device_put((x, weights, head))
-    jchain = jax.jit(lambda x, w, h: chain(x, w, h, jnp))
-    _, t_jax = timed(lambda: jchain(*jx).block_until_ready(), repeats)
-    tx = (torch.from_numpy(x), [[torch.from_numpy(w) for w in ws] for ws in weights],
-          torch.from_numpy(head))
-    with torch.no_grad():
-        _, t_torch = timed(lambda: chain(*tx, torch), repeats)
-    per_token = flops / batch
-    return {"batch": batch, "jax_gflops": flops / t_jax / 1e9,
-            "torch_gflops": flops / t_torch / 1e9, "jax_tok_s": batch / t_jax,
-            "torch_tok_s": batch / t_torch, "flops_per_token": per_token}
 
 
 def forward_flops_per_token(config: Any, context: int) -> float:
@@ -202,6 +156,10 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
             "fedsp_first_call_s": compile_s,
         }
         row["speedup"] = row["fedsp_tok_s"] / row["torch_tok_s"]
+        # Model FLOP rate of the decode-only figures (attention at the mean context).
+        per_token = forward_flops_per_token(model.config, ids.shape[1] + n // 2)
+        row["fedsp_decode_gflops"] = row["fedsp_decode_tok_s"] * per_token / 1e9
+        row["torch_decode_gflops"] = row["torch_decode_tok_s"] * per_token / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -369,12 +327,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     results["matmul_peak"] = peaks = matmul_peaks()
     print(json.dumps(peaks), flush=True)
-    if not args.skip_decode:
-        model_config = from_pretrained(gguf)[0].config
-        results["decode_matmul_ceiling"] = ceilings = [
-            decode_matmul_ceiling(model_config, b) for b in args.batches]
-        for row in ceilings:
-            print(json.dumps(row), flush=True)
     if not args.skip_decode:
         model, tokenizer = from_pretrained(gguf)
         tmodel = load_torch_model(gguf)
