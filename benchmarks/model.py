@@ -128,7 +128,8 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
             out = generate(graphdef, state, ids, mask, max_new_tokens=new, eos_ids=(), pad_id=pad)
             jax.block_until_ready(out.tokens)
 
-        t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+        t_ids = torch.from_numpy(ids.astype(np.int64))
+        t_mask = torch.from_numpy(mask.astype(np.int64))
 
         def torch_run(new: int) -> None:
             with torch.no_grad():
@@ -188,7 +189,8 @@ def bench_rollout(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: 
             result["fedsp"] = np.asarray(out.lengths)
             result["fedsp_tokens"] = np.asarray(out.tokens)
 
-        t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+        t_ids = torch.from_numpy(ids.astype(np.int64))
+        t_mask = torch.from_numpy(mask.astype(np.int64))
 
         def torch_run() -> None:
             with torch.no_grad():

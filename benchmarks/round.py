@@ -22,16 +22,17 @@ output), and the timings differ only by how generation is batched.
 Every (C, rollout) configuration runs in its own child process, so its peak RSS is its
 own; the two rollouts of one C run back to back, and the batched child also times the
 per-client rollout of the same round, alternating with its own ("side by side": one
-process, the same machine load; separate children can see different loads). In the child: load the model (RSS after loading is reported), one warm-up round
-(compiles), then ``--repeats`` timed rounds on the same inputs (same shapes, nothing
-recompiles); times are medians. Peak RSS is reported twice: for the whole process
-(``ru_maxrss``: loading, compilation and all rounds) and for the timed rounds alone
-(the kernel's peak reset after the warm-up, `benchmarks.common.reset_peak_rss`). The
-analytic per-client state is the adapter copy plus AdamW's two moments (3 × adapter
-bytes) and its gradient (1 ×) — what the client axis carries; the base weights are
-shared by all clients, never stacked. The batched child checks that too: XLA's memory
-analysis of the local-training program (temporaries per client) and a search of its HLO
-for any buffer shaped like a base weight with a leading client axis (`train_memory`).
+process, the same machine load; separate children can see different loads). In the child:
+load the model (RSS after loading is reported), one warm-up round (compiles), then
+``--repeats`` timed rounds on the same inputs (same shapes, nothing recompiles); times are
+medians. Peak RSS is reported twice: for the whole process (``ru_maxrss``: loading,
+compilation and all rounds) and for the timed rounds alone (the kernel's peak reset after
+the warm-up, `benchmarks.common.reset_peak_rss`). The analytic per-client state is the
+adapter copy plus AdamW's two moments (3 × adapter bytes) and its gradient (1 ×) — what
+the client axis carries; the base weights are shared by all clients, never stacked. The
+batched child checks that too: XLA's memory analysis of the local-training program
+(temporaries per client) and a search of its HLO for any buffer shaped like a base weight
+with a leading client axis (`train_memory`).
 """
 
 from __future__ import annotations
@@ -253,8 +254,8 @@ def train_memory(train_clients, base_state, lora, batch, keys, clients: int) -> 
     stats = compiled.memory_analysis()
     hlo = compiled.as_text()
     base_shapes = {tuple(x.shape) for x in jax.tree.leaves(base_state) if x.ndim >= 2}
-    stacked = sorted(f"f32[{clients},{','.join(map(str, s))}]" for s in base_shapes
-                     if f"f32[{clients},{','.join(map(str, s))}]" in hlo)
+    candidates = {f"f32[{clients},{','.join(map(str, s))}]" for s in base_shapes}
+    stacked = sorted(c for c in candidates if c in hlo)
     return {"train_xla_temp_mib": common.mib(stats.temp_size_in_bytes),
             "train_xla_argument_mib": common.mib(stats.argument_size_in_bytes),
             "train_xla_output_mib": common.mib(stats.output_size_in_bytes),

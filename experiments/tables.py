@@ -236,6 +236,24 @@ def _settings_run(kind: str):
     return build
 
 
+def _final_rows(runs: Sequence[Run]) -> tuple[Row, ...]:
+    """One row per run: its accuracy after the last round, under the run's label."""
+    return tuple(Row(r.key, r.label, r.key) for r in runs)
+
+
+_AGGREGATION_RUNS = (
+    Run("fedavg", "FedAvg", _aggregation_run("examples", False)),
+    Run("fedavg_prune", "FedAvg + pruning", _aggregation_run("examples", True)),
+    Run("advantage", "advantage-weighted", _aggregation_run("advantage", False)),
+    Run("advantage_prune", "advantage-weighted + pruning", _aggregation_run("advantage", True)),
+)
+_SETTINGS_RUNS = (
+    Run("centralized", "centralized (SPEAR, pooled data)", _settings_run("centralized")),
+    Run("fed_sft", "federated gold SFT", _settings_run("fed_sft")),
+    Run("fed_selfplay", "federated self-play (SPEAR)", _settings_run("fed_selfplay")),
+)
+
+
 TABLES: dict[str, Table] = {
     "spear": Table(
         name="spear",
@@ -271,15 +289,8 @@ TABLES: dict[str, Table] = {
     "aggregation": Table(
         name="aggregation",
         title="FedAvg vs advantage-weighted aggregation, with and without pruning",
-        runs=(Run("fedavg", "FedAvg", _aggregation_run("examples", False)),
-              Run("fedavg_prune", "FedAvg + pruning", _aggregation_run("examples", True)),
-              Run("advantage", "advantage-weighted", _aggregation_run("advantage", False)),
-              Run("advantage_prune", "advantage-weighted + pruning",
-                  _aggregation_run("advantage", True))),
-        rows=(Row("fedavg", "FedAvg", "fedavg"),
-              Row("fedavg_prune", "FedAvg + pruning", "fedavg_prune"),
-              Row("advantage", "advantage-weighted", "advantage"),
-              Row("advantage_prune", "advantage-weighted + pruning", "advantage_prune")),
+        runs=_AGGREGATION_RUNS,
+        rows=_final_rows(_AGGREGATION_RUNS),
         datasets=("arithmetic",),
         cpu_budget_h=1.6,
         kind="aggregation",
@@ -290,13 +301,8 @@ TABLES: dict[str, Table] = {
     "settings": Table(
         name="settings",
         title="Centralized vs federated SFT vs federated self-play",
-        runs=(Run("centralized", "centralized (SPEAR, pooled data)",
-                  _settings_run("centralized")),
-              Run("fed_sft", "federated gold SFT", _settings_run("fed_sft")),
-              Run("fed_selfplay", "federated self-play (SPEAR)", _settings_run("fed_selfplay"))),
-        rows=(Row("centralized", "centralized (SPEAR, pooled data)", "centralized"),
-              Row("fed_sft", "federated gold SFT", "fed_sft"),
-              Row("fed_selfplay", "federated self-play (SPEAR)", "fed_selfplay")),
+        runs=_SETTINGS_RUNS,
+        rows=_final_rows(_SETTINGS_RUNS),
         datasets=("arithmetic",),
         cpu_budget_h=1.1,
         kind="settings",
