@@ -23,7 +23,7 @@ import numpy as np
 from fedsp.core.aggregation import SERVER_OPTIMIZERS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
 from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
-from fedsp.data.base import FileTask
+from fedsp.data.base import FileTask, parse_split
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
 
@@ -193,17 +193,18 @@ def _check_eval_task(e: _Errors) -> None:
     if not name:
         if split and e.get("task.name") in task_names():
             task = get_task(e.get("task.name"), **dict(e.get("task.options")))
-            if split not in task.splits:
-                e.add("eval.split", f"got {split!r}; task {task.name!r} has splits {task.splits}")
+            if not task.has_split(split):
+                e.add("eval.split",
+                      f"got {split!r}; task {task.name!r} has splits {task.splits_help()}")
         return
     if name not in task_names():
         e.add("eval.task", f"got {name!r}; choose one of {task_names()} (or \"\": task.name)")
         return
     task = get_task(name)
-    if (split or e.get("task.eval_split")) not in task.splits:
+    if not task.has_split(split or e.get("task.eval_split")):
         field = "eval.split" if split else "task.eval_split"
         e.add(field, f"got {split or e.get('task.eval_split')!r}; eval.task {name!r} has "
-                     f"splits {task.splits}")
+                     f"splits {task.splits_help()}")
 
 
 def _check_model(e: _Errors) -> None:
@@ -239,8 +240,8 @@ def _check_task(e: _Errors) -> None:
         return
     ok = True
     for field in ("task.train_split", "task.eval_split"):
-        if e.get(field) not in task.splits:
-            e.add(field, f"got {e.get(field)!r}; task {name!r} has splits {task.splits}")
+        if not task.has_split(e.get(field)):
+            e.add(field, f"got {e.get(field)!r}; task {name!r} has splits {task.splits_help()}")
             ok = False
     if ok and isinstance(task, FileTask):
         _check_data_files(e, task)
@@ -256,7 +257,7 @@ def _check_data_files(e: _Errors, task: FileTask) -> None:
         return
     for field in ("task.train_split", "task.eval_split"):
         split = e.get(field)
-        relpath = task.files.get(split)
+        relpath = task.files.get((parse_split(split) or (split,))[0])
         if not root_text:
             if not hub_ok:
                 e.add(

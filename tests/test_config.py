@@ -95,6 +95,25 @@ def test_missing_split_file_names_the_file(tmp_path):
     assert "task.train_split" not in message
 
 
+def test_split_slices_validate_against_the_whole_splits_file(tmp_path, monkeypatch):
+    # The offline ARC folder holds only the test file: slices of it are on disk, "train" is not.
+    monkeypatch.delenv("FEDSP_DATA_DIR", raising=False)
+    (tmp_path / "arc_challenge").mkdir()
+    (tmp_path / "arc_challenge" / "ARC-Challenge-Test.jsonl").write_text("{}\n")
+    config = base.get_config()
+    config.task.name, config.task.data_dir = "arc_challenge", str(tmp_path)
+    config.task.options = {"source": "local"}
+    config.task.train_split, config.task.eval_split = "test[:75%]", "test[75%:]"
+    config_lib.validate(config)
+    arc = {"task__name": "arc_challenge", "task__data_dir": str(tmp_path),
+           "task__options": {"source": "local"}, "task__eval_split": "test[75%:]"}
+    message = _error(**arc, task__train_split="train[:75%]")
+    assert "task.train_split: split 'train[:75%]' of 'arc_challenge' is not on disk" in message
+    message = _error(**{**arc, "task__eval_split": "dev[1:]"}, task__train_split="test[:75%]")
+    assert ("task.eval_split: got 'dev[1:]'; task 'arc_challenge' has splits ('train', "
+            "'validation', 'test') or a slice such as 'test[:75%]'") in message
+
+
 def test_empty_client_names_the_partition_fields():
     config = base.get_config()
     shards = [np.arange(3), np.arange(0), np.arange(3, 5), np.arange(0)]

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import os
 import pathlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -28,6 +29,7 @@ __all__ = [
     "Message",
     "Task",
     "get_task",
+    "parse_split",
     "register_task",
     "stable_rng",
     "subset",
@@ -103,7 +105,9 @@ class Task(abc.ABC):
         """Examples of one split.
 
         Args:
-          split: one of `splits`.
+          split: one of `splits`; file-backed tasks also take a slice of one in the
+            Hugging Face ``datasets`` syntax, ``"test[:75%]"`` or ``"train[100:200]"``
+            (see `parse_split`).
           data_dir: benchmark folder; defaults to ``$FEDSP_DATA_DIR`` (see
             `fedsp.data.sources`). Generated tasks ignore it.
           limit: file-backed tasks keep a random subset of this many examples (drawn
@@ -193,10 +197,26 @@ class Task(abc.ABC):
         del example, response
         return []
 
+    supports_slices: ClassVar[bool] = False
+    """Whether `load` takes ``"name[start:stop]"`` slices of a split (file-backed tasks)."""
+
+    def has_split(self, split: str) -> bool:
+        """Whether `load` accepts ``split``: a name in `splits`, or a slice of one."""
+        if split in self.splits:
+            return True
+        parsed = parse_split(split) if self.supports_slices else None
+        return parsed is not None and parsed[0] in self.splits
+
+    def splits_help(self) -> str:
+        """The accepted split names, for error messages."""
+        tail = f" or a slice such as '{self.splits[-1]}[:75%]'" if self.supports_slices else ""
+        return f"{self.splits}{tail}"
+
     def _check_load_args(self, split: str, limit: int | None) -> None:
-        if split not in self.splits:
+        if not isinstance(split, str) or not self.has_split(split):
             raise ValueError(
-                f"split must be one of {self.splits} for task {self.name!r}, got {split!r}"
+                f"split must be one of {self.splits_help()} for task {self.name!r}, "
+                f"got {split!r}"
             )
         _check_limit(limit)
 
@@ -227,19 +247,25 @@ class FileTask(Task):
             raise ValueError(f"source must be one of {sources.SOURCES}, got {source!r}")
         self.source = source
 
+    supports_slices = True
+
     def load(self, split, data_dir=None, limit=None, seed=0):
         self._check_load_args(split, limit)
+        name, start, stop = parse_split(split) or (split, None, None)
         records, origin = sources.load_records(
             dataset=self.name,
-            split=split,
-            relpath=self.files.get(split),
+            split=name,
+            relpath=self.files.get(name),
             read_local=self._read_local,
-            hub=lambda: self._hub_records(split),
+            hub=lambda: self._hub_records(name),
             hub_name=self.hub_name,
             data_dir=data_dir,
             source=self.source,
         )
-        examples = [self._to_example(r, split, i) for i, r in enumerate(records)]
+        # Examples are built from the whole split first, so a slice's uids are the whole
+        # split's: "test[:75%]" and "test[75%:]" never share one.
+        examples = [self._to_example(r, name, i) for i, r in enumerate(records)]
+        examples = examples[slice_bounds(start, stop, len(examples))]
         if not examples:
             raise ValueError(f"split {split!r} of task {self.name!r} is empty (read from {origin})")
         return subset(examples, limit, seed)
@@ -298,6 +324,44 @@ def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
+
+_SLICE_RE = re.compile(r"(?P<name>\w+)\[(?P<start>[+-]?\d+%?)?:(?P<stop>[+-]?\d+%?)?\]")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None] | None:
+    """``"test[:75%]"`` → ``("test", None, "75%")``; None when ``split`` is not a slice.
+
+    The syntax is the Hugging Face ``datasets`` one, so a slice read from local files and
+    ``datasets.load_dataset(..., split="test[:75%]")`` hold the same records: bounds are
+    example counts or percentages, negative ones count from the end, and either may be
+    left out. A file that holds only one split (the offline ARC-Challenge test set) can
+    so be cut into disjoint train and evaluation parts.
+    """
+    match = _SLICE_RE.fullmatch(split) if isinstance(split, str) else None
+    if match is None:
+        return None
+    return match["name"], match["start"], match["stop"]
+
+
+def slice_bounds(start: str | None, stop: str | None, size: int) -> slice:
+    """The Python slice of a split of ``size`` examples for `parse_split`'s bounds.
+
+    A percentage ``p%`` is the index ``round(p * size / 100)`` (``datasets``' default
+    "closest" rounding), so ``[:p%]`` and ``[p%:]`` are complementary.
+    """
+
+    def index(bound: str | None) -> int | None:
+        if bound is None:
+            return None
+        if bound.endswith("%"):
+            pct = int(bound[:-1])
+            if not -100 <= pct <= 100:
+                raise ValueError(f"split slice bound {bound!r} is outside -100%..100%")
+            return round(pct * size / 100)
+        return int(bound)
+
+    return slice(index(start), index(stop))
 
 
 def subset(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:

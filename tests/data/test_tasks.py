@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import operator
+import re
 import sys
 
 import pytest
@@ -127,6 +128,40 @@ def test_limit_takes_a_seeded_subset_in_file_order():
     assert task.load("test", limit=10**6) == full
 
 
+def test_split_slices_are_disjoint_and_cover_the_split(load_split):
+    # ARC-Challenge has only its test file offline; the tables train on "test[:75%]" and
+    # evaluate on "test[75%:]".
+    task = data.get_task("arc_challenge", source="local")
+    full = list(load_split("arc_challenge", "test"))
+    head, tail = task.load("test[:75%]"), task.load("test[75%:]")
+    assert len(full) == 1172 and (len(head), len(tail)) == (879, 293)  # round(0.75 * 1172)
+    assert head + tail == full
+    assert not {ex.uid for ex in head} & {ex.uid for ex in tail}
+    assert task.load("test[10:20]") == full[10:20]
+    assert task.load("test[-5%:]") == full[-59:]  # round(0.05 * 1172) = 59
+    assert task.load("test[:75%]", limit=8, seed=3) == data.base.subset(head, 8, 3)
+    # uids are the whole split's: a slice's examples keep their positions' ids
+    gsm = data.get_task("gsm8k")
+    assert [ex.uid for ex in gsm.load("test[100:102]")] == ["gsm8k/test/100", "gsm8k/test/101"]
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [("dev[:50%]", "split must be one of"), ("test[:50]x", "split must be one of"),
+     ("test[200%:]", "outside -100%..100%"), ("test[5:5]", "is empty")],
+)
+def test_bad_split_slices_raise(split, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.get_task("arc_challenge", source="local").load(split)
+
+
+def test_generated_tasks_take_no_slices():
+    task = data.get_task("arithmetic")
+    assert task.has_split("test") and not task.has_split("test[:50%]")
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'test'\) for task"):
+        task.load("test[:50%]")
+
+
 @pytest.mark.parametrize("limit", [0, -3, 2.5, True])
 def test_bad_limit_raises(limit):
     with pytest.raises(ValueError, match="limit must be None or a positive integer"):
@@ -135,7 +170,8 @@ def test_bad_limit_raises(limit):
 
 def test_unknown_split_raises_naming_the_splits():
     with pytest.raises(
-        ValueError, match=r"split must be one of \('train', 'test'\) for task 'gsm8k', got 'dev'"
+        ValueError, match=r"split must be one of \('train', 'test'\) or a slice such as "
+                          r"'test\[:75%\]' for task 'gsm8k', got 'dev'"
     ):
         data.get_task("gsm8k").load("dev")
 

@@ -47,6 +47,10 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
         if cell.run != "centralized":
             assert (config.data.num_clients, config.data.partition, config.data.alpha) == (
                 8, "dirichlet", 1.0)
+        # Offline data only: ARC (test file only) is cut into disjoint train / eval parts.
+        splits = ("test[:75%]", "test[75%:]") if cell.dataset == "arc_challenge" else (
+            "train", "test")
+        assert (config.task.train_split, config.task.eval_split) == splits
 
 
 def test_spear_rows_read_the_right_runs():
@@ -226,6 +230,8 @@ def test_full_scale_configs_for_every_row(capsys):
              for c in tables.cells(tables.TABLES["spear"], seeds=[0], scale="full")}
     assert spear["grpo-arc_challenge-s0"].algorithm.name == "grpo"
     assert spear["spear-arc_challenge-s0"].data.num_clients == 50
+    assert (spear["spear-arc_challenge-s0"].task.train_split,
+            spear["spear-arc_challenge-s0"].task.eval_split) == ("train", "test")
     settings = {c.run: c.config for c in tables.cells(tables.TABLES["settings"], seeds=[1],
                                                       scale="full")}
     assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
