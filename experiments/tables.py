@@ -560,8 +560,10 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
 
 def read_curves(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
     """Per-round curves of a run directory's ``metrics.jsonl``: accuracy (evaluated
-    rounds), bytes sent and bytes saved (every round; round 0 sends nothing)."""
-    accuracy, sent, saved = {}, {}, {}
+    rounds), bytes sent and bytes saved (every round; round 0 sends nothing), and each
+    round's wall time (``time_s``: training and evaluation, without start-up), which adds
+    up across the processes of a resumed cell."""
+    accuracy, sent, saved, seconds = {}, {}, {}, {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         rnd = str(record["round"])
@@ -569,7 +571,9 @@ def read_curves(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
             accuracy[rnd] = record["eval/accuracy"]
         sent[rnd] = record.get("bytes_sent", 0)
         saved[rnd] = record.get("bytes_saved", 0)
-    return {"accuracy": accuracy, "bytes_sent": sent, "bytes_saved": saved}
+        if "time_s" in record:
+            seconds[rnd] = record["time_s"]
+    return {"accuracy": accuracy, "bytes_sent": sent, "bytes_saved": saved, "time_s": seconds}
 
 
 def rounds_to_target(accuracy: dict[Any, float], target: float) -> int | None:
@@ -724,7 +728,12 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
               f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h. "
               + (f"Cost-model estimate for these cells: {meta['estimated_s'] / 3600:.2f} h; "
                  if meta["scale"] == "cpu" else "")
-              + f"measured wall time of the cells: {meta['measured_s'] / 3600:.2f} h.", "",
+              + f"measured wall time of the cells in this invocation: "
+              f"{meta['measured_s'] / 3600:.2f} h (finished cells it skipped count as their "
+              f"saved summaries say)"
+              + (f"; their rounds alone, over every process that ran them: "
+                 f"{meta['rounds_s'] / 3600:.2f} h" if "rounds_s" in meta else "")
+              + (f". Code: {meta['commit']}." if meta.get("commit") else "."), "",
               "## Command", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
 
@@ -882,7 +891,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.tables " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = {"scale": args.scale, "estimated_s": estimated, "measured_s": measured,
-            "command": command, "cpu_budget_h": table.cpu_budget_h}
+            "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
+            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": _git_commit()}
     out_dir = pathlib.Path(args.results_dir) if args.results_dir else {
         "cpu": RESULTS, "full": RESULTS / "full",
         "tiny": pathlib.Path(args.workdir) / "tiny" / "results"}[args.scale]
@@ -894,6 +904,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_curves(table, results, out_dir / f"{table.name}.png")
     print(f"wrote {out_dir / table.name}.{{md,json,png}}")
     return 0
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), None outside git."""
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def _jsonable(value: Any) -> Any:

@@ -173,8 +173,10 @@ def test_collect_aggregation_numbers():
     assert tables.collect(table, results, target=0.45)["rows"]["fedavg"]["arithmetic"][
         "rounds_to_target"] == {0: 3, 1: 3}
     md = tables.render_markdown(table, numbers, {"scale": "cpu", "estimated_s": 3600.0,
-                                                 "measured_s": 0.0, "command": "x"})
+                                                 "measured_s": 0.0, "command": "x",
+                                                 "rounds_s": 5400.0, "commit": "abc123"})
     assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
+    assert "over every process that ran them: 1.50 h. Code: abc123." in md
     assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
 
 
@@ -266,6 +268,11 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
             summary["final_accuracy"]
     fed = next(c for c in data["cells"] if c["run"] == "fed_sft")
     assert fed["audit"]["server_calls"] == 2 and fed["audit"]["text_leaves"] == 0
+    # The budget line adds up every round's wall time, read back from metrics.jsonl.
+    assert sorted(fed["curves"]["time_s"]) == ["1", "2"]  # round 0 is evaluation only
+    assert data["meta"]["rounds_s"] == pytest.approx(
+        sum(sum(c["curves"]["time_s"].values()) for c in data["cells"]))
+    assert data["meta"]["rounds_s"] > 0 and data["meta"]["commit"]
 
     # Re-running skips finished cells: the loop must not be entered again.
     from fedsp.federated import loop
