@@ -91,6 +91,8 @@ class Sampler:
         self.real_row_keys = rollout.row_keys
         self.calls = self.tokens = 0
         self.row_clients: list[int] = []
+        # One entry per sampler call: rows, prompt tokens, longest prompt, seconds.
+        self.log: list[dict[str, float]] = []
 
     def row_keys(self, key, round, attempt, clients, prompts, samples=None):  # noqa: A002
         self.row_clients = [int(c) for c in clients]
@@ -111,8 +113,13 @@ class Sampler:
             groups = list(by_client.values())
         out: list[Any] = [None] * len(prompts)
         for rows in groups:
+            start = time.perf_counter()
             done = self.rollout.generate(policy, lora_state, [prompts[r] for r in rows],
                                          keys[np.asarray(rows)], params)
+            lengths = [len(prompts[r]) for r in rows]
+            self.log.append({"rows": len(rows), "prompt_tokens": sum(lengths),
+                             "longest_prompt": max(lengths),
+                             "s": time.perf_counter() - start})
             self.calls += 1
             for r, completion in zip(rows, done):
                 out[r] = completion
@@ -208,10 +215,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             return out, time.perf_counter() - t0
 
         ref, _ = collect(algo_pc, other)  # warm-up: compiles the per-client shapes
-        pairs = [(collect(algo, sampler)[1], collect(algo_pc, other)[1])
-                 for _ in range(args.repeats)]
+        pairs, calls = [], {}
+        for _ in range(args.repeats):
+            sampler.log, other.log = [], []
+            pairs.append((collect(algo, sampler)[1], collect(algo_pc, other)[1]))
+            calls = {"batched": sampler.log, "per_client": other.log}  # the last pair's
         batched_batch, _ = collect(algo, sampler)
         side_by_side = {
+            "sbs_calls": calls,
             "sbs_batched_rollout_s": statistics.median(p[0] for p in pairs),
             "sbs_per_client_rollout_s": statistics.median(p[1] for p in pairs),
             "sbs_pairs_s": pairs,
@@ -361,6 +372,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{r['train_xla_argument_mib']:.0f} MiB, outputs {r['train_xla_output_mib']:.0f} "
                   f"MiB; base weights stacked over clients: "
                   f"{r['train_stacked_base_buffers'] or 'none'}")
+    for r in rows:
+        for arm, log in r.get("sbs_calls", {}).items():
+            # Spear.collect calls the sampler once per attempt (batched) or once per client
+            # and attempt (per-client): attempt k's calls are the k-th run of calls.
+            print(f"C={r['clients']} side by side, {arm} sampler calls (rows, prompt tokens, s): "
+                  + ", ".join(f"({e['rows']}, {e['prompt_tokens']}, {e['s']:.2f})" for e in log)
+                  + f"; total {sum(e['s'] for e in log):.2f} s")
     if rows:
         print(f"\nper-client state (analytic): adapters {rows[0]['adapter_mib']:.1f} MiB, "
               f"+ AdamW moments {rows[0]['client_state_mib']:.1f} MiB, + gradients "

@@ -733,7 +733,7 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
               f"saved summaries say)"
               + (f"; their rounds alone, over every process that ran them: "
                  f"{meta['rounds_s'] / 3600:.2f} h" if "rounds_s" in meta else "")
-              + (f". Code: {meta['commit']}." if meta.get("commit") else "."), "",
+              + (f". Table written at commit {meta['commit']}." if meta.get("commit") else "."), "",
               "## Command", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
 

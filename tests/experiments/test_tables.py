@@ -176,7 +176,7 @@ def test_collect_aggregation_numbers():
                                                  "measured_s": 0.0, "command": "x",
                                                  "rounds_s": 5400.0, "commit": "abc123"})
     assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
-    assert "over every process that ran them: 1.50 h. Code: abc123." in md
+    assert "over every process that ran them: 1.50 h. Table written at commit abc123." in md
     assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
 
 
