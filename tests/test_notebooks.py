@@ -25,7 +25,8 @@ KERNEL_NAME = "python3"
 
 def test_notebooks_are_present_and_clean():
     names = {path.name for path in NOTEBOOKS}
-    assert {"01_core_functions.ipynb", "02_one_federated_round.ipynb"} <= names
+    assert {"01_core_functions.ipynb", "02_one_federated_round.ipynb",
+            "03_results.ipynb"} <= names
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
