@@ -17,7 +17,7 @@ export FEDSP_DATA_DIR ?= $(abspath ../shared/data)
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test test-fast bench bench-round demo clean
+.PHONY: setup assets test test-fast bench bench-round demo tables clean
 
 # Re-installs only when setup.py changes, so a second `make test` starts at once.
 $(STAMP): setup.py
@@ -50,6 +50,12 @@ bench-round: setup assets
 # finished table at once); `rm -rf runs/demo` starts over.
 demo: setup assets
 	$(PY) -m experiments.run --config=experiments/configs/demo.py --workdir=runs/demo
+
+# The paper-style tables at CPU scale into experiments/results (resumable: cells finished
+# under runs/tables are skipped). TABLE=spear|tpaw|aggregation|settings|all.
+TABLE ?= all
+tables: setup assets
+	$(PY) -m experiments.tables --table $(TABLE) --workdir runs/tables
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
