@@ -89,6 +89,9 @@ def generate(
     compact: bool = True,
     merge_lora: bool = True,
     layer_loop: str = "auto",
+    prefix_ids: Sequence[int] | np.ndarray | None = None,
+    prefix_mask: np.ndarray | None = None,
+    prefix_index: Sequence[int] | np.ndarray | None = None,
 ) -> SampleOutput:
     """Samples up to ``max_new_tokens`` tokens per row of a left-padded prompt batch.
 
@@ -123,6 +126,15 @@ def generate(
       merge_lora: with "unrolled", fold LoRA adapters into the sliced weights once per
         call (W + s·A B) rather than applying them at every step: equal up to float
         rounding, and a step then runs 7 matmuls per layer instead of 21.
+      prefix_ids: prompt heads shared between rows, prefilled once each and their
+        keys/values reused by every row that starts with them (e.g. the chat-formatted
+        system turn every prompt of a task begins with), so a row's prefill costs only
+        its own tokens. [L0]: one prefix for every row; [U, L0] (left-padded, with
+        ``prefix_mask``): U prefixes, row r starting with ``prefix_index[r]``. Row r's
+        prompt is then its prefix followed by ``prompt_ids[r]``; the samples equal those
+        of the concatenated prompts up to float rounding. None: no prefix.
+      prefix_mask: [U, L0] 1 for real prefix tokens, 0 for left padding (default: all 1).
+      prefix_index: [B] the prefix of each row (default: all 0).
 
     Returns:
       SampleOutput(tokens [B, N], lengths [B], logprobs [B, N]).
@@ -152,6 +164,7 @@ def generate(
     eos_array[: len(eos)] = eos
 
     b, p = prompt_ids.shape
+    heads = _prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id)
     p_bucket = bucket_length(p, bucket_multiple)
     n_bucket = bucket_length(int(max_new_tokens), bucket_multiple)
     ids = jnp.pad(jnp.asarray(prompt_ids, jnp.int32), ((0, 0), (p_bucket - p, 0)),
@@ -164,6 +177,7 @@ def generate(
     out = _generate_jit(
         graphdef,
         states,
+        heads,
         ids,
         mask,
         key,
@@ -184,6 +198,32 @@ def generate(
 
 
 _LAYER_LOOPS = ("auto", "unrolled", "scan")
+
+
+def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id):
+    """(ids [U, L0], mask [U, L0], index [B]) of `generate`'s shared prefixes, or None."""
+    if prefix_ids is None:
+        if prefix_mask is not None or prefix_index is not None:
+            raise ValueError("prefix_mask and prefix_index need prefix_ids")
+        return None
+    ids = np.asarray(prefix_ids, np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"prefix_ids must be [L0] or [U, L0] token ids with L0 >= 1, got "
+                         f"shape {np.shape(prefix_ids)}")
+    mask = np.ones(ids.shape, bool) if prefix_mask is None else np.asarray(prefix_mask, bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"prefix_mask must have the shape of prefix_ids {ids.shape}, got "
+                         f"{mask.shape}")
+    _check_left_padded(mask)
+    index = (np.zeros((batch,), np.int32) if prefix_index is None
+             else np.asarray(prefix_index, np.int32))
+    if index.shape != (batch,) or index.min() < 0 or index.max() >= ids.shape[0]:
+        raise ValueError(f"prefix_index must hold one prefix in [0, {ids.shape[0]}) per row "
+                         f"({batch}), got {index.tolist()}")
+    ids = np.where(mask, ids, pad_id).astype(np.int32)
+    return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(index)
 
 
 def _unroll(layer_loop: str) -> bool:
@@ -237,16 +277,33 @@ def _check_left_padded(prompt_mask: Any) -> None:
     static_argnames=("graphdef", "n_bucket", "greedy", "use_top_p", "pad_id", "compact",
                      "merge_lora", "unroll"),
 )
-def _generate_jit(graphdef, states, ids, mask, key, eos, max_new, temperature, top_p, *,
-                  n_bucket, greedy, use_top_p, pad_id, compact, merge_lora,
+def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temperature, top_p,
+                  *, n_bucket, greedy, use_top_p, pad_id, compact, merge_lora,
                   unroll) -> SampleOutput:
     model = nnx.merge(graphdef, *states)
     b, p = ids.shape
     positions = default_positions(mask)
     # Prefill into a prompt-sized cache, then grow it: the prompt's attention then spans
     # P key slots instead of P + N empty-tailed ones.
-    hidden, cache = model.forward_with_cache(ids, positions, mask, init_cache(
-        model.config, b, p, model.dtype), jnp.int32(0))
+    if prefix is None:
+        hidden, cache = model.forward_with_cache(ids, positions, mask, init_cache(
+            model.config, b, p, model.dtype), jnp.int32(0))
+    else:
+        # Each distinct prefix once (batch U); row r's cache then starts with the keys and
+        # values of prefix index[r] in slots 0 … L0−1 and its own left-padded tokens follow
+        # in slots L0 … L0+P−1. Slots are not positions: padding sits between the two
+        # parts, and RoPE positions count real tokens only.
+        head_ids, head_mask, index = prefix
+        u, l0 = head_ids.shape
+        _, head = model.forward_with_cache(
+            head_ids, default_positions(head_mask), head_mask,
+            init_cache(model.config, u, l0, model.dtype), jnp.int32(0))
+        tail = ((0, 0), (0, 0), (0, 0), (0, p), (0, 0))
+        cache = KVCache(jnp.pad(head.k[:, index], tail), jnp.pad(head.v[:, index], tail))
+        mask = jnp.concatenate([head_mask[index], mask], axis=1)
+        positions = default_positions(mask)[:, l0:]
+        hidden, cache = model.forward_with_cache(ids, positions, mask, cache, jnp.int32(l0))
+        p = l0 + p
     if unroll:
         grow = ((0, 0), (0, 0), (0, n_bucket), (0, 0))
         caches = [(jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))

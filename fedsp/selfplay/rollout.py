@@ -4,7 +4,9 @@ Every sampled client starts a round from the same server adapters, so all their
 prompts can go through ONE jit-compiled sampler call instead of one per client
 (DESIGN.md, "Performance plan"). Rows are grouped by prompt-length bucket to limit
 padding, split into chunks of at most ``batch_size`` rows, and each chunk's row count
-is rounded up to a power of two so a few executables serve every round.
+is rounded up to a power of two so a few executables serve every round. A prompt's
+head (its chat-formatted system turn, `split_head`) is prefilled once per call for all
+the rows that share it, so each row pays only for its own question and turns.
 
 Reproducibility does not depend on that batching: each row gets its own PRNG key,
 derived from (round key, round, attempt, client, prompt, sample), and the sampler
@@ -154,11 +156,13 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     tokenizer = policy.tokenizer
     pad = tokenizer.pad_token_id
-    groups: dict[int, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        groups.setdefault(sampling.bucket_length(len(prompt)), []).append(row)
+    heads = [split_head(prompt, tokenizer.eos_token_ids) for prompt in prompts]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (prompt, h) in enumerate(zip(prompts, heads)):
+        width = sampling.bucket_length(len(prompt) - h)
+        groups.setdefault((sampling.bucket_length(h) if h else 0, width), []).append(row)
     out: list[Completion | None] = [None] * n
-    for width, rows in sorted(groups.items()):
+    for (head_width, width), rows in sorted(groups.items()):
         for start in range(0, len(rows), params.batch_size):
             chunk = rows[start:start + params.batch_size]
             # Repeating the last row up to a power of two keeps the set of compiled
@@ -167,8 +171,21 @@ def generate(
             ids = np.full((len(padded), width), pad, np.int32)
             mask = np.zeros((len(padded), width), np.int32)
             for i, row in enumerate(padded):
-                ids[i, width - len(prompts[row]):] = prompts[row]
-                mask[i, width - len(prompts[row]):] = 1
+                tail = prompts[row][heads[row]:]
+                ids[i, width - len(tail):] = tail
+                mask[i, width - len(tail):] = 1
+            shared = {}
+            if head_width:
+                distinct = list(dict.fromkeys(tuple(prompts[r][:heads[r]]) for r in padded))
+                distinct += [distinct[-1]] * (_pow2(len(distinct)) - len(distinct))
+                head_ids = np.full((len(distinct), head_width), pad, np.int32)
+                for i, head in enumerate(distinct):
+                    head_ids[i, head_width - len(head):] = head
+                shared = dict(
+                    prefix_ids=head_ids,
+                    prefix_mask=np.arange(head_width)[None, :] >= head_width - np.asarray(
+                        [len(h) for h in distinct])[:, None],
+                    prefix_index=[distinct.index(tuple(prompts[r][:heads[r]])) for r in padded])
             result = sampling.generate(
                 policy.graphdef,
                 (lora_state, policy.base_state),
@@ -180,6 +197,7 @@ def generate(
                 top_p=params.top_p,
                 eos_ids=tokenizer.eos_token_ids,
                 pad_id=pad,
+                **shared,
             )
             tokens, lengths, logprobs = jax.device_get(result)
             for i, row in enumerate(chunk):
@@ -190,6 +208,23 @@ def generate(
                     text=tokenizer.decode(tokens[i, :k]),
                 )
     return out  # type: ignore[return-value]
+
+
+def split_head(prompt: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """Length of ``prompt``'s shareable head: its tokens up to and including the first
+    end-of-turn id, when more tokens follow; else 0.
+
+    For a chat-formatted prompt the head is the system turn, which every prompt of a
+    task repeats: `generate` prefills each distinct head once per sampler call and
+    shares its keys and values between the rows that start with it. The split depends
+    on the row's own tokens only, so a row is computed the same way whichever rows
+    share its call (batched or per-client rollouts give the same samples).
+    """
+    stops = set(int(e) for e in eos_ids)
+    for i, token in enumerate(prompt[:-1]):
+        if int(token) in stops:
+            return i + 1
+    return 0
 
 
 def _pow2(n: int) -> int:

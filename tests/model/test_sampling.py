@@ -130,6 +130,54 @@ def test_left_padding_does_not_change_a_row(model, prompts):
         np.testing.assert_allclose(batched.logprobs[r], alone.logprobs[0], atol=2e-5)
 
 
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loop):
+    """A prefix prefilled once and shared gives each row the tokens and log-probs of its
+    concatenated prompt (prefix + row), sampled as well as greedy, padding included."""
+    graphdef, state = nnx.split(model)
+    ids, mask = prompts
+    prefix = np.array([11, 5, 99, 42, 7], np.int32)
+    whole_ids = np.concatenate([np.tile(prefix, (3, 1)), ids], axis=1)
+    whole_mask = np.concatenate([np.ones((3, 5), mask.dtype), mask], axis=1)
+    # The concatenation is padded in the middle; left-align each row as a real prompt is.
+    flat_ids, flat_mask = np.full_like(whole_ids, PAD), np.zeros_like(whole_mask)
+    for r in range(3):
+        row = whole_ids[r][whole_mask[r] == 1]
+        flat_ids[r, -len(row):], flat_mask[r, -len(row):] = row, 1
+    for kw in (dict(), dict(temperature=0.9, top_p=0.95)):
+        key = jax.random.key(4) if kw else None
+        ref = generate(graphdef, state, flat_ids, flat_mask, key, max_new_tokens=N,
+                       pad_id=PAD, layer_loop=layer_loop, **kw)
+        out = generate(graphdef, state, ids, mask, key, max_new_tokens=N, pad_id=PAD,
+                       layer_loop=layer_loop, prefix_ids=prefix, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-5)
+    # And the greedy tokens are the argmax of a full recompute of prefix + row.
+    out = generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=prefix)
+    for r, logits in enumerate(_teacher_forced(model, (flat_ids, flat_mask), out)):
+        np.testing.assert_array_equal(out.tokens[r], logits.argmax(-1))
+    # Several prefixes of different lengths (left-padded), one chosen per row.
+    heads = np.array([[PAD, PAD, 8, 3], [21, 9, 64, 2]], np.int32)
+    head_mask = (heads != PAD).astype(np.int32)
+    index = np.array([1, 0, 1])
+    flat_ids, flat_mask = np.full((3, 11), PAD, np.int32), np.zeros((3, 11), np.int32)
+    for r in range(3):
+        row = np.concatenate([heads[index[r]][head_mask[index[r]] == 1], ids[r][mask[r] == 1]])
+        flat_ids[r, -len(row):], flat_mask[r, -len(row):] = row, 1
+    ref = generate(graphdef, state, flat_ids, flat_mask, max_new_tokens=N, pad_id=PAD,
+                   layer_loop=layer_loop)
+    out = generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=heads,
+                   prefix_mask=head_mask, prefix_index=index, layer_loop=layer_loop)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-5)
+    with pytest.raises(ValueError, match="prefix_ids must be"):
+        generate(graphdef, state, ids, mask, max_new_tokens=N, prefix_ids=[[[1, 2]]])
+    with pytest.raises(ValueError, match="prefix_index must hold one prefix in"):
+        generate(graphdef, state, ids, mask, max_new_tokens=N, prefix_ids=heads,
+                 prefix_index=[0, 2, 1])
+
+
 def test_eos_stops_each_row(model, prompts):
     graphdef, state = nnx.split(model)
     free = generate(graphdef, state, *prompts, max_new_tokens=N, pad_id=PAD)

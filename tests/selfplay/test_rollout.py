@@ -49,6 +49,39 @@ def test_batched_rollout_equals_per_client_rollout(policy, split_model, client_p
         assert not np.array_equal(batched[0].tokens, batched[2].tokens)
 
 
+def test_split_head_golden():
+    assert rollout.split_head([5, 2, 7, 2, 9], [2]) == 2  # up to the first end of turn
+    assert rollout.split_head([5, 7, 2], [2, 3]) == 0  # nothing would follow it
+    assert rollout.split_head([5, 7, 9], [2]) == 0 and rollout.split_head([3, 1], (2, 3)) == 1
+
+
+def test_shared_prompt_heads_change_no_sample(policy, split_model, client_prompts, monkeypatch):
+    """Every chat prompt starts with the same system turn: the sampler gets it once per
+    call as a shared prefix, and the samples equal prefilling each whole prompt."""
+    tok, lora = policy.tokenizer, split_model[1]
+    flat = [p for ps in client_prompts for p in ps]
+    heads = {tuple(p[:rollout.split_head(p, tok.eos_token_ids)]) for p in flat}
+    (head,) = heads
+    assert 10 < len(head) < min(len(p) for p in flat) and head[-1] in tok.eos_token_ids
+    params = rollout.SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9)
+    keys = rollout.row_keys(jax.random.key(2), 1, 0, [0, 0, 1, 1], [0, 1, 0, 1])
+    calls, real = [], rollout.sampling.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("prefix_ids"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout.sampling, "generate", spy)
+    shared = rollout.generate(policy, lora, flat, keys, params)
+    assert calls and all(c is not None and c.shape[0] == 1 for c in calls)
+    monkeypatch.setattr(rollout, "split_head", lambda prompt, eos_ids: 0)
+    whole = rollout.generate(policy, lora, flat, keys, params)
+    assert calls[-1] is None
+    for a, b in zip(shared, whole):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
 def test_spear_collect_with_the_real_sampler(policy, split_model, task):
     config = make_config(**{"rollout.max_new_tokens": 4})
     algo = get_algorithm("spear", config)
