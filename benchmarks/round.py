@@ -219,7 +219,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             sampler.log, other.log = [], []
             pairs.append((collect(algo, sampler)[1], collect(algo_pc, other)[1]))
-            calls = {"batched": sampler.log, "per_client": other.log}  # the last pair's
+            calls = {"batched": list(sampler.log), "per_client": list(other.log)}  # last pair
         batched_batch, _ = collect(algo, sampler)
         side_by_side = {
             "sbs_calls": calls,
