@@ -164,7 +164,7 @@ def generate(
     eos_array[: len(eos)] = eos
 
     b, p = prompt_ids.shape
-    heads = _prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id)
+    heads = _prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id, bucket_multiple)
     p_bucket = bucket_length(p, bucket_multiple)
     n_bucket = bucket_length(int(max_new_tokens), bucket_multiple)
     ids = jnp.pad(jnp.asarray(prompt_ids, jnp.int32), ((0, 0), (p_bucket - p, 0)),
@@ -200,8 +200,9 @@ def generate(
 _LAYER_LOOPS = ("auto", "unrolled", "scan")
 
 
-def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id):
-    """(ids [U, L0], mask [U, L0], index [B]) of `generate`'s shared prefixes, or None."""
+def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id, bucket_multiple):
+    """(ids [U, L0], mask [U, L0], index [B]) of `generate`'s shared prefixes, or None;
+    L0 is left-padded up to its bucket like the prompts, so it adds no recompilation."""
     if prefix_ids is None:
         if prefix_mask is not None or prefix_index is not None:
             raise ValueError("prefix_mask and prefix_index need prefix_ids")
@@ -222,8 +223,9 @@ def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id):
     if index.shape != (batch,) or index.min() < 0 or index.max() >= ids.shape[0]:
         raise ValueError(f"prefix_index must hold one prefix in [0, {ids.shape[0]}) per row "
                          f"({batch}), got {index.tolist()}")
-    ids = np.where(mask, ids, pad_id).astype(np.int32)
-    return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(index)
+    left = ((0, 0), (bucket_length(ids.shape[1], bucket_multiple) - ids.shape[1], 0))
+    ids = np.pad(np.where(mask, ids, pad_id).astype(np.int32), left, constant_values=pad_id)
+    return jnp.asarray(ids), jnp.asarray(np.pad(mask, left)), jnp.asarray(index)
 
 
 def _unroll(layer_loop: str) -> bool:

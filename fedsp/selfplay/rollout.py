@@ -156,11 +156,12 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     tokenizer = policy.tokenizer
     pad = tokenizer.pad_token_id
-    heads = [split_head(prompt, tokenizer.eos_token_ids) for prompt in prompts]
+    cuts = [split_head(prompt, tokenizer.eos_token_ids) for prompt in prompts]
+    heads = [tuple(prompt[:cut]) for prompt, cut in zip(prompts, cuts)]
     groups: dict[tuple[int, int], list[int]] = {}
-    for row, (prompt, h) in enumerate(zip(prompts, heads)):
-        width = sampling.bucket_length(len(prompt) - h)
-        groups.setdefault((sampling.bucket_length(h) if h else 0, width), []).append(row)
+    for row, (prompt, cut) in enumerate(zip(prompts, cuts)):
+        width = sampling.bucket_length(len(prompt) - cut)
+        groups.setdefault((sampling.bucket_length(cut) if cut else 0, width), []).append(row)
     out: list[Completion | None] = [None] * n
     for (head_width, width), rows in sorted(groups.items()):
         for start in range(0, len(rows), params.batch_size):
@@ -171,21 +172,22 @@ def generate(
             ids = np.full((len(padded), width), pad, np.int32)
             mask = np.zeros((len(padded), width), np.int32)
             for i, row in enumerate(padded):
-                tail = prompts[row][heads[row]:]
+                tail = prompts[row][cuts[row]:]
                 ids[i, width - len(tail):] = tail
                 mask[i, width - len(tail):] = 1
             shared = {}
             if head_width:
-                distinct = list(dict.fromkeys(tuple(prompts[r][:heads[r]]) for r in padded))
+                # Each distinct head once (their count rounded up to a power of two too).
+                distinct = list(dict.fromkeys(heads[r] for r in padded))
                 distinct += [distinct[-1]] * (_pow2(len(distinct)) - len(distinct))
                 head_ids = np.full((len(distinct), head_width), pad, np.int32)
+                head_mask = np.zeros((len(distinct), head_width), np.int32)
                 for i, head in enumerate(distinct):
                     head_ids[i, head_width - len(head):] = head
-                shared = dict(
-                    prefix_ids=head_ids,
-                    prefix_mask=np.arange(head_width)[None, :] >= head_width - np.asarray(
-                        [len(h) for h in distinct])[:, None],
-                    prefix_index=[distinct.index(tuple(prompts[r][:heads[r]])) for r in padded])
+                    head_mask[i, head_width - len(head):] = 1
+                slot = {head: i for i, head in enumerate(distinct)}
+                shared = dict(prefix_ids=head_ids, prefix_mask=head_mask,
+                              prefix_index=[slot[heads[r]] for r in padded])
             result = sampling.generate(
                 policy.graphdef,
                 (lora_state, policy.base_state),

@@ -157,6 +157,11 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
     out = generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=prefix)
     for r, logits in enumerate(_teacher_forced(model, (flat_ids, flat_mask), out)):
         np.testing.assert_array_equal(out.tokens[r], logits.argmax(-1))
+    # The prefix is bucketed like the prompts: another length in its bucket reuses the program.
+    compiled = sampling._generate_jit._cache_size()
+    generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=prefix[:4],
+             layer_loop=layer_loop)
+    assert sampling._generate_jit._cache_size() == compiled
     # Several prefixes of different lengths (left-padded), one chosen per row.
     heads = np.array([[PAD, PAD, 8, 3], [21, 9, 64, 2]], np.int32)
     head_mask = (heads != PAD).astype(np.int32)
