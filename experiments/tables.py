@@ -22,9 +22,11 @@ dataset × seed, a "cell") and *rows* read off the runs' learning curves:
 
 CPU scale (the default, ``--scale cpu``): SmolLM2-135M-Instruct with LoRA, 8 clients on a
 Dirichlet(α = 1) split, 4 clients per round, seeds 0, 1, 2. Each table states its CPU
-budget (`Table.cpu_budget_h`, the sum of `estimate_seconds` over its cells: spear 5.3 h,
-tpaw 1.9 h, aggregation 1.6 h, settings 1.1 h, ≈ 10 h for ``--table all`` on 2 cores)
-and the results file records the measured wall time beside it. The cost model's
+budget (`Table.cpu_budget_h`, the sum of `estimate_seconds` over the cells it runs in its
+own directory, so that the budgets add up: spear 3.9 h, tpaw 1.9 h, aggregation 1.6 h,
+settings 0.7 h, ≈ 8 h for ``--table all`` on 2 cores; tables share identical cells, see
+`SHARING_ORDER`) and the results file records the measured wall time beside it. The
+cost model is conservative: measured tables took 0.68-0.83 of their estimates. The cost model's
 throughputs come from BENCHMARKS.md; one check against a real cell (spear-arithmetic-s0
 cut to 1 round, machine load ≈ 2): estimated 162 s, measured 169 s. ``--scale tiny``
 swaps in a 2-layer random model (built once under the workdir) with tiny sizes so the
@@ -106,7 +108,7 @@ class Table:
     runs: tuple[Run, ...]
     rows: tuple[Row, ...]
     datasets: tuple[str, ...]
-    cpu_budget_h: float  # sum of estimate_seconds over the 3-seed CPU grid, rounded
+    cpu_budget_h: float  # estimate_seconds summed over its own (unshared) 3-seed cells
     kind: str = "accuracy"  # "accuracy" | "aggregation" | "settings"
     # aggregation / settings: the target accuracy is the mean round-0 accuracy plus
     # target_fraction of the gap to the mean best accuracy of run target_run (both
@@ -181,10 +183,13 @@ def cpu_config(dataset: str, seed: int, algorithm: str = "spear", *,
     return config
 
 
-_SPEAR_ROUNDS = {"arithmetic": 4, "gsm8k": 3, "arc_challenge": 3}
-# gsm8k's generated evaluation is the costliest part of its cells (32 × 128 tokens): the
-# spear table reports the last round, so gsm8k is evaluated at round 0 and the end only.
-_SPEAR_EVAL_EVERY = {"arithmetic": 1, "gsm8k": 0, "arc_challenge": 1}
+# Arithmetic runs 6 rounds, as the aggregation and settings tables, so its SPEAR and
+# gold-SFT cells are theirs (`SHARING_ORDER`). gsm8k and arc_challenge run 2 rounds and
+# are evaluated at round 0 and the end only (the table reports the last round): their
+# cells cost 2-3 times an arithmetic round (longer prompts and answers, 32 × 128-token
+# greedy gsm8k evaluations), and SmolLM2-135M is near the floor on both at this scale.
+_SPEAR_ROUNDS = {"arithmetic": 6, "gsm8k": 2, "arc_challenge": 2}
+_SPEAR_EVAL_EVERY = {"arithmetic": 1, "gsm8k": 0, "arc_challenge": 0}
 
 
 def _spear_run(algorithm: str) -> Callable[[str, int], ml_collections.ConfigDict]:
@@ -273,7 +278,7 @@ TABLES: dict[str, Table] = {
               Row("grpo", "GRPO", "grpo"),
               Row("spear", "SPEAR", "spear")),
         datasets=("arithmetic", "gsm8k", "arc_challenge"),
-        cpu_budget_h=5.3,
+        cpu_budget_h=3.9,
         notes=("The starting model is round 0 of the SPEAR cell (same model, same "
                "evaluation set). The offline data has no ARC train split: arc_challenge "
                "trains on the first 75% of the ARC-Challenge test file and is evaluated on "
@@ -310,7 +315,7 @@ TABLES: dict[str, Table] = {
         runs=_SETTINGS_RUNS,
         rows=_final_rows(_SETTINGS_RUNS),
         datasets=("arithmetic",),
-        cpu_budget_h=1.1,
+        cpu_budget_h=0.7,
         kind="settings",
         target_run="centralized",
         notes=("'Raw text left a client' is measured: the server step of every cell is "
@@ -388,6 +393,32 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = text
     return out
+
+
+# Tables share cells: a cell whose config equals (up to `log`/`checkpoint`) a cell of a
+# table earlier in this order runs once, in that table's directory, and both tables read
+# it. The settings table's federated SPEAR cells are the aggregation table's FedAvg cells,
+# and the spear table's SPEAR and gold-SFT cells on arithmetic are those two tables' cells.
+SHARING_ORDER = ("aggregation", "settings", "spear", "tpaw")
+
+
+def _config_key(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(_comparable(json.loads(config.to_json_best_effort())), sort_keys=True)
+
+
+def cell_dirs(grid: Sequence[Cell], root: pathlib.Path, **grid_kwargs: Any) -> list[pathlib.Path]:
+    """The run directory of each cell of ``grid``: ``root/<table>/<cell>`` of the first
+    table in `SHARING_ORDER` with a cell of the same config (its own table's otherwise).
+
+    ``root`` is ``<workdir>/<scale>``; ``grid_kwargs`` are the `cells` arguments the grid
+    was built with (seeds, scale, overrides, tiny_model_path), so every table's cells are
+    built the same way."""
+    grid_kwargs.pop("only", None)
+    owner: dict[str, pathlib.Path] = {}
+    for name in SHARING_ORDER:
+        for cell in cells(TABLES[name], **grid_kwargs):
+            owner.setdefault(_config_key(cell.config), root / name / cell.name)
+    return [owner.get(_config_key(c.config), root / c.table / c.name) for c in grid]
 
 
 def cells(table: Table, *, seeds: Sequence[int] = DEFAULT_SEEDS, scale: str = "cpu",
@@ -843,14 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         return 0
     table = TABLES[args.table]
-    root = pathlib.Path(args.workdir) / args.scale / table.name
+    root = pathlib.Path(args.workdir) / args.scale
     tiny_path = ""
     if args.scale == "tiny":
         tiny_path = str(overrides.get("model.path") or tiny_model(
             pathlib.Path(args.workdir).absolute() / "tiny" / "_model"))
+    grid_kwargs = dict(seeds=seeds, scale=args.scale, overrides=overrides,
+                       tiny_model_path=tiny_path)
     try:
-        grid = cells(table, seeds=seeds, scale=args.scale, overrides=overrides,
-                     only=[s for s in args.cells.split(",") if s], tiny_model_path=tiny_path)
+        grid = cells(table, only=[s for s in args.cells.split(",") if s], **grid_kwargs)
+        dirs = cell_dirs(grid, root, **grid_kwargs)
     except ValueError as err:
         parser.error(str(err))
     if not grid:
@@ -862,8 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"estimated {estimated / 3600:.2f} h on 2 CPU cores"
               + (" (the cost model is for CPU scale)" if args.scale != "cpu" else "")
               + f"; stated CPU budget {table.cpu_budget_h:g} h")
-        for cell in grid:
-            print(f"\n== {cell.name}  ->  {root / cell.name}  "
+        for cell, workdir in zip(grid, dirs):
+            print(f"\n== {cell.name}  ->  {workdir}  "
                   f"(~{estimate_seconds(cell.config) / 60:.1f} min)")
             print(cell.config.to_json_best_effort(indent=1))
         if problems:
@@ -873,9 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("invalid cell config(s):\n  " + "\n  ".join(problems))
 
     results, measured = [], 0.0
-    for i, cell in enumerate(grid):
-        workdir = root / cell.name
-        print(f"[{i + 1}/{len(grid)}] {cell.name} -> {workdir}", flush=True)
+    for i, (cell, workdir) in enumerate(zip(grid, dirs)):
+        shared = "" if workdir == root / table.name / cell.name else " (shared)"
+        print(f"[{i + 1}/{len(grid)}] {cell.name} -> {workdir}{shared}", flush=True)
         start = time.perf_counter()
         summary = run_cell(cell, workdir)
         measured += summary.get("wall_time_s", time.perf_counter() - start)
