@@ -754,10 +754,13 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
             if table.kind == "aggregation":
                 lines += [_speedup(numbers["rows"], dataset), ""]
             lines.append("")
+    shared = [f"{name} = {where}" for name, where in meta.get("shared_cells", {}).items()]
     lines += ["", f"Notes: {table.notes}" if table.notes else "", "",
               "## Budget", "",
-              f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h. "
-              + (f"Cost-model estimate for these cells: {meta['estimated_s'] / 3600:.2f} h; "
+              f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h"
+              + (f" for the cells it runs itself; {len(shared)} of its cells are another "
+                 f"table's (same config, run once): {', '.join(shared)}. " if shared else ". ")
+              + (f"Cost-model estimate for all its cells: {meta['estimated_s'] / 3600:.2f} h; "
                  if meta["scale"] == "cpu" else "")
               + f"measured wall time of the cells in this invocation: "
               f"{meta['measured_s'] / 3600:.2f} h (finished cells it skipped count as their "
@@ -925,7 +928,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = {"scale": args.scale, "estimated_s": estimated, "measured_s": measured,
             "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
-            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": _git_commit()}
+            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": _git_commit(),
+            "shared_cells": {c.name: f"{d.parent.name}/{d.name}" for c, d in zip(grid, dirs)
+                             if d != root / table.name / c.name}}
     out_dir = pathlib.Path(args.results_dir) if args.results_dir else {
         "cpu": RESULTS, "full": RESULTS / "full",
         "tiny": pathlib.Path(args.workdir) / "tiny" / "results"}[args.scale]

@@ -278,7 +278,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path, monkeypatch):
     argv = ["--table", "settings", "--scale", "tiny", "--seeds", "0",
-            "--cells", "centralized,fed_sft", "--workdir", str(tmp_path / "runs"),
+            "--cells", "centralized,fed_sft,fed_selfplay", "--workdir", str(tmp_path / "runs"),
             "--results-dir", str(tmp_path / "results"), "--set", f"model.path={model_dir}"]
     assert tables.main(argv) == 0
     results = tmp_path / "results"
@@ -287,10 +287,17 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert "| federated gold SFT |" in md and "| no |" in md
     assert (results / "settings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((results / "settings.json").read_text())
-    assert sorted(c["run"] for c in data["cells"]) == ["centralized", "fed_sft"]
+    assert sorted(c["run"] for c in data["cells"]) == ["centralized", "fed_selfplay", "fed_sft"]
+    # The federated SPEAR cell is the aggregation table's FedAvg cell: it ran there, once.
+    where = {"centralized": "settings/centralized", "fed_sft": "settings/fed_sft",
+             "fed_selfplay": "aggregation/fedavg"}
+    assert data["meta"]["shared_cells"] == {
+        "fed_selfplay-arithmetic-s0": "aggregation/fedavg-arithmetic-s0"}
+    assert "1 of its cells are another table's" in md
+    assert not (tmp_path / "runs" / "tiny" / "settings" / "fed_selfplay-arithmetic-s0").exists()
     for cell in data["cells"]:
-        summary = json.loads((tmp_path / "runs" / "tiny" / "settings" /
-                              f"{cell['run']}-arithmetic-s0" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "runs" / "tiny" /
+                              f"{where[cell['run']]}-arithmetic-s0" / "summary.json").read_text())
         assert cell["curves"]["accuracy"] == summary["accuracy_by_round"]
         assert data["numbers"]["rows"][cell["run"]]["arithmetic"]["per_seed"]["0"] == \
             summary["final_accuracy"]
