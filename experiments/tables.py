@@ -563,6 +563,28 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+COMMITS_FILE = "commits.txt"
+
+
+def _record_commit(workdir: pathlib.Path) -> None:
+    """Appends the checkout's commit to ``workdir/commits.txt`` when it differs from the
+    last one there: the code versions a cell ran on, one line per change (a resumed cell
+    can span several)."""
+    commit = _git_commit() or "unknown"
+    path = workdir / COMMITS_FILE
+    seen = path.read_text().split() if path.is_file() else []
+    if not seen or seen[-1] != commit:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(commit + "\n")
+
+
+def cell_commits(workdir: pathlib.Path) -> list[str]:
+    """The commits `run_cell` recorded for a cell, oldest first ([] if none were)."""
+    path = workdir / COMMITS_FILE
+    return path.read_text().split() if path.is_file() else []
+
+
 def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
     """Runs (resumes, or skips if finished) one cell; returns its summary."""
     summary_path = workdir / "summary.json"
@@ -576,6 +598,7 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
         return json.loads(summary_path.read_text())
     from fedsp.federated.loop import run
 
+    _record_commit(workdir)
     audit = ServerAudit()
     try:
         with audit:
@@ -755,6 +778,7 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
                 lines += [_speedup(numbers["rows"], dataset), ""]
             lines.append("")
     shared = [f"{name} = {where}" for name, where in meta.get("shared_cells", {}).items()]
+    commits = meta.get("cell_commits", {})
     lines += ["", f"Notes: {table.notes}" if table.notes else "", "",
               "## Budget", "",
               f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h"
@@ -767,7 +791,9 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
               f"saved summaries say)"
               + (f"; their rounds alone, over every process that ran them: "
                  f"{meta['rounds_s'] / 3600:.2f} h" if "rounds_s" in meta else "")
-              + (f". Table written at commit {meta['commit']}." if meta.get("commit") else "."), "",
+              + (f". Table written by a process started at commit {meta['commit']}"
+                 if meta.get("commit") else "")
+              + (f"; its cells ran at {_commit_summary(commits)}." if commits else "."), "",
               "## Command", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
 
@@ -908,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("invalid cell config(s):\n  " + "\n  ".join(problems))
 
+    started_at = _git_commit()
     results, measured = [], 0.0
     for i, (cell, workdir) in enumerate(zip(grid, dirs)):
         shared = "" if workdir == root / table.name / cell.name else " (shared)"
@@ -922,15 +949,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "audit": json.loads(audit_path.read_text()) if audit_path.is_file() else None,
             "config": json.loads(cell.config.to_json_best_effort()),
             "estimated_s": estimate_seconds(cell.config),
+            "commits": cell_commits(workdir),
         })
     numbers = collect(table, results, target=args.target)
     command = "python -m experiments.tables " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = {"scale": args.scale, "estimated_s": estimated, "measured_s": measured,
             "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
-            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": _git_commit(),
+            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": started_at,
             "shared_cells": {c.name: f"{d.parent.name}/{d.name}" for c, d in zip(grid, dirs)
-                             if d != root / table.name / c.name}}
+                             if d != root / table.name / c.name},
+            "cell_commits": {c.name: r["commits"] for c, r in zip(grid, results)}}
     out_dir = pathlib.Path(args.results_dir) if args.results_dir else {
         "cpu": RESULTS, "full": RESULTS / "full",
         "tiny": pathlib.Path(args.workdir) / "tiny" / "results"}[args.scale]
@@ -942,6 +971,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_curves(table, results, out_dir / f"{table.name}.png")
     print(f"wrote {out_dir / table.name}.{{md,json,png}}")
     return 0
+
+
+def _commit_summary(cell_commits: dict[str, list[str]]) -> str:
+    """"commit X (all 6 cells)" or "commits X (4 cells), Y (2 cells), unrecorded (1 cell)":
+    how many cells ran (in part) at each commit; a cell resumed across commits counts
+    under each."""
+    counts: dict[str, int] = {}
+    for commits in cell_commits.values():
+        for commit in dict.fromkeys(commits or ["unrecorded"]):
+            counts[commit] = counts.get(commit, 0) + 1
+    if len(counts) == 1:
+        (commit, n), = counts.items()
+        return f"commit {commit} (all {n} cells)" if commit != "unrecorded" else \
+            f"commits that were not recorded (all {n} cells)"
+    return "commits " + ", ".join(
+        f"{c} ({n} cell{'s' * (n != 1)})" for c, n in counts.items())
 
 
 def _git_commit() -> str | None:

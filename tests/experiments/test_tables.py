@@ -204,7 +204,7 @@ def test_collect_aggregation_numbers():
                                                  "measured_s": 0.0, "command": "x",
                                                  "rounds_s": 5400.0, "commit": "abc123"})
     assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
-    assert "over every process that ran them: 1.50 h. Table written at commit abc123." in md
+    assert "over every process that ran them: 1.50 h. Table written by a process started at commit abc123." in md
     assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
 
 
@@ -308,6 +308,9 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert data["meta"]["rounds_s"] == pytest.approx(
         sum(sum(c["curves"]["time_s"].values()) for c in data["cells"]))
     assert data["meta"]["rounds_s"] > 0 and data["meta"]["commit"]
+    commit = tables._git_commit() or "unknown"
+    assert all(c["commits"] == [commit] for c in data["cells"])
+    assert f"its cells ran at commit {commit} (all 3 cells)" in md
 
     # Re-running skips finished cells: the loop must not be entered again.
     from fedsp.federated import loop
@@ -371,5 +374,7 @@ def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monke
     assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 4, "float32": 4},
                      "text_leaves": 0}
     assert loop.server_step is stub  # the audit put back what it wrapped
+    # Both attempts ran at this checkout's commit: recorded once.
+    assert tables.cell_commits(workdir) == [tables._git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.
     assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
