@@ -26,7 +26,8 @@ budget (`Table.cpu_budget_h`, the sum of `estimate_seconds` over the cells it ru
 own directory, so that the budgets add up: spear 3.9 h, tpaw 1.9 h, aggregation 1.6 h,
 settings 0.7 h, ≈ 8 h for ``--table all`` on 2 cores; tables share identical cells, see
 `SHARING_ORDER`) and the results file records the measured wall time beside it. The
-cost model is conservative: measured tables took 0.68-0.83 of their estimates. The cost model's
+aggregation, settings and tpaw tables took 0.68-0.83 of their estimates, the spear
+table's gsm8k cells 0.96-1.03 (their start-up and evaluations dominate). The cost model's
 throughputs come from BENCHMARKS.md; one check against a real cell (spear-arithmetic-s0
 cut to 1 round, machine load ≈ 2): estimated 162 s, measured 169 s. ``--scale tiny``
 swaps in a 2-layer random model (built once under the workdir) with tiny sizes so the
