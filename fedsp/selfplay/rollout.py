@@ -2,9 +2,10 @@
 
 Every sampled client starts a round from the same server adapters, so all their
 prompts can go through ONE jit-compiled sampler call instead of one per client
-(DESIGN.md, "Performance plan"). Rows are grouped by prompt-length bucket to limit
-padding, split into chunks of at most ``batch_size`` rows, and each chunk's row count
-is rounded up to a power of two so a few executables serve every round. A prompt's
+(DESIGN.md, "Performance plan"). Rows are sorted by prompt length, split into chunks
+of at most ``batch_size`` rows, each padded to its longest prompt's length bucket, and
+each chunk's row count is rounded up to a power of two so a few executables serve every
+round. A prompt's
 head (its chat-formatted system turn, `split_head`) is prefilled once per call for all
 the rows that share it, so each row pays only for its own question and turns.
 
@@ -40,12 +41,20 @@ class SamplingParams:
       temperature: 0 for greedy, else the sampling temperature (SPEAR reference: 0.8).
       top_p: nucleus mass (reference: 0.95).
       batch_size: most rows per sampler call (memory bound of the KV cache).
+      split_by_length: also split a call's rows by prompt-length bucket (one call per
+        bucket). Off by default: rows that share a head bucket go in one call, padded to
+        the longest prompt's bucket. Splitting saves prefill padding but runs one more
+        decode loop, with rows padded to a power of two, and compiles one more program
+        per bucket. On 16 gsm8k prompts (96 new tokens) the single call ran 1.40× faster
+        once compiled, on 16 ARC prompts (64, mostly short replies) 0.94× (even), and
+        its first call took 56–59% as long in both (BENCHMARKS.md, "Rollout grouping").
     """
 
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_p: float = 0.95
     batch_size: int = 64
+    split_by_length: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -158,14 +167,17 @@ def generate(
     pad = tokenizer.pad_token_id
     cuts = [split_head(prompt, tokenizer.eos_token_ids) for prompt in prompts]
     heads = [tuple(prompt[:cut]) for prompt, cut in zip(prompts, cuts)]
+    suffix = [sampling.bucket_length(len(prompt) - cut) for prompt, cut in zip(prompts, cuts)]
     groups: dict[tuple[int, int], list[int]] = {}
-    for row, (prompt, cut) in enumerate(zip(prompts, cuts)):
-        width = sampling.bucket_length(len(prompt) - cut)
+    for row, cut in enumerate(cuts):
+        width = suffix[row] if params.split_by_length else 0
         groups.setdefault((sampling.bucket_length(cut) if cut else 0, width), []).append(row)
     out: list[Completion | None] = [None] * n
-    for (head_width, width), rows in sorted(groups.items()):
+    for (head_width, _), rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: -suffix[r])
         for start in range(0, len(rows), params.batch_size):
             chunk = rows[start:start + params.batch_size]
+            width = max(suffix[r] for r in chunk)
             # Repeating the last row up to a power of two keeps the set of compiled
             # batch sizes small; the copies are dropped below.
             padded = chunk + [chunk[-1]] * (_pow2(len(chunk)) - len(chunk))

@@ -95,3 +95,33 @@ def test_spear_collect_with_the_real_sampler(policy, split_model, task):
     np.testing.assert_array_equal(batch.losses, [2, 1])
     for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(again)):  # deterministic
         np.testing.assert_array_equal(a, b)
+
+
+def test_one_call_for_mixed_lengths_and_the_same_samples_as_split_calls(
+        policy, split_model, client_prompts, monkeypatch):
+    """Prompts of different length buckets share one sampler call, padded to the longest
+    one's bucket; splitting them by bucket (``split_by_length``) changes no sample."""
+    tok, lora = policy.tokenizer, split_model[1]
+    short = client_prompts[0][0]
+    cut = rollout.split_head(short, tok.eos_token_ids)
+    long = short + tok.encode(" and then some more words" * 12)  # > 64 tokens after the head
+    prompts = [short, long, client_prompts[0][1]]
+    widths = {rollout.sampling.bucket_length(len(p) - cut) for p in prompts}
+    assert len(widths) == 2
+    keys = rollout.row_keys(jax.random.key(5), 1, 0, [0, 0, 1], [0, 1, 0])
+    calls, real = [], rollout.sampling.generate
+
+    def spy(graphdef, state, ids, mask, *args, **kwargs):
+        calls.append(ids.shape)
+        return real(graphdef, state, ids, mask, *args, **kwargs)
+
+    monkeypatch.setattr(rollout.sampling, "generate", spy)
+    params = rollout.SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9)
+    merged = rollout.generate(policy, lora, prompts, keys, params)
+    assert calls == [(4, max(widths))]  # 3 rows padded to 4, the longest bucket
+    split = rollout.generate(policy, lora, prompts, keys,
+                             rollout.SamplingParams(5, 1.0, 0.9, split_by_length=True))
+    assert sorted(calls[1:]) == [(1, max(widths)), (2, min(widths))]
+    for a, b in zip(merged, split):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
