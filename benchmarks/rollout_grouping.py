@@ -23,7 +23,7 @@ import time
 
 import jax
 
-from benchmarks.common import LORA_TARGETS
+from benchmarks.common import load_policy
 from fedsp.data import get_task
 from fedsp.model import sampling
 from fedsp.selfplay import rollout
@@ -39,14 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from experiments.configs import base
-    from fedsp.federated.loop import _load_model
     from fedsp.selfplay.base import Policy
 
-    config = base.get_config()
-    config.model.lora.rank, config.model.lora.alpha = 8, 16.0
-    config.model.lora.targets = list(LORA_TARGETS)
-    (graphdef, lora, base_state), tokenizer = _load_model(config)
+    graphdef, lora, base_state, tokenizer = load_policy(rank=8, alpha=16.0)
     policy = Policy(graphdef, base_state, tokenizer)
     task = get_task(args.task)
     examples = task.load(args.split, os.environ.get("FEDSP_DATA_DIR"), limit=4 * args.prompts,

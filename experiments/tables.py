@@ -936,10 +936,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("invalid cell config(s):\n  " + "\n  ".join(problems))
 
     started_at = _git_commit()
+    shared = {c.name: f"{d.parent.name}/{d.name}" for c, d in zip(grid, dirs)
+              if d != root / table.name / c.name}
     results, measured = [], 0.0
     for i, (cell, workdir) in enumerate(zip(grid, dirs)):
-        shared = "" if workdir == root / table.name / cell.name else " (shared)"
-        print(f"[{i + 1}/{len(grid)}] {cell.name} -> {workdir}{shared}", flush=True)
+        note = " (shared)" if cell.name in shared else ""
+        print(f"[{i + 1}/{len(grid)}] {cell.name} -> {workdir}{note}", flush=True)
         start = time.perf_counter()
         summary = run_cell(cell, workdir)
         measured += summary.get("wall_time_s", time.perf_counter() - start)
@@ -958,8 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"scale": args.scale, "estimated_s": estimated, "measured_s": measured,
             "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
             "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": started_at,
-            "shared_cells": {c.name: f"{d.parent.name}/{d.name}" for c, d in zip(grid, dirs)
-                             if d != root / table.name / c.name},
+            "shared_cells": shared,
             "cell_commits": {c.name: r["commits"] for c, r in zip(grid, results)}}
     out_dir = pathlib.Path(args.results_dir) if args.results_dir else {
         "cpu": RESULTS, "full": RESULTS / "full",

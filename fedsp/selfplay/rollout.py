@@ -2,12 +2,12 @@
 
 Every sampled client starts a round from the same server adapters, so all their
 prompts can go through ONE jit-compiled sampler call instead of one per client
-(DESIGN.md, "Performance plan"). Rows are sorted by prompt length, split into chunks
-of at most ``batch_size`` rows, each padded to its longest prompt's length bucket, and
-each chunk's row count is rounded up to a power of two so a few executables serve every
-round. A prompt's
-head (its chat-formatted system turn, `split_head`) is prefilled once per call for all
-the rows that share it, so each row pays only for its own question and turns.
+(DESIGN.md, "Performance plan"). Rows are grouped by the length bucket of their head
+(the chat-formatted system turn, `split_head`), sorted by prompt length and split into
+chunks of at most ``batch_size`` rows; a chunk is padded to its longest prompt's length
+bucket and its row count rounded up to a power of two, so a few executables serve every
+round. Each distinct head is prefilled once per call for all the rows that share it, so
+each row pays only for its own question and turns.
 
 Reproducibility does not depend on that batching: each row gets its own PRNG key,
 derived from (round key, round, attempt, client, prompt, sample), and the sampler
