@@ -101,7 +101,8 @@ class Sampler:
     def collecting(self):
         return mock.patch.object(self.rollout, "row_keys", self.row_keys)
 
-    def __call__(self, policy, lora_state, prompts, keys, params):
+    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
+                 continue_from=None):
         if not self.per_client:
             groups = [list(range(len(prompts)))]
         else:
@@ -114,8 +115,10 @@ class Sampler:
         out: list[Any] = [None] * len(prompts)
         for rows in groups:
             start = time.perf_counter()
-            done = self.rollout.generate(policy, lora_state, [prompts[r] for r in rows],
-                                         keys[np.asarray(rows)], params)
+            done = self.rollout.generate(
+                policy, lora_state, [prompts[r] for r in rows], keys[np.asarray(rows)], params,
+                keep_cache=keep_cache,
+                continue_from=None if continue_from is None else [continue_from[r] for r in rows])
             lengths = [len(prompts[r]) for r in rows]
             self.log.append({"rows": len(rows), "prompt_tokens": sum(lengths),
                              "longest_prompt": max(lengths),

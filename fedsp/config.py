@@ -145,6 +145,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.integer("rollout.max_new_tokens", 1)
     e.number("rollout.temperature", 0.0)
     e.number("rollout.top_p", 0.0, 1.0, low_open=True)
+    if "reuse_cache" in config.rollout and not isinstance(config.rollout.reuse_cache, bool):
+        e.add("rollout.reuse_cache",
+              f"must be True or False, got {config.rollout.reuse_cache!r}")
 
     e.integer("local.steps", 1)
     e.integer("local.batch_size", 1)

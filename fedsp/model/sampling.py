@@ -64,6 +64,22 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array
 
 
+class PrefixCache(NamedTuple):
+    """Keys and values a sampler call computed, per row, to continue from later.
+
+    ``k``/``v``: [L, B, K, S, hd]; ``mask``: [B, S] True for the slots that hold one of
+    the row's tokens. A row's real slots, in slot order, hold its prompt (prefix
+    included) and then its generated tokens but the last (a token's key/value is
+    computed when it is fed, and the last one never is). Passed back as `generate`'s
+    ``prefix_cache`` (rows gathered and masked as needed), it stands for those tokens:
+    only the rest of a prompt is prefilled.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+
+
 def bucket_length(n: int, multiple: int = 64) -> int:
     """Rounds n up to a power of two below ``multiple`` (min 8), else to a multiple of it."""
     if n <= 0:
@@ -92,7 +108,9 @@ def generate(
     prefix_ids: Sequence[int] | np.ndarray | None = None,
     prefix_mask: np.ndarray | None = None,
     prefix_index: Sequence[int] | np.ndarray | None = None,
-) -> SampleOutput:
+    prefix_cache: PrefixCache | None = None,
+    return_cache: bool = False,
+) -> SampleOutput | tuple[SampleOutput, PrefixCache]:
     """Samples up to ``max_new_tokens`` tokens per row of a left-padded prompt batch.
 
     Args:
@@ -135,9 +153,20 @@ def generate(
         of the concatenated prompts up to float rounding. None: no prefix.
       prefix_mask: [U, L0] 1 for real prefix tokens, 0 for left padding (default: all 1).
       prefix_index: [B] the prefix of each row (default: all 0).
+      prefix_cache: per-row keys/values of tokens already processed (a `PrefixCache`
+        from an earlier call with ``return_cache``, rows gathered to this batch, with
+        its mask cut to the tokens each row shares with its new prompt): row r's prompt
+        is then the cached tokens followed by ``prompt_ids[r]``, and only the latter are
+        prefilled. The samples equal those of the whole prompt up to float rounding
+        (the cached keys/values may come from decode steps, which compute them with the
+        adapters folded into the weights). Exclusive with ``prefix_ids``. Slots are not
+        positions here either, so a sliding-window model would measure its window in
+        slots.
+      return_cache: also return every row's keys/values (`PrefixCache`) at the end.
 
     Returns:
-      SampleOutput(tokens [B, N], lengths [B], logprobs [B, N]).
+      SampleOutput(tokens [B, N], lengths [B], logprobs [B, N]); with ``return_cache``,
+      (SampleOutput, PrefixCache).
     """
     prompt_ids = np.asarray(prompt_ids) if not isinstance(prompt_ids, jax.Array) else prompt_ids
     if prompt_ids.ndim != 2:
@@ -165,6 +194,10 @@ def generate(
 
     b, p = prompt_ids.shape
     heads = _prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id, bucket_multiple)
+    if prefix_cache is not None:
+        if heads is not None:
+            raise ValueError("pass prefix_ids or prefix_cache, not both")
+        heads = _check_prefix_cache(prefix_cache, b)
     p_bucket = bucket_length(p, bucket_multiple)
     n_bucket = bucket_length(int(max_new_tokens), bucket_multiple)
     ids = jnp.pad(jnp.asarray(prompt_ids, jnp.int32), ((0, 0), (p_bucket - p, 0)),
@@ -192,8 +225,12 @@ def generate(
         compact=bool(compact),
         merge_lora=bool(merge_lora),
         unroll=_unroll(layer_loop),
+        return_cache=bool(return_cache),
     )
     n = int(max_new_tokens)
+    if return_cache:
+        out, cache = out
+        return SampleOutput(out.tokens[:, :n], out.lengths, out.logprobs[:, :n]), cache
     return SampleOutput(out.tokens[:, :n], out.lengths, out.logprobs[:, :n])
 
 
@@ -226,6 +263,59 @@ def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id, bucket_multi
     left = ((0, 0), (bucket_length(ids.shape[1], bucket_multiple) - ids.shape[1], 0))
     ids = np.pad(np.where(mask, ids, pad_id).astype(np.int32), left, constant_values=pad_id)
     return jnp.asarray(ids), jnp.asarray(np.pad(mask, left)), jnp.asarray(index)
+
+
+def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int],
+                  bucket_multiple: int = 64) -> PrefixCache:
+    """A ``prefix_cache`` for a new batch from rows of earlier calls' caches.
+
+    Row r of the result is row ``sources[r][1]`` of cache ``sources[r][0]``, cut to its
+    first ``keep[r]`` cached tokens (the tokens it shares with its new prompt; later slots
+    are masked out). Caches of different slot counts are right-padded with masked slots
+    to a common bucketed width, so the new call's programs stay few.
+    """
+    if len(sources) != len(keep) or not sources:
+        raise ValueError(f"need one keep count per source row, got {len(sources)} rows and "
+                         f"{len(keep)} counts")
+    if min(keep) < 1:
+        raise ValueError(f"every row must keep at least one cached token, got {list(keep)}")
+    caches = list({id(c): c for c, _ in sources}.values())
+    width = bucket_length(max(c.k.shape[3] for c in caches), bucket_multiple)
+    ks, vs, masks, order = [], [], [], np.empty(len(sources), np.int64)
+    start = 0
+    for cache in caches:
+        rows = [(r, i) for r, (c, i) in enumerate(sources) if c is cache]
+        index = np.asarray([i for _, i in rows])
+        pad = ((0, 0), (0, 0), (0, 0), (0, width - cache.k.shape[3]), (0, 0))
+        ks.append(jnp.pad(jnp.take(cache.k, index, axis=1), pad))
+        vs.append(jnp.pad(jnp.take(cache.v, index, axis=1), pad))
+        mask = np.asarray(cache.mask)[index]
+        masks.append(np.pad(mask, ((0, 0), (0, width - mask.shape[1]))))
+        for j, (r, _) in enumerate(rows):
+            order[r] = start + j
+        start += len(rows)
+    mask = np.concatenate(masks)[order]
+    real = np.cumsum(mask, axis=1)
+    short = [r for r in range(len(sources)) if real[r, -1] < keep[r]]
+    if short:
+        raise ValueError(f"rows {short} keep more tokens than their cache holds")
+    mask = mask & (real <= np.asarray(keep)[:, None])
+    perm = jnp.asarray(order)
+    return PrefixCache(jnp.take(jnp.concatenate(ks, axis=1), perm, axis=1),
+                       jnp.take(jnp.concatenate(vs, axis=1), perm, axis=1), jnp.asarray(mask))
+
+
+def _check_prefix_cache(cache: PrefixCache, batch: int) -> PrefixCache:
+    k, v, mask = cache
+    if k.ndim != 5 or k.shape != v.shape or k.shape[1] != batch:
+        raise ValueError(f"prefix_cache k/v must both be [L, {batch}, K, S, hd], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(mask.shape) != (batch, k.shape[3]):
+        raise ValueError(f"prefix_cache mask must be [{batch}, {k.shape[3]}], got "
+                         f"{tuple(mask.shape)}")
+    if not isinstance(mask, jax.core.Tracer) and not np.asarray(mask).any(axis=1).all():
+        raise ValueError("every row of prefix_cache mask needs at least one real slot")
+    return PrefixCache(k, v, jnp.asarray(mask, jnp.bool_))
 
 
 def _unroll(layer_loop: str) -> bool:
@@ -277,11 +367,11 @@ def _check_left_padded(prompt_mask: Any) -> None:
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "n_bucket", "greedy", "use_top_p", "pad_id", "compact",
-                     "merge_lora", "unroll"),
+                     "merge_lora", "unroll", "return_cache"),
 )
 def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temperature, top_p,
                   *, n_bucket, greedy, use_top_p, pad_id, compact, merge_lora,
-                  unroll) -> SampleOutput:
+                  unroll, return_cache):
     model = nnx.merge(graphdef, *states)
     b, p = ids.shape
     positions = default_positions(mask)
@@ -290,6 +380,17 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
     if prefix is None:
         hidden, cache = model.forward_with_cache(ids, positions, mask, init_cache(
             model.config, b, p, model.dtype), jnp.int32(0))
+    elif isinstance(prefix, PrefixCache):
+        # Row r's cached keys/values fill slots 0 … S0−1 (its mask marks the real ones);
+        # its own left-padded tokens follow, positioned after its real cached tokens.
+        l0 = prefix.k.shape[3]
+        tail = ((0, 0), (0, 0), (0, 0), (0, p), (0, 0))
+        cache = KVCache(jnp.pad(prefix.k, tail).astype(model.dtype),
+                        jnp.pad(prefix.v, tail).astype(model.dtype))
+        mask = jnp.concatenate([prefix.mask, mask], axis=1)
+        positions = default_positions(mask)[:, l0:]
+        hidden, cache = model.forward_with_cache(ids, positions, mask, cache, jnp.int32(l0))
+        p = l0 + p
     else:
         # Each distinct prefix once (batch U); row r's cache then starts with the keys and
         # values of prefix index[r] in slots 0 … L0−1 and its own left-padded tokens follow
@@ -317,6 +418,13 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
 
         def keep_rows(caches, keep):
             return [(k[keep], v[keep]) for k, v in caches]
+
+        def put_rows(final, caches, rows):
+            return [(fk.at[rows].set(k), fv.at[rows].set(v))
+                    for (fk, fv), (k, v) in zip(final, caches)]
+
+        def stacked(caches):
+            return (jnp.stack([k for k, _ in caches]), jnp.stack([v for _, v in caches]))
     else:
         grow = ((0, 0), (0, 0), (0, 0), (0, n_bucket), (0, 0))
         caches = KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
@@ -328,6 +436,12 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
 
         def keep_rows(caches, keep):
             return KVCache(caches.k[:, keep], caches.v[:, keep])
+
+        def put_rows(final, caches, rows):
+            return KVCache(final.k.at[:, rows].set(caches.k), final.v.at[:, rows].set(caches.v))
+
+        def stacked(caches):
+            return caches.k, caches.v
     del cache
     kv_mask = jnp.pad(mask, ((0, 0), (0, n_bucket)))
     # Left padding puts every row's last prompt token in the last column.
@@ -360,8 +474,13 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         return i + 1, new_tok, done, rows, key, caches, kv_mask, pos + 1, lengths, tokens, logprobs
 
     stages = _stage_sizes(b) if compact else (b,)
+    final = None  # with return_cache: every row's caches, in output-row order
     for j, size in enumerate(stages):
         if j:
+            if return_cache:
+                # Rows about to be dropped keep their keys/values here; at the end of
+                # stage 0 batch slot j still decodes output row j.
+                final = caches if final is None else put_rows(final, caches, rows)
             # Drop finished rows: keep the first `size` slots after moving active ones first.
             keep = jnp.argsort(done, stable=True)[:size]
             tok, done, rows, pos = tok[keep], done[keep], rows[keep], pos[keep]
@@ -377,7 +496,14 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         carry = (i, tok, done, rows, key, caches, kv_mask, pos, lengths, tokens, logprobs)
         i, tok, done, rows, key, caches, kv_mask, pos, lengths, tokens, logprobs = (
             jax.lax.while_loop(cond, body, carry))
-    return SampleOutput(tokens, lengths, logprobs)
+    out = SampleOutput(tokens, lengths, logprobs)
+    if not return_cache:
+        return out
+    final = caches if final is None else put_rows(final, caches, rows)
+    k, v = stacked(final)
+    # Generated token t sits in slot p + t once fed; the last one of a row never is.
+    fed = jnp.arange(n_bucket)[None, :] < (lengths - 1)[:, None]
+    return out, PrefixCache(k, v, jnp.concatenate([mask, fed], axis=1))
 
 
 def _stage_sizes(batch: int) -> tuple[int, ...]:

@@ -48,6 +48,10 @@ class SamplingParams:
         per bucket. On 16 gsm8k prompts (96 new tokens) the single call ran 1.40× faster
         once compiled, on 16 ARC prompts (64, mostly short replies) 0.94× (even), and
         its first call took 56–59% as long in both (BENCHMARKS.md, "Rollout grouping").
+      reuse_cache: SPEAR keeps the first answers' keys/values (`generate`'s
+        ``keep_cache``) and its revisions continue from them (``continue_from``), so a
+        revision prefills only the feedback turn (``config.rollout.reuse_cache``; False
+        saves the memory of those caches until the revisions are sampled).
     """
 
     max_new_tokens: int = 256
@@ -55,12 +59,29 @@ class SamplingParams:
     top_p: float = 0.95
     batch_size: int = 64
     split_by_length: bool = False
+    reuse_cache: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedRow:
+    """The keys/values one sampler call left for one of its rows.
+
+    Attributes:
+      cache: the call's `fedsp.model.sampling.PrefixCache` (shared by its rows).
+      row: this row's index in it.
+      tokens: the token ids those keys/values stand for: the prompt, then the reply
+        but its last token.
+    """
+
+    cache: sampling.PrefixCache
+    row: int
+    tokens: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +93,14 @@ class Completion:
         one (so training on them teaches the model to stop).
       logprobs: [n] float32 log π(token | prefix) under the sampling adapters.
       text: the decoded reply without special tokens.
+      cache: with `generate`'s ``keep_cache``, the keys/values of the prompt and reply,
+        for a later prompt that continues the conversation (``continue_from``).
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
     text: str
+    cache: CachedRow | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def prompt_ids(
@@ -142,6 +166,9 @@ def generate(
     prompts: Sequence[Sequence[int]],
     keys: jax.Array,
     params: SamplingParams,
+    *,
+    keep_cache: bool = False,
+    continue_from: Sequence[Completion | None] | None = None,
 ) -> list[Completion]:
     """Samples one completion per prompt with the adapters ``lora_state``.
 
@@ -152,6 +179,14 @@ def generate(
       keys: [N] per-row keys (`row_keys`); a row's completion depends only on its prompt
         and key, not on the other rows.
       params: lengths, temperature, top-p, batch size.
+      keep_cache: keep each row's keys/values on its completion (``Completion.cache``):
+        a revision prompt that repeats the prompt and reply then prefills only what
+        follows them. They hold memory (for SmolLM2 in float32, 46 KiB per token and row)
+        until the completions are dropped.
+      continue_from: N completions (or None) from an earlier call with ``keep_cache``
+        and the same adapters: row r reuses the keys/values of the longest start its
+        prompt shares with ``continue_from[r]``'s prompt + reply, and prefills only the
+        rest. The samples equal those without it up to float rounding.
 
     Returns:
       N completions, in the order of ``prompts``.
@@ -163,17 +198,35 @@ def generate(
         raise ValueError(f"keys must have shape ({n},), one per prompt, got {keys.shape}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if continue_from is not None and len(continue_from) != n:
+        raise ValueError(f"continue_from needs one entry per prompt ({n}), got "
+                         f"{len(continue_from)}")
     tokenizer = policy.tokenizer
     pad = tokenizer.pad_token_id
-    cuts = [split_head(prompt, tokenizer.eos_token_ids) for prompt in prompts]
+    # Per row, how its prompt starts: from a cached row (the tokens it shares with it),
+    # or from a shared head, or neither; each call holds rows of one kind only.
+    sources: list[CachedRow | None] = [None] * n
+    cuts = [0] * n
+    for row, prompt in enumerate(prompts):
+        previous = continue_from[row] if continue_from is not None else None
+        if previous is not None and previous.cache is not None:
+            shared = _common_prefix(prompt, previous.cache.tokens)
+            # The last prompt token is always fed: its logits give the first new token.
+            shared = min(shared, len(prompt) - 1)
+            if shared:
+                sources[row], cuts[row] = previous.cache, shared
+                continue
+        cuts[row] = split_head(prompt, tokenizer.eos_token_ids)
     heads = [tuple(prompt[:cut]) for prompt, cut in zip(prompts, cuts)]
     suffix = [sampling.bucket_length(len(prompt) - cut) for prompt, cut in zip(prompts, cuts)]
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[bool, int, int], list[int]] = {}
     for row, cut in enumerate(cuts):
         width = suffix[row] if params.split_by_length else 0
-        groups.setdefault((sampling.bucket_length(cut) if cut else 0, width), []).append(row)
+        cached = sources[row] is not None
+        head_width = sampling.bucket_length(cut) if cut and not cached else 0
+        groups.setdefault((cached, head_width, width), []).append(row)
     out: list[Completion | None] = [None] * n
-    for (head_width, _), rows in sorted(groups.items()):
+    for (cached, head_width, _), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: -suffix[r])
         for start in range(0, len(rows), params.batch_size):
             chunk = rows[start:start + params.batch_size]
@@ -188,7 +241,11 @@ def generate(
                 ids[i, width - len(tail):] = tail
                 mask[i, width - len(tail):] = 1
             shared = {}
-            if head_width:
+            if cached:
+                shared = dict(prefix_cache=sampling.gather_prefix(
+                    [(sources[r].cache, sources[r].row) for r in padded],  # type: ignore[union-attr]
+                    [cuts[r] for r in padded]))
+            elif head_width:
                 # Each distinct head once (their count rounded up to a power of two too).
                 distinct = list(dict.fromkeys(heads[r] for r in padded))
                 distinct += [distinct[-1]] * (_pow2(len(distinct)) - len(distinct))
@@ -211,17 +268,31 @@ def generate(
                 top_p=params.top_p,
                 eos_ids=tokenizer.eos_token_ids,
                 pad_id=pad,
+                return_cache=keep_cache,
                 **shared,
             )
+            if keep_cache:
+                result, kv = result
             tokens, lengths, logprobs = jax.device_get(result)
             for i, row in enumerate(chunk):
                 k = int(lengths[i])
+                reply = np.asarray(tokens[i, :k], np.int32)
                 out[row] = Completion(
-                    tokens=np.asarray(tokens[i, :k], np.int32),
+                    tokens=reply,
                     logprobs=np.asarray(logprobs[i, :k], np.float32),
                     text=tokenizer.decode(tokens[i, :k]),
+                    cache=(CachedRow(kv, i, tuple(int(t) for t in prompts[row])
+                                     + tuple(int(t) for t in reply[:-1]))
+                           if keep_cache else None),
                 )
     return out  # type: ignore[return-value]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if len(diff) else n
 
 
 def split_head(prompt: Sequence[int], eos_ids: Sequence[int]) -> int:

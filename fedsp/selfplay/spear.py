@@ -110,12 +110,16 @@ class Spear:
         rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
 
-        def sample(attempt: int, active: list[int], prompt_list: list[list[int]]):
+        # A revision prompt repeats the prompt and the first answer: keep the first
+        # call's keys/values so the revisions prefill only the feedback turn.
+        reuse = self.sampling.reuse_cache and hp.max_revisions > 0
+
+        def sample(attempt: int, active: list[int], prompt_list: list[list[int]], **kw):
             keys = rollout.row_keys(key, round, attempt, [rows[j][0] for j in active],
                                     [rows[j][1] for j in active])
-            return self.generate_fn(policy, lora_state, prompt_list, keys, self.sampling)
+            return self.generate_fn(policy, lora_state, prompt_list, keys, self.sampling, **kw)
 
-        y0 = sample(0, list(range(len(rows))), prompts)
+        y0 = sample(0, list(range(len(rows))), prompts, **({"keep_cache": True} if reuse else {}))
         verdicts = [feedback(ex, y.text) for (_, _, ex), y in zip(rows, y0)]
         revised: dict[int, tuple[rollout.Completion, float]] = {}
         latest = {j: (y0[j].text, verdicts[j].text) for j, v in enumerate(verdicts)
@@ -130,7 +134,8 @@ class Spear:
                                    feedback=latest[j][1])
                 for j in pending
             ]
-            outs = sample(attempt, pending, revision_prompts)
+            outs = sample(attempt, pending, revision_prompts,
+                          **({"continue_from": [y0[j] for j in pending]} if reuse else {}))
             generated += len(pending)
             still = []
             for j, y in zip(pending, outs):

@@ -149,6 +149,7 @@ def sampling_params(config: Any) -> SamplingParams:
         temperature=float(config_value(config, "rollout", "temperature", d.temperature)),
         top_p=float(config_value(config, "rollout", "top_p", d.top_p)),
         batch_size=int(config_value(config, "rollout", "batch_size", d.batch_size)),
+        reuse_cache=bool(config_value(config, "rollout", "reuse_cache", d.reuse_cache)),
     )
 
 

@@ -183,6 +183,55 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
                  prefix_index=[0, 2, 1])
 
 
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeypatch,
+                                                                  layer_loop):
+    """Keys/values a call returns (``return_cache``, finished rows dropped on the way and a
+    shared head) stand for its rows' prompt + generated tokens: a later call that
+    continues from them, cut to any shared prefix, samples what the whole prompt would."""
+    monkeypatch.setattr(sampling, "MIN_ROWS", 2)
+    graphdef, state = nnx.split(model)
+    ids, mask = tiny.left_padded_batch(128, [7, 3, 5, 6, 2, 7, 4, 1], 7, seed=9, pad_id=PAD)
+    head = np.array([11, 5, 99], np.int32)
+    kw = dict(max_new_tokens=9, temperature=1.0, pad_id=PAD, layer_loop=layer_loop)
+    free = generate(graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head, **kw)
+    eos = tuple(int(t) for t in np.asarray(free.tokens)[[0, 1, 2, 3], [1, 3, 2, 5]])
+    first, cache = generate(graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head,
+                            eos_ids=eos, return_cache=True, **kw)
+    np.testing.assert_array_equal(first.tokens, generate(
+        graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head, eos_ids=eos, **kw).tokens)
+    lengths = np.asarray(first.lengths)
+    assert (lengths < 9).sum() >= 3 and (lengths == 9).any()  # the batch shrank
+    cached = [np.concatenate([head, ids[r][mask[r] == 1], np.asarray(first.tokens[r, :n - 1])])
+              for r, n in enumerate(lengths)]
+    np.testing.assert_array_equal(np.asarray(cache.mask).sum(1), [len(c) for c in cached])
+    # New prompts: every row keeps a prefix of its cached tokens (all of them, or cut
+    # inside the head, the prompt or the reply), then new tokens follow.
+    rng = np.random.default_rng(0)
+    rows = [5, 0, 7, 2, 3, 1]
+    keep = [len(cached[5]), 2, len(cached[7]) - 1, 4, len(cached[3]), len(cached[1]) - 2]
+    tails = [rng.integers(1, 128, rng.integers(1, 5)).astype(np.int32) for _ in rows]
+    whole = [np.concatenate([cached[r][:k], t]) for r, k, t in zip(rows, keep, tails)]
+    flat_ids, flat_mask = tiny.pack_left(whole, PAD)
+    tail_ids, tail_mask = tiny.pack_left(tails, PAD)
+    prefix = sampling.gather_prefix([(cache, r) for r in rows], keep)
+    for extra in (dict(), dict(temperature=0.9, top_p=0.95)):
+        call = dict(kw, eos_ids=(), **extra)
+        ref = generate(graphdef, state, flat_ids, flat_mask, jax.random.key(7), **call)
+        out = generate(graphdef, state, tail_ids, tail_mask, jax.random.key(7),
+                       prefix_cache=prefix, **call)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=5e-5)
+    with pytest.raises(ValueError, match="keep more tokens than their cache holds"):
+        sampling.gather_prefix([(cache, 1)], [len(cached[1]) + 1])
+    with pytest.raises(ValueError, match="prefix_ids or prefix_cache"):
+        generate(graphdef, state, tail_ids, tail_mask, max_new_tokens=2, prefix_ids=head,
+                 prefix_cache=prefix)
+    with pytest.raises(ValueError, match="prefix_cache k/v must both be"):
+        generate(graphdef, state, tail_ids[:2], tail_mask[:2], max_new_tokens=2,
+                 prefix_cache=prefix)
+
+
 def test_eos_stops_each_row(model, prompts):
     graphdef, state = nnx.split(model)
     free = generate(graphdef, state, *prompts, max_new_tokens=N, pad_id=PAD)

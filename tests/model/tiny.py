@@ -124,6 +124,17 @@ def left_padded_batch(vocab_size: int, lengths: list[int], total: int, seed: int
     return ids, mask
 
 
+def pack_left(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of any lengths left-padded to the longest: (ids [B, T], 0/1 mask)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_logits(graphdef, state, input_ids, attention_mask):
     return nnx.merge(graphdef, state)(input_ids, attention_mask)

@@ -125,3 +125,43 @@ def test_one_call_for_mixed_lengths_and_the_same_samples_as_split_calls(
     for a, b in zip(merged, split):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_revisions_reuse_the_first_answers_keys_and_values(policy, split_model, task,
+                                                           monkeypatch):
+    """SPEAR keeps the first call's keys/values and its revisions continue from them: a
+    revision prefills only what follows the shared start of its prompt, and the round's
+    batch equals the one computed without reuse."""
+    clients = [task.load("train", limit=2, seed=1), task.load("train", limit=2, seed=2)]
+    calls, real = [], rollout.sampling.generate
+
+    def spy(graphdef, state, ids, mask, *args, **kwargs):
+        cache = kwargs.get("prefix_cache")
+        calls.append((ids.shape[1], None if cache is None else int(cache.mask.sum(1).min()),
+                      kwargs.get("return_cache", False)))
+        return real(graphdef, state, ids, mask, *args, **kwargs)
+
+    monkeypatch.setattr(rollout.sampling, "generate", spy)
+    out = {}
+    for reuse in (True, False):
+        calls.clear()
+        config = make_config(**{"rollout.max_new_tokens": 5, "rollout.reuse_cache": reuse})
+        batch, metrics = get_algorithm("spear", config).collect(
+            policy, split_model[1], clients, task, Hint(task), jax.random.key(3), 1)
+        out[reuse] = (batch, metrics, list(calls))
+    (b_on, m_on, calls_on), (b_off, m_off, calls_off) = out[True], out[False]
+    assert m_on["rollout/generated"] == m_off["rollout/generated"] == 12  # 4 + 2 × 4 revisions
+    # First answers: one call that keeps its caches; revisions: calls that continue from
+    # them, each cached row holding at least its whole first prompt.
+    assert [c[2] for c in calls_on] == [True, False, False]
+    first_prompt = min(len(rollout.prompt_ids(policy.tokenizer, task, ex))
+                       for exs in clients for ex in exs)
+    assert all(c[1] is not None and c[1] >= first_prompt - 1 for c in calls_on[1:])
+    assert all(c[1] is None and not c[2] for c in calls_off)
+    for on, off in zip(calls_on[1:], calls_off[1:]):
+        assert on[0] < off[0]  # a narrower prefill
+    for a, b in zip(jax.tree.leaves(b_on), jax.tree.leaves(b_off)):
+        if np.issubdtype(np.asarray(a).dtype, np.floating):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+        else:
+            np.testing.assert_array_equal(a, b)
