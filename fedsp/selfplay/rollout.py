@@ -9,6 +9,13 @@ bucket and its row count rounded up to a power of two, so a few executables serv
 round. Each distinct head is prefilled once per call for all the rows that share it, so
 each row pays only for its own question and turns.
 
+A SPEAR revision prompt repeats its first prompt and answer before the feedback turn:
+the first call keeps its rows' keys/values (``keep_cache``) and the revision call
+continues each row from the longest start its prompt shares with them
+(``continue_from``), so a revision prefills only the feedback turn. The match is checked
+token by token, so a reply that re-tokenizes differently (or a later revision, which
+shares only the first prompt) just reuses less.
+
 Reproducibility does not depend on that batching: each row gets its own PRNG key,
 derived from (round key, round, attempt, client, prompt, sample), and the sampler
 draws a row's tokens from its key alone (``fedsp.model.sampling.generate`` with
