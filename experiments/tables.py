@@ -552,8 +552,19 @@ class ServerAudit:
 # --------------------------------------------------------------------------- running
 
 
+# Fields added after some cells ran that change how a cell is computed, not what it
+# computes (the samples are the same up to float rounding), with the value that a saved
+# config without them is taken to have.
+_EXECUTION_FIELDS = {("rollout", "reuse_cache"): True}
+
+
 def _comparable(config_json: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config_json.items() if k not in ("log", "checkpoint")}
+    out = {k: v for k, v in config_json.items() if k not in ("log", "checkpoint")}
+    for (section, field), default in _EXECUTION_FIELDS.items():
+        part = out.get(section)
+        if isinstance(part, dict) and part.get(field, default) == default:
+            out[section] = {k: v for k, v in part.items() if k != field}
+    return out
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -129,3 +129,11 @@ def test_pmap_backend_needs_placeable_clients():
     message = _error(fl__backend="pmap", data__num_clients=devices * 2 + 1,
                      fl__clients_per_round=devices + 1)
     assert f"{devices + 1} clients cannot be split over {devices} devices" in message
+
+
+def test_reuse_cache_must_be_a_bool():
+    config = base.get_config()
+    with config.ignore_type():
+        config.rollout.reuse_cache = "yes"
+    with pytest.raises(ValueError, match=r"rollout.reuse_cache: must be True or False, got 'yes'"):
+        config_lib.validate(config)

@@ -99,8 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.rollout.max_new_tokens = 64
     config.rollout.temperature = 0.8
     config.rollout.top_p = 0.95
-    # Optional: config.rollout.reuse_cache = False stops SPEAR's revisions from reusing
-    # the first answers' keys/values (default True; `fedsp.selfplay.rollout.SamplingParams`).
+    # SPEAR's revisions reuse the first answers' keys/values (prefill only the feedback
+    # turn); False saves that memory (`fedsp.selfplay.rollout.SamplingParams`).
+    config.rollout.reuse_cache = True
 
     config.local = ml_collections.ConfigDict()
     config.local.steps = 5

@@ -378,3 +378,22 @@ def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monke
     assert tables.cell_commits(workdir) == [tables._git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.
     assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
+
+
+def test_a_finished_cell_predating_an_execution_field_still_matches(tmp_path):
+    """A cell saved before ``rollout.reuse_cache`` existed matches the config that has it
+    at its default (it computes the same); any other difference, or the field set to
+    the non-default value, is a different config."""
+    cell = tables.cells(tables.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    workdir = tmp_path / cell.name
+    workdir.mkdir()
+    saved = json.loads(cell.config.to_json_best_effort())
+    assert saved["rollout"].pop("reuse_cache") is True
+    (workdir / "config.json").write_text(json.dumps(saved))
+    (workdir / "summary.json").write_text(json.dumps({"final_accuracy": 0.25}))
+    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.25}
+    for field, value in (("reuse_cache", False), ("max_new_tokens", 7)):
+        changed = dict(saved, rollout=dict(saved["rollout"], **{field: value}))
+        (workdir / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=f"rollout.{field}"):
+            tables.run_cell(cell, workdir)
