@@ -34,6 +34,7 @@ rather than re-tokenised text.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,17 @@ GenerateFn = Callable[
 ]
 
 
+def _takes_cache_options(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts ``keep_cache`` and ``continue_from`` keywords."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return (any(p.kind is p.VAR_KEYWORD for p in params)
+            or {"keep_cache", "continue_from"} <= names)
+
+
 def cap_loses(num_loses: int, num_wins: int, rho: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of the lose traces kept: all if at most ⌊ρ · wins⌋, else that many drawn
     without replacement (reference ``max_lose_ratio``), in their original order."""
@@ -75,7 +87,10 @@ class Spear:
       name: "spear" or "feedback_sft".
       config: the run config (``algorithm``, ``rollout``, ``local``, ``fl`` sections).
       generate_fn: the rollout sampler, `fedsp.selfplay.rollout.generate` by default;
-        tests inject scripted completions here.
+        tests inject scripted completions here. One that also takes `rollout.generate`'s
+        ``keep_cache`` and ``continue_from`` keywords (or ``**kwargs``) gets them, so its
+        revisions can reuse the first answers' keys/values; one with only the five
+        positional arguments is called with those alone (no reuse).
     """
 
     def __init__(self, name: str, config: Any, generate_fn: GenerateFn | None = None):
@@ -86,6 +101,7 @@ class Spear:
         self.sampling = tr.sampling_params(config)
         self.use_lose = name == "spear" and self.hp.lambda_lose > 0
         self.generate_fn = rollout.generate if generate_fn is None else generate_fn
+        self._cache_options = _takes_cache_options(self.generate_fn)
 
     # ------------------------------------------------------------------ host side
 
@@ -112,7 +128,7 @@ class Spear:
 
         # A revision prompt repeats the prompt and the first answer: keep the first
         # call's keys/values so the revisions prefill only the feedback turn.
-        reuse = self.sampling.reuse_cache and hp.max_revisions > 0
+        reuse = self.sampling.reuse_cache and hp.max_revisions > 0 and self._cache_options
 
         def sample(attempt: int, active: list[int], prompt_list: list[list[int]], **kw):
             keys = rollout.row_keys(key, round, attempt, [rows[j][0] for j in active],

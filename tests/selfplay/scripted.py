@@ -22,9 +22,7 @@ class Scripted:
         self.revisions = revisions  # False: repeated calls are group samples (GRPO)
         self.end = end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params, **cache_options):
-        # keep_cache / continue_from only change how a real sampler computes a row.
-        assert set(cache_options) <= {"keep_cache", "continue_from"}
+    def __call__(self, policy, lora_state, prompts, keys, params):
         assert keys.shape == (len(prompts),)
         out = []
         for ids in prompts:

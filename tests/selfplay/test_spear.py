@@ -244,3 +244,14 @@ def test_bad_names_and_fields_raise():
     with pytest.raises(ValueError, match="local.steps"):
         get_algorithm("sft", make_config(**{"local.steps": 0}))
     assert get_algorithm("feedback_sft", make_config()).use_lose is False
+
+
+def test_cache_options_go_only_to_samplers_that_take_them():
+    from fedsp.selfplay.spear import _takes_cache_options
+
+    assert _takes_cache_options(rollout.generate)
+    assert _takes_cache_options(lambda policy, lora, prompts, keys, params, **kw: None)
+    assert _takes_cache_options(
+        lambda policy, lora, prompts, keys, params, *, keep_cache=False, continue_from=None: None)
+    assert not _takes_cache_options(lambda policy, lora, prompts, keys, params: None)
+    assert not _takes_cache_options(lambda policy, lora, prompts, keys, params, keep_cache=0: None)
