@@ -281,28 +281,28 @@ def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int
         raise ValueError(f"every row must keep at least one cached token, got {list(keep)}")
     caches = list({id(c): c for c, _ in sources}.values())
     width = bucket_length(max(c.k.shape[3] for c in caches), bucket_multiple)
-    ks, vs, masks, order = [], [], [], np.empty(len(sources), np.int64)
-    start = 0
+    offset, start = {}, 0
     for cache in caches:
-        rows = [(r, i) for r, (c, i) in enumerate(sources) if c is cache]
-        index = np.asarray([i for _, i in rows])
-        pad = ((0, 0), (0, 0), (0, 0), (0, width - cache.k.shape[3]), (0, 0))
-        ks.append(jnp.pad(jnp.take(cache.k, index, axis=1), pad))
-        vs.append(jnp.pad(jnp.take(cache.v, index, axis=1), pad))
-        mask = np.asarray(cache.mask)[index]
-        masks.append(np.pad(mask, ((0, 0), (0, width - mask.shape[1]))))
-        for j, (r, _) in enumerate(rows):
-            order[r] = start + j
-        start += len(rows)
-    mask = np.concatenate(masks)[order]
+        offset[id(cache)], start = start, start + cache.k.shape[1]
+
+    index = np.asarray([offset[id(c)] + i for c, i in sources])
+    # Every cache's slot axis right-padded to `width` with masked slots, their rows
+    # stacked, each new row taken from them.
+    mask = np.concatenate([np.pad(np.asarray(c.mask, bool), ((0, 0), (0, width - c.mask.shape[1])))
+                           for c in caches])[index]
     real = np.cumsum(mask, axis=1)
     short = [r for r in range(len(sources)) if real[r, -1] < keep[r]]
     if short:
         raise ValueError(f"rows {short} keep more tokens than their cache holds")
-    mask = mask & (real <= np.asarray(keep)[:, None])
-    perm = jnp.asarray(order)
-    return PrefixCache(jnp.take(jnp.concatenate(ks, axis=1), perm, axis=1),
-                       jnp.take(jnp.concatenate(vs, axis=1), perm, axis=1), jnp.asarray(mask))
+    mask &= real <= np.asarray(keep)[:, None]
+
+    def rows_of(arrays):
+        slots = ((0, 0), (0, 0), (0, 0))
+        padded = [jnp.pad(x, slots + ((0, width - x.shape[3]), (0, 0))) for x in arrays]
+        return jnp.take(jnp.concatenate(padded, axis=1), index, axis=1)
+
+    k, v = rows_of([c.k for c in caches]), rows_of([c.v for c in caches])
+    return PrefixCache(k, v, jnp.asarray(mask))
 
 
 def _check_prefix_cache(cache: PrefixCache, batch: int) -> PrefixCache:

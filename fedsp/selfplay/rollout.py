@@ -212,7 +212,7 @@ def generate(
     pad = tokenizer.pad_token_id
     # Per row, how its prompt starts: from a cached row (the tokens it shares with it),
     # or from a shared head, or neither; each call holds rows of one kind only.
-    sources: list[CachedRow | None] = [None] * n
+    sources: list[tuple[sampling.PrefixCache, int] | None] = [None] * n
     cuts = [0] * n
     for row, prompt in enumerate(prompts):
         previous = continue_from[row] if continue_from is not None else None
@@ -221,7 +221,8 @@ def generate(
             # The last prompt token is always fed: its logits give the first new token.
             shared = min(shared, len(prompt) - 1)
             if shared:
-                sources[row], cuts[row] = previous.cache, shared
+                sources[row] = (previous.cache.cache, previous.cache.row)
+                cuts[row] = shared
                 continue
         cuts[row] = split_head(prompt, tokenizer.eos_token_ids)
     heads = [tuple(prompt[:cut]) for prompt, cut in zip(prompts, cuts)]
@@ -250,8 +251,7 @@ def generate(
             shared = {}
             if cached:
                 shared = dict(prefix_cache=sampling.gather_prefix(
-                    [(sources[r].cache, sources[r].row) for r in padded],  # type: ignore[union-attr]
-                    [cuts[r] for r in padded]))
+                    [sources[r] for r in padded], [cuts[r] for r in padded]))
             elif head_width:
                 # Each distinct head once (their count rounded up to a power of two too).
                 distinct = list(dict.fromkeys(heads[r] for r in padded))

@@ -150,8 +150,8 @@ class Spear:
                                    feedback=latest[j][1])
                 for j in pending
             ]
-            outs = sample(attempt, pending, revision_prompts,
-                          **({"continue_from": [y0[j] for j in pending]} if reuse else {}))
+            resume = {"continue_from": [y0[j] for j in pending]} if reuse else {}
+            outs = sample(attempt, pending, revision_prompts, **resume)
             generated += len(pending)
             still = []
             for j, y in zip(pending, outs):

@@ -140,10 +140,8 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
     whole_ids = np.concatenate([np.tile(prefix, (3, 1)), ids], axis=1)
     whole_mask = np.concatenate([np.ones((3, 5), mask.dtype), mask], axis=1)
     # The concatenation is padded in the middle; left-align each row as a real prompt is.
-    flat_ids, flat_mask = np.full_like(whole_ids, PAD), np.zeros_like(whole_mask)
-    for r in range(3):
-        row = whole_ids[r][whole_mask[r] == 1]
-        flat_ids[r, -len(row):], flat_mask[r, -len(row):] = row, 1
+    flat_ids, flat_mask = tiny.pack_left([whole_ids[r][whole_mask[r] == 1] for r in range(3)],
+                                         PAD)
     for kw in (dict(), dict(temperature=0.9, top_p=0.95)):
         key = jax.random.key(4) if kw else None
         ref = generate(graphdef, state, flat_ids, flat_mask, key, max_new_tokens=N,
@@ -166,10 +164,9 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
     heads = np.array([[PAD, PAD, 8, 3], [21, 9, 64, 2]], np.int32)
     head_mask = (heads != PAD).astype(np.int32)
     index = np.array([1, 0, 1])
-    flat_ids, flat_mask = np.full((3, 11), PAD, np.int32), np.zeros((3, 11), np.int32)
-    for r in range(3):
-        row = np.concatenate([heads[index[r]][head_mask[index[r]] == 1], ids[r][mask[r] == 1]])
-        flat_ids[r, -len(row):], flat_mask[r, -len(row):] = row, 1
+    flat_ids, flat_mask = tiny.pack_left(
+        [np.concatenate([heads[index[r]][head_mask[index[r]] == 1], ids[r][mask[r] == 1]])
+         for r in range(3)], PAD)
     ref = generate(graphdef, state, flat_ids, flat_mask, max_new_tokens=N, pad_id=PAD,
                    layer_loop=layer_loop)
     out = generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=heads,
@@ -222,6 +219,15 @@ def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeyp
                        prefix_cache=prefix, **call)
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=5e-5)
+    # Rows may come from several caches of different widths: the same rows and mask.
+    narrow = sampling.PrefixCache(cache.k[:, :, :, :24], cache.v[:, :, :, :24], cache.mask[:, :24])
+    assert cache.k.shape[3] == 32 and np.asarray(cache.mask)[:, 24:].sum() == 0
+    mixed = sampling.gather_prefix([(narrow if j % 2 else cache, r) for j, r in enumerate(rows)],
+                                   keep)
+    np.testing.assert_array_equal(mixed.mask, prefix.mask)
+    real = np.asarray(prefix.mask)[None, :, None, :, None]
+    for a, b in ((mixed.k, prefix.k), (mixed.v, prefix.v)):
+        np.testing.assert_array_equal(np.where(real, a, 0), np.where(real, b, 0))
     with pytest.raises(ValueError, match="keep more tokens than their cache holds"):
         sampling.gather_prefix([(cache, 1)], [len(cached[1]) + 1])
     with pytest.raises(ValueError, match="prefix_ids or prefix_cache"):
