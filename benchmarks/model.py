@@ -16,11 +16,22 @@ What is measured:
   end-to-end tokens/s (new tokens over wall time, prefill included) and decode-only
   tokens/s (a one-token run's time subtracted first), the latter also as model GFLOP/s
   (forward FLOPs per token at the mean context) to set against the matmul peak.
+- decode matmul ceiling: the weight matmuls of one decode step alone (q, k, v, o, gate,
+  up, down of every layer and the tied lm_head, on the real weights, with the residual
+  adds and an RMS rescale between them, no attention, no sampling), jitted as a
+  ``fori_loop`` over ``--new-tokens`` steps at each decode batch size, with float32
+  operands and with bfloat16 operands (float32 accumulation). No implementation of the
+  decode step can beat these rates on this CPU without doing less matmul work, so they
+  bound what a target on decode tokens/s can ask for (``--skip-ceiling`` leaves them out).
 - rollout: greedy generation with EOS on (rows stop when they answer), as self-play
   runs it, from other arithmetic prompts; both sides produce the same tokens, and
   tokens/s counts real tokens (padding after a row's end excluded) over wall time.
 - LoRA train step: rank 16, alpha 32 on q,k,v,o,gate,up,down of all layers, AdamW, a
-  batch of 4 × 256 tokens, forward + backward + update. fedsp: one jitted step over the
+  batch of 4 × 256 tokens, forward + backward + update. After warm-up calls (torch one,
+  fedsp four: the compile, then until its heap stops growing, see below), the two steps
+  alternate (fedsp, torch) for ``--repeats`` pairs, and ``speedup`` is the
+  median of the per-pair ratios (``pair_speedups``): the machine's speed drifts by tens of
+  percent within minutes, and a pair is measured seconds apart. fedsp: one jitted step over the
   LoRA state; torch: peft + ``torch.optim.AdamW`` (no gradient checkpointing, the faster
   torch setting on this model). MFU = model FLOPs / time / the same framework's measured
   matmul peak, with model FLOPs = 2 × forward FLOPs: the base is frozen, so the backward
@@ -29,8 +40,9 @@ What is measured:
 - Unlike the other benchmarks this one does not re-execute itself with
   ``fedsp.hostalloc.TUNABLES``: both frameworks share the process's allocator, so the
   caller chooses it (``GLIBC_TUNABLES=$(python -m fedsp.hostalloc)`` or not) and the
-  results record which ran. The train row also counts the page faults and kernel time of
-  one fedsp step, which those settings remove.
+  results record which ran. The train row also counts the page faults of fedsp's second
+  and third calls and the page faults and kernel time of its fourth, which those settings
+  remove from the fourth call on.
 """
 
 from __future__ import annotations
@@ -100,6 +112,56 @@ def forward_flops_per_token(config: Any, context: int) -> float:
     return 2.0 * matmul_params + attention
 
 
+def decode_matmul_ceiling(model: Any, batch: int, steps: int, repeats: int,
+                          dtype: Any = jnp.float32) -> float:
+    """Tokens/s of the decode step's weight matmuls alone (see the module docstring).
+
+    Per step and layer: x @ Wq, Wk, Wv; the q result through Wo back into the residual
+    (k and v are reduced into it so XLA keeps them); x @ Wgate, Wup, their product
+    through Wdown; then x @ Eᵀ (the tied embedding, or lm_head) with a max over the
+    vocabulary. Operands are cast to ``dtype``, products accumulate in float32.
+    """
+    layers = model.layers
+    names = {"q": layers.self_attn.q_proj, "k": layers.self_attn.k_proj,
+             "v": layers.self_attn.v_proj, "o": layers.self_attn.o_proj,
+             "gate": layers.mlp.gate_proj, "up": layers.mlp.up_proj,
+             "down": layers.mlp.down_proj}
+    stacked = {k: jnp.asarray(m.kernel[...], dtype) for k, m in names.items()}
+    if model.lm_head is not None:
+        head = jnp.asarray(model.lm_head.kernel[...], dtype)  # [d, V]
+    else:
+        head = jnp.asarray(model.embed_tokens.embedding[...], dtype).T  # [d, V]
+    num_layers = model.config.num_hidden_layers
+
+    def mm(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
+
+    def rescale(x: jax.Array) -> jax.Array:
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+    @jax.jit
+    def run(weights: dict[str, jax.Array], head: jax.Array, x: jax.Array) -> jax.Array:
+        per_layer = [{k: w[i] for k, w in weights.items()} for i in range(num_layers)]
+
+        def step(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            x, acc = carry
+            for w in per_layer:
+                h = rescale(x)
+                q, k, v = mm(h, w["q"]), mm(h, w["k"]), mm(h, w["v"])
+                kv = jnp.max(k, axis=-1, keepdims=True) + jnp.max(v, axis=-1, keepdims=True)
+                x = x + mm(q, w["o"]) + 1e-3 * kv
+                h = rescale(x)
+                x = x + mm(mm(h, w["gate"]) * mm(h, w["up"]), w["down"])
+            logits = mm(rescale(x), head)
+            return x, acc + jnp.max(logits, axis=-1)
+
+        return jax.lax.fori_loop(0, steps, step, (x, jnp.zeros(x.shape[0], jnp.float32)))[1]
+
+    x = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size), jnp.float32)
+    _, seconds = timed(lambda: run(stacked, head, x).block_until_ready(), repeats)
+    return batch * steps / seconds
+
+
 def prompt_batch(tokenizer: Any, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     task = get_task("arithmetic")
     examples = task.load("test", limit=batch, seed=seed)
@@ -161,6 +223,10 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
         per_token = forward_flops_per_token(model.config, ids.shape[1] + n // 2)
         row["fedsp_decode_gflops"] = row["fedsp_decode_tok_s"] * per_token / 1e9
         row["torch_decode_gflops"] = row["torch_decode_tok_s"] * per_token / 1e9
+        if not args.skip_ceiling:
+            for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+                row[f"matmul_ceiling_{name}_tok_s"] = decode_matmul_ceiling(
+                    model, batch, n, args.repeats, dtype)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -253,13 +319,21 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
         state["lora"], state["opt"], loss = step(state["lora"], state["opt"], base, ids, mask)
         loss.block_until_ready()
 
-    compile_s, fedsp_s = timed(fedsp_step, args.repeats)
-    # Page faults and kernel time of one more step: what fedsp.hostalloc's settings remove.
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    def faults_and_sys(fn: Callable[[], None]) -> tuple[int, float]:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+    start = time.perf_counter()
     fedsp_step()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    faults, sys_s = after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
-    del base, state
+    compile_s = time.perf_counter() - start
+    # Page faults and kernel time per step: what fedsp.hostalloc's settings remove. With
+    # them, the heap still grows (one step's temporaries, ≈ 2.5 GB, at a time) over the
+    # first three calls before freed blocks fit the next call's requests; from then on a
+    # step takes no faults. Two more warm-up calls, so the timed steps are steady-state.
+    warmup_faults = [faults_and_sys(fedsp_step)[0] for _ in range(2)]
+    faults, sys_s = faults_and_sys(fedsp_step)
 
     import peft
 
@@ -284,7 +358,16 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
         topt.step()
         topt.zero_grad(set_to_none=True)
 
-    _, torch_s = timed(torch_step, args.repeats)
+    torch_step()  # warm-up
+    fedsp_times, torch_times = [], []
+    for _ in range(args.repeats):  # alternate, so each pair sees the same machine speed
+        for step_fn, times in ((fedsp_step, fedsp_times), (torch_step, torch_times)):
+            start = time.perf_counter()
+            step_fn()
+            times.append(time.perf_counter() - start)
+    del base, state
+    fedsp_s, torch_s = statistics.median(fedsp_times), statistics.median(torch_times)
+    pair_speedups = [t / f for f, t in zip(fedsp_times, torch_times, strict=True)]
     tokens = batch * length
     flops = 2.0 * forward_flops_per_token(config, length) * tokens
     return {
@@ -296,8 +379,10 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
         "torch_tok_s": tokens / torch_s,
         "fedsp_mfu": flops / fedsp_s / (peaks["jax_gflops"] * 1e9),
         "torch_mfu": flops / torch_s / (peaks["torch_gflops"] * 1e9),
-        "speedup": torch_s / fedsp_s,
+        "speedup": statistics.median(pair_speedups),
+        "pair_speedups": pair_speedups,
         "fedsp_first_call_s": compile_s,
+        "fedsp_warmup_page_faults": warmup_faults,
         "fedsp_step_page_faults": faults,
         "fedsp_step_sys_s": sys_s,
     }
@@ -317,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--skip-ceiling", action="store_true",
+                        help="leave out the decode matmul-ceiling rows")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
