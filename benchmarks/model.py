@@ -27,8 +27,8 @@ What is measured:
   runs it, from other arithmetic prompts; both sides produce the same tokens, and
   tokens/s counts real tokens (padding after a row's end excluded) over wall time.
 - LoRA train step: rank 16, alpha 32 on q,k,v,o,gate,up,down of all layers, AdamW, a
-  batch of 4 × 256 tokens, forward + backward + update. After warm-up calls (torch one,
-  fedsp four: the compile, then until its heap stops growing, see below), the two steps
+  batch of 4 × 256 tokens, forward + backward + update. After fedsp's compile and three
+  warm-up pairs (fedsp, torch: until fedsp's heap stops growing, see below), the two steps
   alternate (fedsp, torch) for ``--repeats`` pairs, and ``speedup`` is the
   median of the per-pair ratios (``pair_speedups``): the machine's speed drifts by tens of
   percent within minutes, and a pair is measured seconds apart. fedsp: one jitted step over the
@@ -40,9 +40,9 @@ What is measured:
 - Unlike the other benchmarks this one does not re-execute itself with
   ``fedsp.hostalloc.TUNABLES``: both frameworks share the process's allocator, so the
   caller chooses it (``GLIBC_TUNABLES=$(python -m fedsp.hostalloc)`` or not) and the
-  results record which ran. The train row also counts the page faults of fedsp's second
-  and third calls and the page faults and kernel time of its fourth, which those settings
-  remove from the fourth call on.
+  results record which ran. The train row also counts the page faults of fedsp's warm-up
+  calls and the page faults and kernel time of one steady-state fedsp step, which those
+  settings remove.
 """
 
 from __future__ import annotations
@@ -112,14 +112,16 @@ def forward_flops_per_token(config: Any, context: int) -> float:
     return 2.0 * matmul_params + attention
 
 
-def decode_matmul_ceiling(model: Any, batch: int, steps: int, repeats: int,
-                          dtype: Any = jnp.float32) -> float:
-    """Tokens/s of the decode step's weight matmuls alone (see the module docstring).
+def decode_matmul_program(model: Any, steps: int, dtype: Any = jnp.float32
+                          ) -> tuple[Callable[[jax.Array], jax.Array], int]:
+    """The decode step's weight matmuls alone, ``steps`` times: (jitted fn of x [B, D], dots
+    per step).
 
     Per step and layer: x @ Wq, Wk, Wv; the q result through Wo back into the residual
     (k and v are reduced into it so XLA keeps them); x @ Wgate, Wup, their product
     through Wdown; then x @ Eᵀ (the tied embedding, or lm_head) with a max over the
-    vocabulary. Operands are cast to ``dtype``, products accumulate in float32.
+    vocabulary. Operands are cast to ``dtype``, products accumulate in float32. The
+    weights are bound as jit arguments (not constants), sliced per layer once per call.
     """
     layers = model.layers
     names = {"q": layers.self_attn.q_proj, "k": layers.self_attn.k_proj,
@@ -157,8 +159,15 @@ def decode_matmul_ceiling(model: Any, batch: int, steps: int, repeats: int,
 
         return jax.lax.fori_loop(0, steps, step, (x, jnp.zeros(x.shape[0], jnp.float32)))[1]
 
+    return jax.tree_util.Partial(run, stacked, head), len(names) * num_layers + 1
+
+
+def decode_matmul_ceiling(model: Any, batch: int, steps: int, repeats: int,
+                          dtype: Any = jnp.float32) -> float:
+    """Tokens/s of :func:`decode_matmul_program` at ``batch`` rows (module docstring)."""
+    run, _ = decode_matmul_program(model, steps, dtype)
     x = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size), jnp.float32)
-    _, seconds = timed(lambda: run(stacked, head, x).block_until_ready(), repeats)
+    _, seconds = timed(lambda: run(x).block_until_ready(), repeats)
     return batch * steps / seconds
 
 
@@ -328,13 +337,6 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
     start = time.perf_counter()
     fedsp_step()
     compile_s = time.perf_counter() - start
-    # Page faults and kernel time per step: what fedsp.hostalloc's settings remove. With
-    # them, the heap still grows (one step's temporaries, ≈ 2.5 GB, at a time) over the
-    # first three calls before freed blocks fit the next call's requests; from then on a
-    # step takes no faults. Two more warm-up calls, so the timed steps are steady-state.
-    warmup_faults = [faults_and_sys(fedsp_step)[0] for _ in range(2)]
-    faults, sys_s = faults_and_sys(fedsp_step)
-
     import peft
 
     tmodel = load_torch_model(gguf)
@@ -358,7 +360,16 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
         topt.step()
         topt.zero_grad(set_to_none=True)
 
-    torch_step()  # warm-up
+    # Warm-up pairs, so the timed steps are steady-state. With fedsp.hostalloc's settings
+    # the heap still grows (by one fedsp step's temporaries, ≈ 2.5 GB) on some of the
+    # first calls, including the first fedsp call after torch's first step, before freed
+    # blocks fit the next call's requests; their page faults are recorded. Then the page
+    # faults and kernel time of one more fedsp step: what those settings remove.
+    warmup_faults = []
+    for _ in range(3):
+        warmup_faults.append(faults_and_sys(fedsp_step)[0])
+        torch_step()
+    faults, sys_s = faults_and_sys(fedsp_step)
     fedsp_times, torch_times = [], []
     for _ in range(args.repeats):  # alternate, so each pair sees the same machine speed
         for step_fn, times in ((fedsp_step, fedsp_times), (torch_step, torch_times)):
