@@ -26,10 +26,9 @@ budget (`Table.cpu_budget_h`, the sum of `estimate_seconds` over the cells it ru
 own directory, so that the budgets add up: spear 3.9 h, tpaw 1.9 h, aggregation 1.6 h,
 settings 0.7 h, ≈ 8 h for ``--table all`` on 2 cores; tables share identical cells, see
 `SHARING_ORDER`) and the results file records the measured wall time beside it. The
-committed tables' own cells took 4.7 h for the whole set: aggregation 0.81 h, settings
-0.33 h and tpaw 1.07 h regenerated with the current code (0.47-0.57 of their estimates),
-spear 2.51 h at older commits (0.64 of its estimate; single gsm8k and ARC cells up to 1.66
-of theirs while other jobs loaded the machine: their start-up and evaluations dominate). The cost model's
+committed tables' own cells took 4.4 h for the whole set, all regenerated with the same
+code on 2026-12-02: aggregation 0.81 h, settings 0.33 h, tpaw 1.07 h, spear 2.23 h
+(0.47-0.57 of their estimates). The cost model's
 throughputs come from BENCHMARKS.md; one check against a real cell (spear-arithmetic-s0
 cut to 1 round, machine load ≈ 2): estimated 162 s, measured 169 s. ``--scale tiny``
 swaps in a 2-layer random model (built once under the workdir) with tiny sizes so the
