@@ -43,9 +43,9 @@ TARGET = {"total_s": 11.0, "peak_rss_gb": 1.5}
 
 
 def work_unit_config(args: argparse.Namespace):
-    from experiments.configs import base
+    from fedsp.config import default_config
 
-    config = base.get_config()
+    config = default_config()
     config.model.lora.rank, config.model.lora.alpha = 16, 32.0
     config.task.name = "arc_challenge"
     config.algorithm.name = "spear"

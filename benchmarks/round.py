@@ -56,9 +56,9 @@ ROLLOUTS = ("batched", "per_client")
 
 def round_config(args: argparse.Namespace, clients: int):
     """The run config of one benchmark round (the demo's SPEAR settings, shrunk)."""
-    from experiments.configs import base
+    from fedsp.config import default_config
 
-    config = base.get_config()
+    config = default_config()
     config.model.lora.rank, config.model.lora.alpha = 16, 32.0
     config.task.name = "arithmetic"
     config.data.num_clients = max(8, clients)

@@ -34,9 +34,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Orbax logs every checkpoint step at INFO; the progress bar and the table suffice.
     logging.set_verbosity(logging.WARNING)
-    from fedsp.federated.loop import run
+    import fedsp
 
-    summary = run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
+    summary = fedsp.run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
     print(accuracy_table(summary))
     print(json.dumps({k: summary[k] for k in ("initial_accuracy", "final_accuracy",
                                               "best_accuracy", "wall_time_s")}))

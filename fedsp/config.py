@@ -1,10 +1,32 @@
-"""Up-front validation of an experiment config (`experiments/configs/base.py` schema).
+"""The experiment config: ``default_config()`` is the whole schema, ``validate`` checks it.
+
+Every run, table cell and notebook starts from ``default_config()`` and changes only what
+differs, so every field exists everywhere, ``--config.<section>.<field>=value`` works for
+all of them, and there is one set of defaults: the library's consumers (`HParams`,
+`SamplingParams`, the round loop) read validated fields and keep no defaults of their own.
+The config holds no run-directory paths: the run directory is ``fedsp.run``'s ``workdir``.
+
+Sections:
+  seed        the one seed every random choice derives from (with the round index);
+  model       path ("" = the default SmolLM2-135M-Instruct asset), dtype, lora;
+  task        name, data_dir ("" = $FEDSP_DATA_DIR), options, train/eval split;
+  data        num_clients, partition (iid | dirichlet over `Example.label`), alpha,
+              examples_per_client (cap per client, 0 = no cap), limit (train examples
+              loaded before partitioning, 0 = all);
+  algorithm   client algorithm and its hyper-parameters (see `fedsp.selfplay`);
+  rollout     prompts per client per round and sampling settings;
+  local       local training: steps, batch size, learning-rate schedule, max_len;
+  fl          rounds, client sampling, client mapping backend, server optimizer,
+              client weighting and pruning;
+  eval        evaluation cadence and size;
+  checkpoint  run-state checkpoint cadence and retention;
+  log         TensorBoard and the progress bar.
 
 ``validate(config)`` checks every field a run reads before anything heavy (model load,
 compilation) happens, and raises one ``ValueError`` that lists every problem, each
-naming the field (``fl.backend``), the value it got and what it accepts. Checks that
-need the data (a partition leaving a client empty) are in `check_partition`, which the
-round loop calls right after partitioning.
+naming the field (``fl.backend``), the value it got and what it accepts. The algorithm
+and task names it accepts come from the open registries (`fedsp.register_algorithm`,
+`fedsp.register_task`).
 """
 
 from __future__ import annotations
@@ -19,6 +41,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from fedsp.core.aggregation import SERVER_OPTIMIZERS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
@@ -26,24 +49,149 @@ from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
+from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, REWARDS
+from fedsp.selfplay.registry import algorithm_names
 
 __all__ = [
-    "ALGORITHMS",
     "DTYPES",
     "MULTIPLE_CHOICE_EVALS",
     "PARTITIONS",
-    "check_partition",
+    "default_config",
     "validate",
 ]
 
-# The client algorithms `fedsp.selfplay.get_algorithm` provides.
-ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo", "spin", "tpaw", "dpo")
 POOL_ON_ERROR = ("raise", "drop")
 PARTITIONS = ("iid", "dirichlet")
 DTYPES = ("float32", "bfloat16", "float16")
 MULTIPLE_CHOICE_EVALS = ("loglik", "generate")
-_SECTIONS = ("model", "task", "data", "algorithm", "rollout", "local", "fl", "eval",
-             "checkpoint", "log")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The whole schema with its defaults: SPEAR on synthetic arithmetic with
+    SmolLM2-135M-Instruct (see the module docstring for the sections)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.path = ""
+    config.model.dtype = "float32"
+    config.model.lora = ml_collections.ConfigDict()
+    config.model.lora.rank = 16
+    config.model.lora.alpha = 32.0
+    config.model.lora.targets = tuple(LORA_TARGETS)
+    # Layer indices that get adapters; () means all. Negative indices count from the
+    # last layer, so the reference's `last_n_layers: n` is tuple(range(-n, 0)).
+    config.model.lora.layers = ()
+
+    config.task = ml_collections.ConfigDict()
+    config.task.name = "arithmetic"
+    config.task.data_dir = ""
+    config.task.options = ml_collections.ConfigDict()
+    config.task.train_split = "train"
+    config.task.eval_split = "test"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.num_clients = 4
+    config.data.partition = "dirichlet"
+    config.data.alpha = 1.0
+    config.data.examples_per_client = 0
+    config.data.limit = 0
+
+    config.algorithm = ml_collections.ConfigDict()
+    config.algorithm.name = "spear"
+    config.algorithm.feedback = "hint"
+    config.algorithm.max_revisions = 2
+    config.algorithm.lambda_win = 1.0
+    config.algorithm.lambda_lose = 0.1
+    config.algorithm.margin = 0.3
+    config.algorithm.tail_tokens = 0
+    # SPEAR's max_lose_ratio: lose traces are capped at rho × win traces.
+    config.algorithm.rho = 2.0
+    config.algorithm.group_size = 4
+    config.algorithm.clip_eps = 0.2
+    config.algorithm.kl_coef = 0.02
+    # AWR weighting of win traces; 0 turns it off (the SPEAR reference has none).
+    config.algorithm.awr_temperature = 0.0
+    config.algorithm.awr_max_weight = 20.0
+    config.algorithm.baseline_decay = 0.9
+    # Reward of a first answer: "verdict" (1/0) or "score" (the feedback's score).
+    config.algorithm.reward = "verdict"
+    # Token strings unlikelihood never pushes down (the answer format every reply writes).
+    config.algorithm.protected_strings = DEFAULT_PROTECTED_STRINGS
+    # Pairwise self-play (SPIN / TPAW / DPO, `fedsp.selfplay.pairs`). lam: the implicit
+    # reward scale λ of SPIN and TPAW (SPIN's β = 0.1, uclaml/SPIN configs/config.yaml);
+    # eta, gamma, n_max: TPAW's response weight η, player-weight sharpness γ and team
+    # size N_max (arXiv 2605.09922: 6, 0.5, 3); beta, label_smoothing: DPO's β and cDPO ε;
+    # opponent_rounds: rounds of opponent data trained per round, this round's included
+    # (None: the algorithm's own, SPIN 2, TPAW 3, DPO 1); pool_on_error: a damaged
+    # player-pool entry "raise"s or is "drop"ped with a warning.
+    config.algorithm.lam = 0.1
+    config.algorithm.eta = 6.0
+    config.algorithm.gamma = 0.5
+    config.algorithm.n_max = 3
+    config.algorithm.beta = 0.1
+    config.algorithm.label_smoothing = 0.0
+    config.algorithm.opponent_rounds = config_dict.placeholder(int)
+    config.algorithm.pool_on_error = "drop"
+
+    config.rollout = ml_collections.ConfigDict()
+    config.rollout.prompts_per_client = 16
+    config.rollout.max_new_tokens = 64
+    config.rollout.temperature = 0.8
+    config.rollout.top_p = 0.95
+    # Most rows per sampler call: the KV cache's memory bound.
+    config.rollout.batch_size = 64
+    # One sampler call per prompt-length bucket instead of per head bucket.
+    config.rollout.split_by_length = False
+    # SPEAR's revisions reuse the first answers' keys/values (prefill only the feedback
+    # turn); False saves that memory (`fedsp.selfplay.rollout.SamplingParams`).
+    config.rollout.reuse_cache = True
+
+    config.local = ml_collections.ConfigDict()
+    config.local.steps = 5
+    config.local.batch_size = 16
+    config.local.lr = 5e-5
+    config.local.lr_min = 1e-5
+    config.local.warmup_ratio = 0.1
+    config.local.weight_decay = 0.0
+    # Global-norm clipping of each local step's gradient; 0 turns clipping off.
+    config.local.max_grad_norm = 1.0
+    config.local.max_len = 256
+
+    config.fl = ml_collections.ConfigDict()
+    config.fl.rounds = 10
+    config.fl.clients_per_round = 4
+    config.fl.backend = "vmap"
+    config.fl.server_optimizer = "fedavg"
+    config.fl.server_lr = 1.0
+    config.fl.b1 = 0.9
+    config.fl.b2 = 0.99
+    config.fl.tau = 1e-3
+    # Initial second moment of fedadam/fedyogi; None means tau² (the SPEAR reference).
+    config.fl.v0 = config_dict.placeholder(float)
+    config.fl.client_weighting = "examples"
+    config.fl.weight_temperature = 1.0
+    # Clients whose advantage is below it send nothing; None keeps every client.
+    config.fl.prune_threshold = config_dict.placeholder(float)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 1
+    config.eval.examples = 64
+    config.eval.max_new_tokens = 64
+    config.eval.batch_size = 32
+    config.eval.multiple_choice = "loglik"
+    # Evaluate on another task ("" = task.name) and split ("" = task.eval_split).
+    config.eval.task = ""
+    config.eval.split = ""
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 1
+    config.checkpoint.keep = 2
+
+    config.log = ml_collections.ConfigDict()
+    config.log.tensorboard = True
+    config.log.progress = True
+    return config
 
 
 class _Errors:
@@ -61,6 +209,10 @@ class _Errors:
 
     def add(self, field: str, message: str) -> None:
         self.messages.append(f"{field}: {message}")
+
+    def boolean(self, field: str) -> None:
+        if not isinstance(self.get(field), bool):
+            self.add(field, f"must be True or False, got {self.get(field)!r}")
 
     def choice(self, field: str, choices: Sequence[str]) -> None:
         value = self.get(field)
@@ -113,19 +265,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         out of range; ``fl.clients_per_round`` > ``data.num_clients``; more clients per
         round than the pmap backend can place on the devices.
     """
-    missing = [s for s in _SECTIONS if s not in config]
-    if missing or "seed" not in config:
-        raise ValueError(
-            f"config lacks the section(s) {missing + ([] if 'seed' in config else ['seed'])}; "
-            "start from experiments/configs/base.py:get_config()"
-        )
+    missing = _missing_fields(config, default_config())
+    if missing:
+        raise ValueError(f"config lacks the field(s) {missing}; start from "
+                         "fedsp.default_config() (experiment files change only what differs)")
     e = _Errors(config)
     e.integer("seed", 0)
     _check_model(e)
     _check_task(e)
     _check_data(e)
 
-    e.choice("algorithm.name", ALGORITHMS)
+    e.choice("algorithm.name", algorithm_names())
     e.choice("algorithm.feedback", tuple(FEEDBACK_PROVIDERS))
     e.integer("algorithm.max_revisions", 0)
     e.integer("algorithm.tail_tokens", 0)
@@ -136,7 +286,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.number("algorithm.rho", 0.0, low_open=True)
     e.number("algorithm.clip_eps", 0.0, low_open=True)
     e.number("algorithm.awr_temperature", 0.0)
-    e.choice("algorithm.reward", ("verdict", "score"))
+    e.choice("algorithm.reward", REWARDS)
+    strings = e.get("algorithm.protected_strings")
+    if isinstance(strings, str) or not all(isinstance(x, str) for x in strings or ()):
+        e.add("algorithm.protected_strings", f"must be a tuple of strings, got {strings!r}")
     e.number("algorithm.awr_max_weight", 0.0, low_open=True)
     e.number("algorithm.baseline_decay", 0.0, 1.0)
     _check_pairwise(e)
@@ -145,9 +298,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.integer("rollout.max_new_tokens", 1)
     e.number("rollout.temperature", 0.0)
     e.number("rollout.top_p", 0.0, 1.0, low_open=True)
-    if "reuse_cache" in config.rollout and not isinstance(config.rollout.reuse_cache, bool):
-        e.add("rollout.reuse_cache",
-              f"must be True or False, got {config.rollout.reuse_cache!r}")
+    e.integer("rollout.batch_size", 1)
 
     e.integer("local.steps", 1)
     e.integer("local.batch_size", 1)
@@ -156,7 +307,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.number("local.lr_min", 0.0)
     e.number("local.warmup_ratio", 0.0, 1.0, high_open=True)
     e.number("local.weight_decay", 0.0)
-    e.number("local.max_grad_norm", 0.0, low_open=True)
+    e.number("local.max_grad_norm", 0.0)
     if not e.messages and config.local.lr_min > config.local.lr:
         e.add("local.lr_min", f"must be <= local.lr = {config.local.lr}, got {config.local.lr_min}")
 
@@ -170,11 +321,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.choice("eval.multiple_choice", MULTIPLE_CHOICE_EVALS)
     e.integer("checkpoint.every", 1)
     e.integer("checkpoint.keep", 1)
-    for field in ("log.tensorboard", "log.progress"):
-        if not isinstance(e.get(field), bool):
-            e.add(field, f"must be True or False, got {e.get(field)!r}")
+    for field in ("rollout.reuse_cache", "rollout.split_by_length", "log.tensorboard",
+                  "log.progress"):
+        e.boolean(field)
     if e.messages:
         raise ValueError("invalid config:\n  " + "\n  ".join(e.messages))
+
+
+def _missing_fields(config: Any, schema: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted names of the schema's fields that ``config`` lacks (``task.options`` is
+    free-form: the task's own keyword arguments)."""
+    out = []
+    for key, value in schema.items():
+        name = f"{prefix}{key}"
+        if not hasattr(config, "keys") or key not in config:
+            out.append(name)
+        elif isinstance(value, ml_collections.ConfigDict) and name != "task.options":
+            out += _missing_fields(config[key], value, name + ".")
+    return out
 
 
 def _check_pairwise(e: _Errors) -> None:
@@ -319,18 +483,3 @@ def _check_fl(e: _Errors) -> None:
     e.number("fl.weight_temperature", 0.0, low_open=True)
     if e.get("fl.prune_threshold") is not None:
         e.number("fl.prune_threshold")
-
-
-def check_partition(shards: Sequence[np.ndarray], config: ml_collections.ConfigDict) -> None:
-    """Every client of the partition holds at least one example.
-
-    Raises:
-      ValueError: naming the empty clients and the fields that shape the partition.
-    """
-    empty = [i for i, shard in enumerate(shards) if len(shard) == 0]
-    if empty:
-        raise ValueError(
-            f"data.partition={config.data.partition!r} left client(s) {empty} of "
-            f"data.num_clients={config.data.num_clients} without examples; lower "
-            "data.num_clients, raise data.alpha or data.limit"
-        )

@@ -7,12 +7,13 @@ import re
 import numpy as np
 import pytest
 
-from experiments.configs import base
+from fedsp.config import default_config
 from fedsp import config as config_lib
+from fedsp import data, runner
 
 
 def _error(**changes) -> str:
-    config = base.get_config()
+    config = default_config()
     for dotted, value in changes.items():
         node = config
         *parents, leaf = dotted.split("__")
@@ -25,7 +26,7 @@ def _error(**changes) -> str:
 
 
 def test_default_config_is_valid():
-    config_lib.validate(base.get_config())
+    config_lib.validate(default_config())
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_errors_name_the_field(changes, expected):
 
 def test_pairwise_algorithms_are_accepted():
     for name in ("spin", "tpaw", "dpo"):
-        config = base.get_config()
+        config = default_config()
         config.algorithm.name = name
         config_lib.validate(config)
 
@@ -100,7 +101,7 @@ def test_split_slices_validate_against_the_whole_splits_file(tmp_path, monkeypat
     monkeypatch.delenv("FEDSP_DATA_DIR", raising=False)
     (tmp_path / "arc_challenge").mkdir()
     (tmp_path / "arc_challenge" / "ARC-Challenge-Test.jsonl").write_text("{}\n")
-    config = base.get_config()
+    config = default_config()
     config.task.name, config.task.data_dir = "arc_challenge", str(tmp_path)
     config.task.options = {"source": "local"}
     config.task.train_split, config.task.eval_split = "test[:75%]", "test[75%:]"
@@ -114,12 +115,16 @@ def test_split_slices_validate_against_the_whole_splits_file(tmp_path, monkeypat
             "'validation', 'test') or a slice such as 'test[:75%]'") in message
 
 
-def test_empty_client_names_the_partition_fields():
-    config = base.get_config()
+def test_empty_client_names_the_partition_fields(monkeypatch):
+    # The partitions give every client an example; the check guards any other split.
+    config = default_config()
+    config.data.partition = "iid"
+    train = data.get_task("arithmetic").load("train", limit=12, seed=0)
+    assert [len(s) for s in runner.client_shards(config, train)] == [3, 3, 3, 3]
     shards = [np.arange(3), np.arange(0), np.arange(3, 5), np.arange(0)]
-    with pytest.raises(ValueError, match=r"data.partition='dirichlet' left client\(s\) \[1, 3\] of data.num_clients=4"):
-        config_lib.check_partition(shards, config)
-    config_lib.check_partition([np.arange(1)] * 4, config)
+    monkeypatch.setattr(data, "iid_partition", lambda *args: shards)
+    with pytest.raises(ValueError, match=r"data.partition='iid' left client\(s\) \[1, 3\] of data.num_clients=4"):
+        runner.client_shards(config, train)
 
 
 def test_pmap_backend_needs_placeable_clients():
@@ -132,8 +137,38 @@ def test_pmap_backend_needs_placeable_clients():
 
 
 def test_reuse_cache_must_be_a_bool():
-    config = base.get_config()
+    config = default_config()
     with config.ignore_type():
         config.rollout.reuse_cache = "yes"
     with pytest.raises(ValueError, match=r"rollout.reuse_cache: must be True or False, got 'yes'"):
         config_lib.validate(config)
+
+
+def test_missing_fields_are_named():
+    config = default_config()
+    del config.rollout["batch_size"]
+    del config["log"]
+    with pytest.raises(ValueError, match=r"lacks the field\(s\) \['log', 'rollout.batch_size'\]"):
+        config_lib.validate(config)
+
+
+def test_max_grad_norm_zero_means_no_clipping():
+    config = default_config()
+    config.local.max_grad_norm = 0.0
+    config_lib.validate(config)
+    assert "local.max_grad_norm" in _error(local__max_grad_norm=-1.0)
+
+
+def test_rollout_batch_size_is_declared_and_checked():
+    assert default_config().rollout.batch_size == 64
+    assert "rollout.batch_size: must be >= 1, got 0" in _error(rollout__batch_size=0)
+
+
+def test_algorithm_names_come_from_the_registry():
+    import fedsp
+
+    fedsp.register_algorithm("test_config_echo", lambda config: None)
+    config = default_config()
+    config.algorithm.name = "test_config_echo"
+    config_lib.validate(config)
+    assert "test_config_echo" in _error(algorithm__name="nope")

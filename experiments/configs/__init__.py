@@ -1,1 +1,1 @@
-"""One ``get_config()`` per experiment; shared defaults live in `base.py`."""
+"""One ``get_config()`` per experiment, each starting from `fedsp.config.default_config`."""

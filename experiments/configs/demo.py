@@ -13,11 +13,11 @@ evaluation took 190 s).
 
 from __future__ import annotations
 
-from experiments.configs import base
+from fedsp.config import default_config
 
 
 def get_config():
-    config = base.get_config()
+    config = default_config()
     config.model.lora.rank = 8
     config.model.lora.alpha = 16.0
 

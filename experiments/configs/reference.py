@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import base
+from fedsp.config import default_config
 
 # model key -> (Hugging Face name, layers of the model)
 MODELS = {"qwen2p5_1p5b": ("Qwen/Qwen2.5-1.5B", 28), "llama3p2_3b": ("meta-llama/Llama-3.2-3B", 28)}
@@ -80,7 +80,7 @@ def spear_config(task: str, model: str, algorithm: str = "spear") -> ml_collecti
     """The reference setting for ``task`` × ``model``, run with ``algorithm``."""
     s = {**_SHARED, **SETTINGS[(task, model)]}
     name, num_layers = MODELS[model]
-    config = base.get_config()
+    config = default_config()
     config.seed = s["seed"]
     config.model.path = name
     config.model.dtype = "bfloat16"

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import base
+from fedsp.config import default_config
 
 MODELS = {"qwen2p5_1p5b": "Qwen/Qwen2.5-1.5B"}
 GSM8K_TRAIN = 7473  # openai/gsm8k main/train
@@ -49,7 +49,7 @@ OPPONENT_ROUNDS = {"spin": 2, "tpaw": 3, "dpo": 1}
 def selfplay_config(algorithm: str, dataset: str, model: str) -> ml_collections.ConfigDict:
     """The paper-scale setting of ``algorithm`` ("spin" | "tpaw" | "dpo") on ``dataset``
     ("gsm8k" | "ultrachat"), centralized (one client holding all the data)."""
-    config = base.get_config()
+    config = default_config()
     config.seed = 42  # SPIN config.yaml
     config.model.path = MODELS[model]
     config.model.dtype = "bfloat16"
@@ -117,7 +117,7 @@ def smollm2_config(algorithm: str, federated: bool = False) -> ml_collections.Co
     shards of GSM8K train, 2 prompts each, all playing every round (FedAvg).
     Sized for 2 CPU cores: about 10 minutes on an idle machine.
     """
-    config = base.get_config()
+    config = default_config()
     config.model.lora.rank = 8
     config.model.lora.alpha = 16.0
     config.task.name = "gsm8k"

@@ -11,7 +11,7 @@ from fedsp.checkpoint.pool import PlayerPool, PoolEntry, with_adapters
 from fedsp.checkpoint.run_state import (
     CorruptCheckpointError,
     RunCheckpointer,
-    RunState,
+    RoundState,
     config_fingerprint,
     load_meta,
     load_tree,
@@ -24,7 +24,7 @@ __all__ = [
     "PlayerPool",
     "PoolEntry",
     "RunCheckpointer",
-    "RunState",
+    "RoundState",
     "client_state_path",
     "config_fingerprint",
     "load_client_state",

@@ -19,6 +19,9 @@ the index is lost, rebuilds it from the newest entries). For exact resume the in
 also part of the run state (`state_dict` / `from_state_dict`): restoring it removes
 entries pushed after that run state was saved, so the resumed run pushes them again.
 
+``PlayerPool(None, ...)`` keeps the players in memory instead (a run without a work
+directory writes no files); it has the same interface and holds the same values.
+
 Files of the last ``keep_dropped`` players that left the pool by age stay on disk, so an
 earlier run-state checkpoint (``RunCheckpointer(keep=k)``: use ``keep_dropped >= k``)
 still finds all of its players. A damaged or missing entry raises
@@ -71,7 +74,7 @@ class PoolEntry:
     round: int
     score: float | None
     metadata: Mapping[str, Any]
-    path: epath.Path
+    path: epath.Path | None  # None in an in-memory pool
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -108,17 +111,24 @@ class PlayerPool:
     """The last ``max_players`` global adapters, oldest first.
 
     Args:
-      directory: where entries and the index live; created if missing.
+      directory: where entries and the index live; created if missing. None keeps the
+        players in memory (no files).
       max_players: K, the number of players (TPAW's N_max = 3).
       keep_dropped: how many players that left the pool by age keep their files, so an
         earlier run state can be resumed; set it ≥ the run checkpointer's ``keep``.
     """
 
     def __init__(
-        self, directory: os.PathLike | str, max_players: int = 3, *, keep_dropped: int = 2
+        self, directory: os.PathLike | str | None, max_players: int = 3, *, keep_dropped: int = 2
     ):
         self._max_players = _check_count("max_players", max_players, 1)
         self._keep_dropped = _check_count("keep_dropped", keep_dropped, 0)
+        # round -> adapters, for a pool without a directory.
+        self._memory: dict[int, PyTree] | None = None
+        self._entries: list[PoolEntry] = []
+        if directory is None:
+            self._memory = {}
+            return
         self._directory = epath.Path(directory)
         self._directory.mkdir(parents=True, exist_ok=True)
         for path in self._directory.iterdir():
@@ -136,8 +146,9 @@ class PlayerPool:
     # ------------------------------------------------------------------ inspection
 
     @property
-    def directory(self) -> epath.Path:
-        return self._directory
+    def directory(self) -> epath.Path | None:
+        """The pool's directory; None for an in-memory pool."""
+        return None if self._memory is not None else self._directory
 
     @property
     def max_players(self) -> int:
@@ -157,15 +168,16 @@ class PlayerPool:
         return len(self._entries)
 
     def __repr__(self) -> str:
+        where = None if self.directory is None else str(self.directory)
         return (
-            f"PlayerPool({str(self._directory)!r}, max_players={self._max_players}, "
+            f"PlayerPool({where!r}, max_players={self._max_players}, "
             f"rounds={list(self.rounds)})"
         )
 
     # ------------------------------------------------------------------ index I/O
 
-    def _path(self, round: int) -> epath.Path:  # noqa: A002
-        return self._directory / _entry_name(round)
+    def _path(self, round: int) -> epath.Path | None:  # noqa: A002
+        return None if self._memory is not None else self._directory / _entry_name(round)
 
     def _entry(self, round: int, score: Any, metadata: Any) -> PoolEntry:  # noqa: A002
         return PoolEntry(
@@ -214,6 +226,8 @@ class PlayerPool:
         return entries[::-1]
 
     def _write_index(self) -> None:
+        if self._memory is not None:
+            return
         path = self._directory / _INDEX
         tmp = self._directory / f"{_INDEX}.tmp"
         tmp.write_text(json.dumps(self.state_dict(), indent=1))
@@ -271,6 +285,12 @@ class PlayerPool:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         entry = self._entry(round_, score, metadata)
+        if self._memory is not None:
+            self._memory[round_] = jax.tree.map(lambda x: x, adapters)
+            self._entries = (self._entries + [entry])[-self._max_players :]
+            keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped):])
+            self._memory = {r: a for r, a in self._memory.items() if r in keep}
+            return entry
         for stale_round, path in self._entry_dirs().items():
             # Written by a push whose round was never committed to the index.
             if stale_round >= round_:
@@ -295,7 +315,9 @@ class PlayerPool:
                 f"round must be one of the players' rounds {list(self.rounds)}, got {round!r}"
             )
         path = self._path(round)
-        if path.exists():
+        if self._memory is not None:
+            self._memory.pop(round, None)
+        elif path is not None and path.exists():
             quarantine(path)
         self._entries = [e for e in self._entries if e.round != round]
         self._write_index()
@@ -325,6 +347,11 @@ class PlayerPool:
                 f"i must be an int in [{-n}, {n}) for a pool of {n} player(s), got {i!r}"
             )
         entry = self._entries[i]
+        if self._memory is not None:
+            if entry.round not in self._memory:
+                raise CorruptCheckpointError(
+                    f"player pool entry for round {entry.round}: not in this in-memory pool")
+            return self._memory[entry.round]
         try:
             adapters, _ = load_tree(entry.path, template)
         except CorruptCheckpointError as e:
@@ -371,7 +398,7 @@ class PlayerPool:
     # ------------------------------------------------------------------ run state
 
     def state_dict(self) -> dict[str, Any]:
-        """The pool index as JSON: store it in the run state (`RunState.pool`)."""
+        """The pool index as JSON: store it in the run state (`RoundState.pool`)."""
         return {
             "max_players": self._max_players,
             "entries": [
@@ -398,6 +425,9 @@ class PlayerPool:
                 "state must be a PlayerPool.state_dict() with 'max_players' and 'entries', "
                 f"got {state!r}"
             )
+        if directory is None:
+            raise ValueError("an in-memory pool holds its players only while it lives; "
+                             "restoring one from a state dict needs its directory")
         pool = cls(directory, state["max_players"], keep_dropped=keep_dropped)
         try:
             entries = [

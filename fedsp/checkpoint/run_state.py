@@ -4,9 +4,9 @@ At the end of round r the round loop saves everything the next round reads:
 
     with RunCheckpointer(workdir / "checkpoints", keep=2, fingerprint=fp) as ckpt:
         if ckpt.latest_round() is not None:
-            state = ckpt.restore_latest_valid(template)   # template: a fresh RunState
+            state = ckpt.restore_latest_valid(template)   # template: a fresh RoundState
         ...
-        ckpt.save(RunState(round=r, params=..., opt_state=..., rng=..., ...))
+        ckpt.save(RoundState(round=r, params=..., opt_state=..., rng=..., ...))
 
 Arrays (server adapters, the server optimizer state, the RNG key, baselines, sampler
 state) go into an Orbax PyTree checkpointable; the JSON side of the state (round,
@@ -381,8 +381,9 @@ def quarantine(path: os.PathLike | str) -> epath.Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunState:
-    """Everything a federated run needs to continue exactly after round ``round``.
+class RoundState:
+    """Everything a federated run needs to continue exactly after round ``round``: what
+    a run checkpoint holds (`fedsp.RunState` adds the run's fixed context to it).
 
     Attributes:
       round: the last completed round; it is the checkpoint's step.
@@ -416,7 +417,7 @@ class RunState:
 
 
 class RunCheckpointer:
-    """Saves one `RunState` per round with Orbax, keeping the last ``keep`` rounds.
+    """Saves one `RoundState` per round with Orbax, keeping the last ``keep`` rounds.
 
     Args:
       directory: where the round checkpoints live (``<directory>/<round>/``).
@@ -469,7 +470,7 @@ class RunCheckpointer:
         """The directory of round ``round``'s checkpoint."""
         return self.directory / str(round)
 
-    def save(self, state: RunState) -> epath.Path:
+    def save(self, state: RoundState) -> epath.Path:
         """Saves ``state`` as step ``state.round``; older rounds beyond ``keep`` are deleted.
 
         Returns:
@@ -479,8 +480,8 @@ class RunCheckpointer:
           ValueError: if ``state.round`` is negative or already saved, a leaf has an
             unsupported type, or the JSON fields are not serializable.
         """
-        if not isinstance(state, RunState):
-            raise ValueError(f"state must be a RunState, got {type(state).__name__}")
+        if not isinstance(state, RoundState):
+            raise ValueError(f"state must be a RoundState, got {type(state).__name__}")
         if (
             isinstance(state.round, bool)
             or not isinstance(state.round, numbers.Integral)
@@ -507,11 +508,11 @@ class RunCheckpointer:
     def _loader(self, step: int) -> Loader:
         return lambda abstract: self._checkpointer.load_checkpointables(step, abstract)
 
-    def restore(self, template: RunState, round: int | None = None) -> RunState:  # noqa: A002
+    def restore(self, template: RoundState, round: int | None = None) -> RoundState:  # noqa: A002
         """Restores round ``round`` (default: the newest) into the structure of ``template``.
 
         Args:
-          template: a RunState whose array fields have the saved structure, e.g. the
+          template: a RoundState whose array fields have the saved structure, e.g. the
             state a fresh run starts from (its values are not read; its ``round``,
             ``pool`` and ``metrics_history`` are ignored).
           round: which round; None means `latest_round()`.
@@ -521,8 +522,8 @@ class RunCheckpointer:
           CorruptCheckpointError: if the round's files cannot be read.
           ValueError: if the config fingerprint or the template does not match.
         """
-        if not isinstance(template, RunState):
-            raise ValueError(f"template must be a RunState, got {type(template).__name__}")
+        if not isinstance(template, RoundState):
+            raise ValueError(f"template must be a RoundState, got {type(template).__name__}")
         rounds = self.rounds()
         step = rounds[-1] if (round is None and rounds) else round
         if step not in rounds:
@@ -541,14 +542,14 @@ class RunCheckpointer:
                     f"config fingerprint differs from the {where} in field(s): " + "; ".join(diffs)
                 )
         arrays = _read_tree(self._loader(step), where, template.arrays(), body)
-        return RunState(
+        return RoundState(
             round=int(meta["round"]),
             pool=meta.get("pool"),
             metrics_history=tuple(meta.get("metrics_history", ())),
             **arrays,
         )
 
-    def restore_latest_valid(self, template: RunState) -> RunState:
+    def restore_latest_valid(self, template: RoundState) -> RoundState:
         """Restores the newest readable round, moving damaged newer ones aside.
 
         Each damaged round is renamed to ``<round>.corrupt`` (kept for inspection, no

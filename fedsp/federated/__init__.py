@@ -1,5 +1,35 @@
-"""Federated execution: mapping per-client functions over a stacked client axis."""
+"""Federated execution: one round as a function, the server step, and mapping per-client
+functions over a stacked client axis."""
 
 from fedsp.federated.mapping import BACKENDS, CLIENTS_AXIS, client_mesh, map_clients
+from fedsp.federated.round import (
+    ClientUploads,
+    RoundHooks,
+    Run,
+    RunState,
+    ServerStep,
+    client_prompts,
+    evaluate,
+    run_round,
+    server_step_from_config,
+)
+from fedsp.federated.server import check_arrays_only, server_step, tree_bytes
 
-__all__ = ["BACKENDS", "CLIENTS_AXIS", "client_mesh", "map_clients"]
+__all__ = [
+    "BACKENDS",
+    "CLIENTS_AXIS",
+    "ClientUploads",
+    "RoundHooks",
+    "Run",
+    "RunState",
+    "ServerStep",
+    "check_arrays_only",
+    "client_mesh",
+    "client_prompts",
+    "evaluate",
+    "map_clients",
+    "run_round",
+    "server_step",
+    "server_step_from_config",
+    "tree_bytes",
+]

@@ -1,5 +1,6 @@
 """Client algorithms of federated self-play: SPEAR, feedback-SFT, SFT, GRPO, and the
-pairwise SPIN, TPAW and DPO.
+pairwise SPIN, TPAW and DPO, behind one interface (`fedsp.selfplay.base`) and an open
+registry (`fedsp.selfplay.registry`).
 
     algo = get_algorithm("spear", config)
     batch, metrics = algo.collect(policy, lora_state, client_examples, task, feedback,
@@ -12,15 +13,33 @@ pairwise SPIN, TPAW and DPO.
 from __future__ import annotations
 
 from fedsp.selfplay.base import (
-    ALGORITHMS,
     Algorithm,
     ClientBatch,
+    PackedSequences,
     PlayerLogps,
     Policy,
     RoundContext,
-    Sequences,
-    get_algorithm,
+    client_batch,
 )
+from fedsp.selfplay.hparams import HParams
+from fedsp.selfplay.registry import algorithm_names, get_algorithm, register_algorithm
+from fedsp.selfplay.rollout import Rollout, SamplingParams
+from fedsp.selfplay.train import LocalTraining, LossContext
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientBatch", "PlayerLogps", "Policy", "RoundContext",
-           "Sequences", "get_algorithm"]
+__all__ = [
+    "Algorithm",
+    "ClientBatch",
+    "HParams",
+    "LocalTraining",
+    "LossContext",
+    "PackedSequences",
+    "PlayerLogps",
+    "Policy",
+    "Rollout",
+    "RoundContext",
+    "SamplingParams",
+    "algorithm_names",
+    "client_batch",
+    "get_algorithm",
+    "register_algorithm",
+]

@@ -1,6 +1,6 @@
-"""The client-algorithm interface: `Policy`, `ClientBatch`, `Algorithm`, `get_algorithm`.
+"""The client-algorithm interface: `Policy`, `ClientBatch`, `Algorithm`.
 
-A client algorithm is two functions (DESIGN.md, "One round, as data flows"):
+A client algorithm is two functions (docs/design.md, "One round, as data flows"):
 
 - ``collect`` (host side) runs ONE batched generation over every sampled client's
   prompts with the round's adapters (plus one per revision attempt), asks the simulated
@@ -8,16 +8,17 @@ A client algorithm is two functions (DESIGN.md, "One round, as data flows"):
   fixed-shape arrays stacked on a leading client axis [C, ...]. Text never leaves it:
   its outputs are a `ClientBatch` of arrays and a dict of float metrics.
 - ``local_train`` (pure, per client) trains the adapter on one client's slice of the
-  batch. The loop maps it over clients with ``fedsp.federated.mapping.map_clients``,
-  base and round-start adapter frozen (``in_axes`` None), batch and keys stacked.
+  batch. The round maps it over clients with ``fedsp.federated.map_clients``, base and
+  round-start adapter frozen (``in_axes`` None), batch and keys stacked.
+  `fedsp.selfplay.train.LocalTraining` builds it from a minibatch loss.
 
 Per-client state that outlives a round, the reward baseline of advantage weighting
-(an EMA of the client's past rewards), is owned by the loop: it passes the previous
-baselines to ``collect(..., baselines=...)`` and stores ``stats["baseline"]`` from
-``local_train`` (NaN means "no baseline yet").
+(an EMA of the client's past rewards), is owned by the round loop: it passes the
+previous baselines to ``collect(..., baselines=...)`` and stores ``stats["baseline"]``
+from ``local_train`` (NaN means "no baseline yet").
 
 Optional parts of the protocol, used by the pairwise self-play algorithms (SPIN, TPAW,
-DPO) and read by the loop with ``getattr``:
+DPO) and read by the round loop with ``getattr``:
 
 - ``uses_context = True``: ``collect`` also takes ``context=`` a `RoundContext` (the
   sampled clients' global ids, the run's round-0 adapters, the player pool's adapters).
@@ -29,38 +30,25 @@ DPO) and read by the loop with ``getattr``:
   data of earlier rounds: token ids). The loop stores it beside each run checkpoint,
   client side (never passed to the server step), and restores it on resume.
 
+Algorithms are registered by name in `fedsp.selfplay.registry`.
+
 Shapes: C clients, S sequences per client, T tokens per sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
 from fedsp.model.tokenizer import Tokenizer
-
-ALGORITHMS = ("spear", "feedback_sft", "sft", "grpo", "spin", "tpaw", "dpo")
-# name -> module that registers it (imported on first use, so importing the interface
-# does not import every algorithm).
-_MODULES = {
-    "spear": "fedsp.selfplay.spear",
-    "feedback_sft": "fedsp.selfplay.spear",
-    "sft": "fedsp.selfplay.sft",
-    "grpo": "fedsp.selfplay.grpo",
-    "spin": "fedsp.selfplay.spin",
-    "tpaw": "fedsp.selfplay.tpaw",
-    "dpo": "fedsp.selfplay.dpo",
-}
-_REGISTRY: dict[str, Any] = {}
-
 
 class Policy(NamedTuple):
     """What rollouts need; built once per run: ``graphdef, _, base_state = split_lora(model)``."""
@@ -72,7 +60,7 @@ class Policy(NamedTuple):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sequences:
+class PackedSequences:
     """Right-padded prompt + completion sequences, [..., S, T] (a leading C when stacked).
 
     Attributes:
@@ -133,19 +121,20 @@ class ClientBatch:
       mean_advantage: [C] mean over the round's rollouts of reward − previous baseline.
       baseline: [C] the client's reward baseline after this round (NaN: none yet).
       wins: [C] win traces (correct first answers + successful revisions).
-      losses: [C] wrong first answers (before the ρ cap).
+      wrong: [C] wrong first answers (SPEAR: before the ρ cap; pairwise: samples the task
+        judges wrong).
       players: pairwise algorithms only: the players' log-probs of every pair
         (`PlayerLogps`, leaves [C, J, S] / [C, J]); None otherwise.
     """
 
-    train: Sequences
-    lose: Sequences
+    train: PackedSequences
+    lose: PackedSequences
     lr: jax.Array
     num_examples: jax.Array
     mean_advantage: jax.Array
     baseline: jax.Array
     wins: jax.Array
-    losses: jax.Array
+    wrong: jax.Array
     players: PlayerLogps | None = None
 
     @property
@@ -214,47 +203,82 @@ class Algorithm(Protocol):
         """Pure, one client (``batch_c`` without the C axis): (new adapters, stats).
 
         Stats are float32 scalars and include ``num_examples``, ``mean_advantage``,
-        ``baseline``, ``wins``, ``losses`` and ``loss`` (mean over local steps).
+        ``baseline``, ``wins``, ``wrong`` and ``loss`` (mean over local steps): what
+        the client uploads besides its adapters.
         """
         ...
 
 
-def register_algorithm(name: str):
-    """Class decorator: ``get_algorithm(name, config)`` builds ``cls(name, config)``."""
+def client_batch(
+    train: PackedSequences,
+    *,
+    lr: float,
+    num_examples: Any,
+    baseline: Any,
+    wins: Any,
+    wrong: Any = None,
+    mean_advantage: Any = None,
+    lose: PackedSequences | None = None,
+    players: PlayerLogps | None = None,
+) -> ClientBatch:
+    """A `ClientBatch` of C clients (C = ``train``'s leading axis) from host values.
 
-    def wrap(cls):
-        _REGISTRY[name] = cls
-        return cls
+    ``lr`` is the round's learning rate, the same for every client; ``num_examples``,
+    ``baseline``, ``wins``, ``wrong`` and ``mean_advantage`` are [C] sequences of numbers
+    (``wrong`` and ``mean_advantage`` default to zeros: no wrong answers counted, no reward
+    observed); ``lose`` defaults to the all-invalid placeholder of algorithms without
+    lose traces.
+    """
+    c = int(train.tokens.shape[0])
 
-    return wrap
+    def per_client(name: str, values: Any) -> jax.Array:
+        out = jnp.zeros((c,), jnp.float32) if values is None else jnp.asarray(values, jnp.float32)
+        if out.shape != (c,):
+            raise ValueError(f"{name} must hold one value per client ({c}), got shape {out.shape}")
+        return out
+
+    return ClientBatch(
+        train=train,
+        lose=empty_sequences(c) if lose is None else lose,
+        lr=jnp.full((c,), lr, jnp.float32),
+        num_examples=per_client("num_examples", num_examples),
+        mean_advantage=per_client("mean_advantage", mean_advantage),
+        baseline=per_client("baseline", baseline),
+        wins=per_client("wins", wins),
+        wrong=per_client("wrong", wrong),
+        players=players,
+    )
 
 
-def get_algorithm(name: str, config: Any) -> Algorithm:
-    """The client algorithm ``name`` configured from ``config`` (an ml_collections
-    ConfigDict with ``algorithm``, ``rollout``, ``local`` and ``fl`` sections; missing
-    fields take the SPEAR reference's defaults).
+def empty_sequences(num_clients: int) -> PackedSequences:
+    """An all-invalid [C, 1, 8] placeholder (algorithms without lose traces)."""
+    return PackedSequences(
+        tokens=jnp.zeros((num_clients, 1, 8), jnp.int32),
+        attention_mask=jnp.zeros((num_clients, 1, 8), bool),
+        loss_mask=jnp.zeros((num_clients, 1, 8), jnp.float32),
+        weight=jnp.zeros((num_clients, 1), jnp.float32),
+        valid=jnp.zeros((num_clients, 1), bool),
+    )
+
+
+def check_clients(client_examples: Sequence[Sequence[Example]]) -> int:
+    """C, the number of sampled clients of a ``collect`` call.
 
     Raises:
-      ValueError: unknown ``name`` (the message lists the choices) or a bad field.
+      ValueError: no client was sampled.
     """
-    if name not in _MODULES:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
-    importlib.import_module(_MODULES[name])
-    return _REGISTRY[name](name, config)
+    if len(client_examples) == 0:
+        raise ValueError("client_examples is empty: no client was sampled")
+    return len(client_examples)
 
 
-def config_value(config: Any, section: str, field: str, default: Any) -> Any:
-    """``config.<section>.<field>``, or ``default`` where the section or field is absent."""
-    if config is None:
-        return default
-    part = config.get(section) if isinstance(config, Mapping) or hasattr(config, "get") else None
-    if part is None:
-        part = getattr(config, section, None)
-    if part is None:
-        return default
-    if hasattr(part, "get"):
-        value = part.get(field, default)
-    else:
-        value = getattr(part, field, default)
-    return default if value is None else value
-
+def prev_baselines(baselines: Sequence[float] | np.ndarray | None, num_clients: int) -> np.ndarray:
+    """[C] previous baselines as float32 (NaN: none yet)."""
+    if baselines is None:
+        return np.full(num_clients, np.nan, np.float32)
+    out = np.asarray(baselines, np.float32)
+    if out.shape != (num_clients,):
+        raise ValueError(
+            f"baselines must have shape ({num_clients},), one per client, got {out.shape}"
+        )
+    return out

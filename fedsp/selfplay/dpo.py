@@ -24,11 +24,12 @@ import numpy as np
 from flax import nnx
 
 from fedsp.data.base import Example, Task
-from fedsp.selfplay.base import RoundContext, register_algorithm
-from fedsp.selfplay.pairs import PairwiseSelfPlay, stack_players
+from fedsp.selfplay.base import RoundContext
+from fedsp.selfplay.pairs import PairwiseSelfPlay
+from fedsp.selfplay.players import stack_players
+from fedsp.selfplay.registry import register_algorithm
 
 
-@register_algorithm("dpo")
 class Dpo(PairwiseSelfPlay):
     """DPO client; see the module docstring."""
 
@@ -56,3 +57,6 @@ class Dpo(PairwiseSelfPlay):
 
     def keep_pair(self, sample_correct: bool | None) -> bool:
         return sample_correct is not True
+
+
+register_algorithm("dpo", lambda config: Dpo("dpo", config))

@@ -17,7 +17,6 @@ client's rollout share one batched generation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,27 +29,27 @@ from fedsp.core.advantage import group_advantages
 from fedsp.core.losses import grpo_loss
 from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
-from fedsp.selfplay import rollout
+from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, Policy, register_algorithm
-from fedsp.selfplay.spear import GenerateFn
+from fedsp.selfplay.base import ClientBatch, Policy, check_clients, client_batch, prev_baselines
+from fedsp.selfplay.hparams import HParams, round_lr
+from fedsp.selfplay.registry import register_algorithm
 
 
-@register_algorithm("grpo")
-class Grpo:
+class Grpo(tr.LocalTraining):
     """GRPO client; see the module docstring.
 
     Args:
       name: "grpo".
-      config: the run config (``algorithm.group_size``, ``clip_eps``, ``kl_coef``, ...).
-      generate_fn: the rollout sampler (default `fedsp.selfplay.rollout.generate`).
+      config: a validated run config (``algorithm.group_size``, ``clip_eps``, ``kl_coef``, ...).
+      generate_fn: the rollout sampler (default `fedsp.selfplay.rollout.sample_completions`).
     """
 
-    def __init__(self, name: str, config: Any, generate_fn: GenerateFn | None = None):
+    def __init__(self, name: str, config: Any, generate_fn: rollout.Rollout | None = None):
         self.name = name
-        self.hp = tr.HParams.from_config(config)
-        self.sampling = tr.sampling_params(config)
-        self.generate_fn = rollout.generate if generate_fn is None else generate_fn
+        self.hp = HParams.from_config(config)
+        self.sampling = rollout.SamplingParams.from_config(config)
+        self.generate_fn = rollout.sample_completions if generate_fn is None else generate_fn
 
     def collect(
         self,
@@ -66,10 +65,8 @@ class Grpo:
     ) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect`."""
         hp, tok, g = self.hp, policy.tokenizer, self.hp.group_size
-        num_clients = len(client_examples)
-        if num_clients == 0:
-            raise ValueError("client_examples is empty: no client was sampled")
-        prev = tr.prev_baselines(baselines, num_clients)
+        num_clients = check_clients(client_examples)
+        prev = prev_baselines(baselines, num_clients)
         prompts_by_row = []
         rows = []  # (client, prompt index, sample index, example)
         for c, exs in enumerate(client_examples):
@@ -78,16 +75,16 @@ class Grpo:
                 for s in range(g):
                     rows.append((c, i, s, ex))
                     prompts_by_row.append(ids)
-        keys = rollout.row_keys(key, round, 0, [r[0] for r in rows], [r[1] for r in rows],
-                                [r[2] for r in rows])
+        keys = rollout.rollout_keys(key, round, 0, [r[0] for r in rows], [r[1] for r in rows],
+                                    [r[2] for r in rows])
         outs = self.generate_fn(policy, lora_state, prompts_by_row, keys, self.sampling)
         verdicts = [feedback(r[3], y.text) for r, y in zip(rows, outs)]
         rewards = np.asarray(
             [v.score if hp.reward == "score" else float(v.correct) for v in verdicts], np.float32)
 
-        traces: list[list[tr.Trace]] = [[] for _ in range(num_clients)]
+        traces: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
         stats = {k: np.zeros(num_clients, np.float32)
-                 for k in ("mean_advantage", "baseline", "wins", "losses", "num_examples")}
+                 for k in ("mean_advantage", "baseline", "wins", "wrong", "num_examples")}
         for c in range(num_clients):
             own = [j for j, r in enumerate(rows) if r[0] == c]
             if not own:
@@ -96,23 +93,17 @@ class Grpo:
             r_c = rewards[own]
             adv = np.asarray(group_advantages(jnp.asarray(r_c.reshape(-1, g)))).ravel()
             for j, a in zip(own, adv):
-                traces[c].append(tr.Trace(prompts_by_row[j], outs[j].tokens, float(a)))
-            _, stats["mean_advantage"][c], stats["baseline"][c] = tr.advantage_stats(
+                traces[c].append(packing.Trace(prompts_by_row[j], outs[j].tokens, float(a)))
+            _, stats["mean_advantage"][c], stats["baseline"][c] = packing.advantage_stats(
                 r_c, prev[c], hp.baseline_decay)
             correct = np.asarray([verdicts[j].correct for j in own])
-            stats["wins"][c], stats["losses"][c] = correct.sum(), (~correct).sum()
+            stats["wins"][c], stats["wrong"][c] = correct.sum(), (~correct).sum()
             stats["num_examples"][c] = len(own)
-        lr = tr.round_lr(hp, round)
-        batch = ClientBatch(
-            train=tr.pack(traces, hp.max_len, tok.pad_token_id),
-            lose=tr.empty_sequences(num_clients),
-            lr=jnp.full((num_clients,), lr, jnp.float32),
-            num_examples=jnp.asarray(stats["num_examples"]),
-            mean_advantage=jnp.asarray(stats["mean_advantage"]),
-            baseline=jnp.asarray(stats["baseline"]),
-            wins=jnp.asarray(stats["wins"]),
-            losses=jnp.asarray(stats["losses"]),
-        )
+        lr = round_lr(hp, round)
+        batch = client_batch(
+            packing.pack(traces, hp.max_len, tok.pad_token_id), lr=lr,
+            num_examples=stats["num_examples"], mean_advantage=stats["mean_advantage"],
+            baseline=stats["baseline"], wins=stats["wins"], wrong=stats["wrong"])
         metrics = {
             "rollout/accuracy": float(np.mean([v.correct for v in verdicts])) if rows else 0.0,
             "rollout/mean_reward": float(rewards.mean()) if rows else 0.0,
@@ -121,43 +112,20 @@ class Grpo:
         }
         return batch, metrics
 
-    def local_train(
-        self,
-        graphdef: nnx.GraphDef,
-        base_state: nnx.State,
-        lora_state: nnx.State,
-        batch_c: ClientBatch,
-        key_c: jax.Array,
-    ) -> tuple[nnx.State, dict[str, jax.Array]]:
-        """See `fedsp.selfplay.base.Algorithm.local_train`."""
-        return _grpo_local_train(graphdef, self.hp.static(), base_state, lora_state, batch_c, key_c)
+    @staticmethod
+    def minibatch_loss(
+        ctx: tr.LossContext, lora_state: nnx.State, batch_c: ClientBatch, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`grpo_loss` on ``hp.batch_size`` samples of one client; old = ref = θ_r
+        (``ctx.start_state``)."""
+        hp = ctx.hp
+        rows = tr.gather_rows(batch_c.train, tr.sample_rows(key, batch_c.train.valid,
+                                                            hp.batch_size))
+        logps = ctx.token_logps(lora_state, rows.tokens, rows.attention_mask)
+        start_logps = jax.lax.stop_gradient(
+            ctx.token_logps(ctx.start_state, rows.tokens, rows.attention_mask))
+        return grpo_loss(logps, start_logps, start_logps, rows.weight, rows.loss_mask,
+                         clip_eps=hp.clip_eps, kl_coef=hp.kl_coef)
 
 
-def grpo_minibatch_loss(
-    graphdef: nnx.GraphDef,
-    hp: tr.HParams,
-    base_state: nnx.State,
-    start_state: nnx.State,
-    lora_state: nnx.State,
-    batch_c: ClientBatch,
-    key: jax.Array,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`grpo_loss` on ``hp.batch_size`` samples of one client; old = ref = ``start_state``."""
-    rows = tr.gather_rows(batch_c.train, tr.sample_rows(key, batch_c.train.valid,
-                                                        hp.batch_size))
-    logps = tr.sequence_token_logps(graphdef, lora_state, base_state, rows.tokens,
-                                    rows.attention_mask)
-    start_logps = jax.lax.stop_gradient(tr.sequence_token_logps(
-        graphdef, start_state, base_state, rows.tokens, rows.attention_mask))
-    return grpo_loss(logps, start_logps, start_logps, rows.weight, rows.loss_mask,
-                     clip_eps=hp.clip_eps, kl_coef=hp.kl_coef)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _grpo_local_train(graphdef, hp, base_state, lora_state, batch_c, key_c):
-    loss_fn = functools.partial(grpo_minibatch_loss, graphdef, hp, base_state, lora_state)
-    trained, metrics = tr.fit(lambda lora, k: loss_fn(lora, batch_c, k), lora_state, key_c,
-                              batch_c.lr, hp)
-    has_samples = jnp.any(batch_c.train.valid)
-    return tr.keep_if(has_samples, trained, lora_state), tr.client_stats(
-        batch_c, metrics, has_samples)
+register_algorithm("grpo", lambda config: Grpo("grpo", config))

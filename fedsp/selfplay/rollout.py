@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from fedsp.selfplay.base import Policy
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Generation settings of a rollout.
+    """Generation settings of a rollout (``config.rollout.*``; `from_config`).
 
     Attributes:
       max_new_tokens: most tokens generated per row.
@@ -52,27 +53,33 @@ class SamplingParams:
         bucket). Off by default: rows that share a head bucket go in one call, padded to
         the longest prompt's bucket. Splitting saves prefill padding but runs one more
         decode loop, with rows padded to a power of two, and compiles one more program
-        per bucket. On 16 gsm8k prompts (96 new tokens) the single call ran 1.40× faster
-        once compiled, on 16 ARC prompts (64, mostly short replies) 0.94× (even), and
-        its first call took 56–59% as long in both (BENCHMARKS.md, "Rollout grouping").
-      reuse_cache: SPEAR keeps the first answers' keys/values (`generate`'s
+        per bucket (BENCHMARKS.md, "Rollout grouping", compares the two).
+      reuse_cache: SPEAR keeps the first answers' keys/values (`sample_completions`'s
         ``keep_cache``) and its revisions continue from them (``continue_from``), so a
-        revision prefills only the feedback turn (``config.rollout.reuse_cache``; False
-        saves the memory of those caches until the revisions are sampled).
+        revision prefills only the feedback turn (False saves the memory of those caches
+        until the revisions are sampled).
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    batch_size: int = 64
-    split_by_length: bool = False
-    reuse_cache: bool = True
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    batch_size: int
+    split_by_length: bool
+    reuse_cache: bool
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> SamplingParams:
+        """``config.rollout`` of a validated `fedsp.config.default_config` config."""
+        r = config.rollout
+        return cls(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
+                   top_p=float(r.top_p), batch_size=int(r.batch_size),
+                   split_by_length=bool(r.split_by_length), reuse_cache=bool(r.reuse_cache))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +107,7 @@ class Completion:
         one (so training on them teaches the model to stop).
       logprobs: [n] float32 log π(token | prefix) under the sampling adapters.
       text: the decoded reply without special tokens.
-      cache: with `generate`'s ``keep_cache``, the keys/values of the prompt and reply,
+      cache: with `sample_completions`'s ``keep_cache``, the keys/values of the prompt and reply,
         for a later prompt that continues the conversation (``continue_from``).
     """
 
@@ -130,7 +137,7 @@ def prompt_ids(
     return tokenizer.encode(text)
 
 
-def row_keys(
+def rollout_keys(
     key: jax.Array,
     round: int,
     attempt: int,
@@ -167,7 +174,28 @@ def _fold_rows(base, clients, prompts, samples):
     return jax.vmap(lambda c, p, s: fold(fold(fold(base, c), p), s))(clients, prompts, samples)
 
 
-def generate(
+class Rollout(Protocol):
+    """A rollout sampler: `sample_completions`, or a test double with its signature.
+
+    Algorithms call it with ``keep_cache`` / ``continue_from`` only when they reuse
+    keys/values across calls (SPEAR's revisions); a double may ignore both (a
+    `Completion` without ``cache`` makes a later call prefill its whole prompt).
+    """
+
+    def __call__(
+        self,
+        policy: Policy,
+        lora_state: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        keys: jax.Array,
+        params: SamplingParams,
+        *,
+        keep_cache: bool = False,
+        continue_from: Sequence[Completion | None] | None = None,
+    ) -> list[Completion]: ...
+
+
+def sample_completions(
     policy: Policy,
     lora_state: nnx.State,
     prompts: Sequence[Sequence[int]],
@@ -183,7 +211,7 @@ def generate(
       policy: graphdef, frozen base state and tokenizer.
       lora_state: the adapters to sample with.
       prompts: N prompt token-id lists (from `prompt_ids`), any lengths.
-      keys: [N] per-row keys (`row_keys`); a row's completion depends only on its prompt
+      keys: [N] per-row keys (`rollout_keys`); a row's completion depends only on its prompt
         and key, not on the other rows.
       params: lengths, temperature, top-p, batch size.
       keep_cache: keep each row's keys/values on its completion (``Completion.cache``):
@@ -307,7 +335,7 @@ def split_head(prompt: Sequence[int], eos_ids: Sequence[int]) -> int:
     end-of-turn id, when more tokens follow; else 0.
 
     For a chat-formatted prompt the head is the system turn, which every prompt of a
-    task repeats: `generate` prefills each distinct head once per sampler call and
+    task repeats: `sample_completions` prefills each distinct head once per sampler call and
     shares its keys and values between the rows that start with it. The split depends
     on the row's own tokens only, so a row is computed the same way whichever rows
     share its call (batched or per-client rollouts give the same samples).

@@ -33,9 +33,8 @@ rather than re-tokenised text.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -48,25 +47,11 @@ from fedsp.core.losses import spear_loss
 from fedsp.core.weighting import spear_confidence
 from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
-from fedsp.selfplay import rollout
+from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, Policy, register_algorithm
-
-GenerateFn = Callable[
-    [Policy, nnx.State, Sequence[Sequence[int]], jax.Array, rollout.SamplingParams],
-    list[rollout.Completion],
-]
-
-
-def _takes_cache_options(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts ``keep_cache`` and ``continue_from`` keywords."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return (any(p.kind is p.VAR_KEYWORD for p in params)
-            or {"keep_cache", "continue_from"} <= names)
+from fedsp.selfplay.base import ClientBatch, Policy, check_clients, client_batch, prev_baselines
+from fedsp.selfplay.hparams import HParams, round_lr
+from fedsp.selfplay.registry import register_algorithm
 
 
 def cap_loses(num_loses: int, num_wins: int, rho: float, rng: np.random.Generator) -> np.ndarray:
@@ -78,30 +63,25 @@ def cap_loses(num_loses: int, num_wins: int, rho: float, rng: np.random.Generato
     return np.sort(rng.choice(num_loses, size=cap, replace=False))
 
 
-@register_algorithm("spear")
-@register_algorithm("feedback_sft")
-class Spear:
+class Spear(tr.LocalTraining):
     """SPEAR (``name="spear"``) or feedback-SFT (``name="feedback_sft"``).
 
     Args:
       name: "spear" or "feedback_sft".
-      config: the run config (``algorithm``, ``rollout``, ``local``, ``fl`` sections).
-      generate_fn: the rollout sampler, `fedsp.selfplay.rollout.generate` by default;
-        tests inject scripted completions here. One that also takes `rollout.generate`'s
-        ``keep_cache`` and ``continue_from`` keywords (or ``**kwargs``) gets them, so its
-        revisions can reuse the first answers' keys/values; one with only the five
-        positional arguments is called with those alone (no reuse).
+      config: a validated run config (`fedsp.config.default_config` schema).
+      generate_fn: the rollout sampler (a `fedsp.selfplay.rollout.Rollout`),
+        `fedsp.selfplay.rollout.sample_completions` by default; tests inject scripted
+        completions here.
     """
 
-    def __init__(self, name: str, config: Any, generate_fn: GenerateFn | None = None):
+    def __init__(self, name: str, config: Any, generate_fn: rollout.Rollout | None = None):
         if name not in ("spear", "feedback_sft"):
             raise ValueError(f"name must be 'spear' or 'feedback_sft', got {name!r}")
         self.name = name
-        self.hp = tr.HParams.from_config(config)
-        self.sampling = tr.sampling_params(config)
+        self.hp = HParams.from_config(config)
+        self.sampling = rollout.SamplingParams.from_config(config)
         self.use_lose = name == "spear" and self.hp.lambda_lose > 0
-        self.generate_fn = rollout.generate if generate_fn is None else generate_fn
-        self._cache_options = _takes_cache_options(self.generate_fn)
+        self.generate_fn = rollout.sample_completions if generate_fn is None else generate_fn
 
     # ------------------------------------------------------------------ host side
 
@@ -119,20 +99,18 @@ class Spear:
     ) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect`."""
         hp, tok = self.hp, policy.tokenizer
-        num_clients = len(client_examples)
-        if num_clients == 0:
-            raise ValueError("client_examples is empty: no client was sampled")
-        prev = tr.prev_baselines(baselines, num_clients)
+        num_clients = check_clients(client_examples)
+        prev = prev_baselines(baselines, num_clients)
         rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
 
         # A revision prompt repeats the prompt and the first answer: keep the first
         # call's keys/values so the revisions prefill only the feedback turn.
-        reuse = self.sampling.reuse_cache and hp.max_revisions > 0 and self._cache_options
+        reuse = self.sampling.reuse_cache and hp.max_revisions > 0
 
         def sample(attempt: int, active: list[int], prompt_list: list[list[int]], **kw):
-            keys = rollout.row_keys(key, round, attempt, [rows[j][0] for j in active],
-                                    [rows[j][1] for j in active])
+            keys = rollout.rollout_keys(key, round, attempt, [rows[j][0] for j in active],
+                                        [rows[j][1] for j in active])
             return self.generate_fn(policy, lora_state, prompt_list, keys, self.sampling, **kw)
 
         y0 = sample(0, list(range(len(rows))), prompts, **({"keep_cache": True} if reuse else {}))
@@ -164,56 +142,48 @@ class Spear:
             pending = still
 
         rewards = [v.score if hp.reward == "score" else float(v.correct) for v in verdicts]
-        wins: list[list[tr.Trace]] = [[] for _ in range(num_clients)]
-        loses: list[list[tr.Trace]] = [[] for _ in range(num_clients)]
+        wins: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
+        loses: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
         stats = {k: np.zeros(num_clients, np.float32)
-                 for k in ("mean_advantage", "baseline", "wins", "losses")}
+                 for k in ("mean_advantage", "baseline", "wins", "wrong")}
         for c in range(num_clients):
             own = [j for j, row in enumerate(rows) if row[0] == c]
-            b, stats["mean_advantage"][c], stats["baseline"][c] = tr.advantage_stats(
+            b, stats["mean_advantage"][c], stats["baseline"][c] = packing.advantage_stats(
                 [rewards[j] for j in own], prev[c], hp.baseline_decay)
             win_rewards = []
             for j in own:  # correct first answers first, then revisions (as the reference)
                 if verdicts[j].correct:
-                    wins[c].append(tr.Trace(prompts[j], y0[j].tokens))
+                    wins[c].append(packing.Trace(prompts[j], y0[j].tokens))
                     win_rewards.append(rewards[j])
             for j in own:
                 if j in revised:
-                    wins[c].append(tr.Trace(prompts[j], revised[j][0].tokens))
+                    wins[c].append(packing.Trace(prompts[j], revised[j][0].tokens))
                     win_rewards.append(revised[j][1])
             if hp.awr_temperature > 0 and win_rewards:
                 base = 0.0 if np.isnan(b) else b
                 w = np.asarray(awr_weights(jnp.asarray(win_rewards, jnp.float32) - base,
                                            hp.awr_temperature, hp.awr_max_weight))
-                wins[c] = [tr.Trace(t.prompt, t.completion, float(x)) for t, x in zip(wins[c], w)]
+                wins[c] = [packing.Trace(t.prompt, t.completion, float(x)) for t, x in zip(wins[c], w)]
             wrong = [j for j in own if not verdicts[j].correct]
             confidence = np.asarray(spear_confidence(jnp.asarray([j in revised for j in wrong])))
-            all_loses = [tr.Trace(prompts[j], y0[j].tokens, float(conf), tail_only=True)
+            all_loses = [packing.Trace(prompts[j], y0[j].tokens, float(conf), tail_only=True)
                          for j, conf in zip(wrong, confidence)]
-            rng = np.random.default_rng([*tr.key_words(key), round, c])
+            rng = np.random.default_rng([*packing.key_words(key), round, c])
             kept = cap_loses(len(all_loses), len(wins[c]), hp.rho, rng)
             loses[c] = [all_loses[k] for k in kept] if self.use_lose else []
-            stats["wins"][c], stats["losses"][c] = len(wins[c]), len(wrong)
+            stats["wins"][c], stats["wrong"][c] = len(wins[c]), len(wrong)
 
         pad = tok.pad_token_id
-        train_seqs = tr.pack(wins, hp.max_len, pad)
-        lose_seqs = (
-            tr.pack(loses, hp.max_len, pad, end_ids=tok.eos_token_ids,
-                    protected_ids=tr.protected_token_ids(tok, hp.protected_strings),
-                    tail_tokens=hp.tail_tokens)
-            if self.use_lose else tr.empty_sequences(num_clients)
-        )
-        lr = tr.round_lr(hp, round)
-        batch = ClientBatch(
-            train=train_seqs,
-            lose=lose_seqs,
-            lr=jnp.full((num_clients,), lr, jnp.float32),
-            num_examples=jnp.asarray(stats["wins"]),
-            mean_advantage=jnp.asarray(stats["mean_advantage"]),
-            baseline=jnp.asarray(stats["baseline"]),
-            wins=jnp.asarray(stats["wins"]),
-            losses=jnp.asarray(stats["losses"]),
-        )
+        lr = round_lr(hp, round)
+        batch = client_batch(
+            packing.pack(wins, hp.max_len, pad),
+            lose=(packing.pack(loses, hp.max_len, pad, end_ids=tok.eos_token_ids,
+                               protected_ids=packing.protected_token_ids(
+                                   tok, hp.protected_strings),
+                               tail_tokens=hp.tail_tokens)
+                  if self.use_lose else None),
+            lr=lr, num_examples=stats["wins"], mean_advantage=stats["mean_advantage"],
+            baseline=stats["baseline"], wins=stats["wins"], wrong=stats["wrong"])
         first_correct = float(np.mean([v.correct for v in verdicts])) if verdicts else 0.0
         metrics = {
             "rollout/first_accuracy": first_correct,
@@ -222,63 +192,43 @@ class Spear:
                 v.correct for v in verdicts)),
             "rollout/generated": float(generated),
             "rollout/wins": float(stats["wins"].sum()),
-            "rollout/losses": float(stats["losses"].sum()),
+            "rollout/wrong": float(stats["wrong"].sum()),
             "rollout/loses_kept": float(sum(len(x) for x in loses)),
             "lr": lr,
         }
         return batch, metrics
 
-    # ------------------------------------------------------------------ client side
+    def static_hparams(self) -> HParams:
+        """`HParams.static`, with no unlikelihood term for feedback-SFT."""
+        hp = self.hp.static()
+        return hp if self.use_lose else dataclasses.replace(hp, lambda_lose=0.0)
 
-    def local_train(
-        self,
-        graphdef: nnx.GraphDef,
-        base_state: nnx.State,
-        lora_state: nnx.State,
-        batch_c: ClientBatch,
-        key_c: jax.Array,
-    ) -> tuple[nnx.State, dict[str, jax.Array]]:
-        """See `fedsp.selfplay.base.Algorithm.local_train`."""
-        return _spear_local_train(graphdef, self.hp.static(), self.use_lose, base_state, lora_state,
-                                  batch_c, key_c)
-
-
-def spear_minibatch_loss(
-    graphdef: nnx.GraphDef,
-    hp: tr.HParams,
-    use_lose: bool,
-    base_state: nnx.State,
-    lora_state: nnx.State,
-    batch_c: ClientBatch,
-    key: jax.Array,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`spear_loss` on one minibatch of ``hp.batch_size`` wins (and loses) of one client."""
-    k_win, k_lose = jax.random.split(key)
-    win = tr.gather_rows(batch_c.train, tr.sample_rows(k_win, batch_c.train.valid,
-                                                       hp.batch_size))
-    win_logps = tr.sequence_token_logps(graphdef, lora_state, base_state, win.tokens,
-                                        win.attention_mask)
-    if use_lose:
-        lose = tr.gather_rows(batch_c.lose, tr.sample_rows(k_lose, batch_c.lose.valid,
+    @staticmethod
+    def minibatch_loss(
+        ctx: tr.LossContext, lora_state: nnx.State, batch_c: ClientBatch, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`spear_loss` on one minibatch of ``hp.batch_size`` wins (and as many loses,
+        unless ``hp.lambda_lose`` is 0) of one client."""
+        hp = ctx.hp
+        use_lose = hp.lambda_lose > 0
+        k_win, k_lose = jax.random.split(key)
+        win = tr.gather_rows(batch_c.train, tr.sample_rows(k_win, batch_c.train.valid,
                                                            hp.batch_size))
-        lose_logps = tr.sequence_token_logps(graphdef, lora_state, base_state, lose.tokens,
-                                             lose.attention_mask)
-        lose_mask, confidence = lose.loss_mask, lose.weight
-    else:
-        lose_logps = lose_mask = jnp.zeros((1, 1), jnp.float32)
-        confidence = jnp.zeros((1,), jnp.float32)
-    return spear_loss(
-        win_logps, win.loss_mask, lose_logps, lose_mask, confidence,
-        lambda_win=hp.lambda_win, lambda_lose=hp.lambda_lose if use_lose else 0.0,
-        margin=hp.margin, win_weights=win.weight,
-    )
+        win_logps = ctx.token_logps(lora_state, win.tokens, win.attention_mask)
+        if use_lose:
+            lose = tr.gather_rows(batch_c.lose, tr.sample_rows(k_lose, batch_c.lose.valid,
+                                                               hp.batch_size))
+            lose_logps = ctx.token_logps(lora_state, lose.tokens, lose.attention_mask)
+            lose_mask, confidence = lose.loss_mask, lose.weight
+        else:
+            lose_logps = lose_mask = jnp.zeros((1, 1), jnp.float32)
+            confidence = jnp.zeros((1,), jnp.float32)
+        return spear_loss(
+            win_logps, win.loss_mask, lose_logps, lose_mask, confidence,
+            lambda_win=hp.lambda_win, lambda_lose=hp.lambda_lose, margin=hp.margin,
+            win_weights=win.weight,
+        )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _spear_local_train(graphdef, hp, use_lose, base_state, lora_state, batch_c, key_c):
-    loss_fn = functools.partial(spear_minibatch_loss, graphdef, hp, use_lose, base_state)
-    trained, metrics = tr.fit(lambda lora, k: loss_fn(lora, batch_c, k), lora_state, key_c,
-                              batch_c.lr, hp)
-    has_wins = jnp.any(batch_c.train.valid)
-    new_state = tr.keep_if(has_wins, trained, lora_state)
-    return new_state, tr.client_stats(batch_c, metrics, has_wins)
+register_algorithm("spear", lambda config: Spear("spear", config))
+register_algorithm("feedback_sft", lambda config: Spear("feedback_sft", config))

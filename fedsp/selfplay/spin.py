@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from fedsp.selfplay.base import RoundContext, register_algorithm
-from fedsp.selfplay.pairs import PairwiseSelfPlay, stack_players
+from fedsp.selfplay.base import RoundContext
+from fedsp.selfplay.pairs import PairwiseSelfPlay
+from fedsp.selfplay.players import stack_players
+from fedsp.selfplay.registry import register_algorithm
 
 
-@register_algorithm("spin")
 class Spin(PairwiseSelfPlay):
     """SPIN client; see the module docstring."""
 
@@ -41,3 +42,6 @@ class Spin(PairwiseSelfPlay):
         """The opponent: the round-start adapters (J = 1)."""
         del context
         return stack_players(lora_state)
+
+
+register_algorithm("spin", lambda config: Spin("spin", config))

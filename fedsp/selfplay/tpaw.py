@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from fedsp.selfplay.base import RoundContext, config_value, register_algorithm
-from fedsp.selfplay.pairs import PairwiseSelfPlay, stack_players
+from fedsp.selfplay.base import RoundContext
+from fedsp.selfplay.pairs import PairwiseSelfPlay
+from fedsp.selfplay.players import stack_players
+from fedsp.selfplay.registry import register_algorithm
 
 
-@register_algorithm("tpaw")
 class Tpaw(PairwiseSelfPlay):
     """TPAW client; see the module docstring.
 
@@ -55,7 +56,7 @@ class Tpaw(PairwiseSelfPlay):
     def __init__(self, name: str, config: Any, generate_fn=None):
         super().__init__(name, config, generate_fn)
         self.max_players = self.hp.n_max
-        self.pool_on_error = str(config_value(config, "algorithm", "pool_on_error", "drop"))
+        self.pool_on_error = str(config.algorithm.pool_on_error)
 
     def players(
         self, lora_state: nnx.State, context: RoundContext | None
@@ -69,3 +70,6 @@ class Tpaw(PairwiseSelfPlay):
             if mask.any():
                 return context.players, mask
         return stack_players(lora_state, num_slots=self.hp.n_max)
+
+
+register_algorithm("tpaw", lambda config: Tpaw("tpaw", config))

@@ -19,7 +19,7 @@ from orbax.checkpoint._src.path import atomicity
 from fedsp.checkpoint import (
     CorruptCheckpointError,
     RunCheckpointer,
-    RunState,
+    RoundState,
     config_fingerprint,
     load_tree,
     save_tree,
@@ -74,11 +74,11 @@ def _optimizer_states(adapters, adam_params):
     return {"server": server, "adam": adam}
 
 
-def _make_state(seed: int, round_: int = 0) -> RunState:
+def _make_state(seed: int, round_: int = 0) -> RoundState:
     """A run state whose every field depends on ``seed`` (so restores are observable)."""
     adapters = _adapters(seed)
     adam_params = {"w": jnp.asarray(np.arange(6.0).reshape(2, 3) + seed, jnp.float32)}
-    return RunState(
+    return RoundState(
         round=round_,
         params=adapters,
         opt_state=_optimizer_states(adapters, adam_params),
@@ -119,7 +119,7 @@ def _assert_trees_identical(a, b):
         )
 
 
-def _assert_states_identical(restored: RunState, expected: RunState):
+def _assert_states_identical(restored: RoundState, expected: RoundState):
     assert restored.round == expected.round
     _assert_trees_identical(restored.arrays(), expected.arrays())
     assert restored.pool == expected.pool
@@ -153,7 +153,7 @@ def test_restore_against_abstract_template(tmp_path):
     abstract_arrays = jax.eval_shape(lambda: _make_state(seed=0).arrays())
     # Python and numpy scalars have no abstract form under eval_shape; keep them concrete.
     abstract_arrays["sampler_state"] = concrete.sampler_state
-    template = RunState(round=0, **abstract_arrays)
+    template = RoundState(round=0, **abstract_arrays)
     with RunCheckpointer(tmp_path) as ckpt:
         ckpt.save(saved)
         restored = ckpt.restore(template)
@@ -173,16 +173,16 @@ def test_resume_continues_exactly(tmp_path):
         params = optax.apply_updates(params, updates)
         return params, opt_state, rng, optax.tree.norm(params)
 
-    def one_round(state: RunState) -> RunState:
+    def one_round(state: RoundState) -> RoundState:
         params, opt_state, rng, norm = step(state.params, state.opt_state, state.rng)
         history = (*state.metrics_history, {"norm": float(norm)})
-        return RunState(state.round + 1, params, opt_state, rng, metrics_history=history)
+        return RoundState(state.round + 1, params, opt_state, rng, metrics_history=history)
 
     params = {
         "a": jnp.asarray(np.ones((3, 2), np.float32)),
         "b": jnp.asarray(np.zeros(4, np.float32)),
     }
-    start = RunState(0, params, jax.jit(opt.init)(params), jax.random.key(0))
+    start = RoundState(0, params, jax.jit(opt.init)(params), jax.random.key(0))
     straight = start
     for _ in range(4):
         straight = one_round(straight)
@@ -323,14 +323,14 @@ def test_template_mismatch_names_leaf(tmp_path):
     with RunCheckpointer(tmp_path) as ckpt:
         ckpt.save(_make_state(seed=1, round_=1))
         wrong_shape = _make_state(0)
-        wrong_shape = RunState(
+        wrong_shape = RoundState(
             0, wrong_shape.params, wrong_shape.opt_state, wrong_shape.rng, baselines=jnp.zeros(5)
         )
         with pytest.raises(
             ValueError, match=r"\['baselines'\] is float32\[4\] in the checkpoint, float32\[5\]"
         ):
             ckpt.restore(wrong_shape)
-        no_sampler = RunState(
+        no_sampler = RoundState(
             0, wrong_shape.params, wrong_shape.opt_state, wrong_shape.rng, baselines=jnp.zeros(4)
         )
         with pytest.raises(
@@ -347,17 +347,17 @@ def test_bad_arguments(tmp_path):
             ckpt.restore(_make_state(0))
         with pytest.raises(ValueError, match="state.round must be an int >= 0"):
             ckpt.save(_make_state(0, round_=-1))
-        with pytest.raises(ValueError, match="state must be a RunState"):
+        with pytest.raises(ValueError, match="state must be a RoundState"):
             ckpt.save({"round": 1})
         bad = _make_state(0, round_=1)
         with pytest.raises(ValueError, match=r"state\.metrics_history\[0\]\['x'\] must be JSON"):
             ckpt.save(
-                RunState(1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},))
+                RoundState(1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},))
             )
         with pytest.raises(
             ValueError, match=r"leaf \['baselines'\]\['f'\] has unsupported type str"
         ):
-            ckpt.save(RunState(1, bad.params, bad.opt_state, bad.rng, baselines={"f": "text"}))
+            ckpt.save(RoundState(1, bad.params, bad.opt_state, bad.rng, baselines={"f": "text"}))
         ckpt.save(bad)
         with pytest.raises(ValueError, match="round 1 is already saved"):
             ckpt.save(bad)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.configs import base
+from fedsp.config import default_config
 from fedsp.assets import default_model_path
 from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 from tests.model import tiny
@@ -28,7 +28,7 @@ def save_tiny_model(directory: pathlib.Path) -> pathlib.Path:
 
 
 def tiny_config(model_dir: pathlib.Path, **overrides: Any):
-    config = base.get_config()
+    config = default_config()
     config.model.path = str(model_dir)
     config.model.lora.rank = 2
     config.data.num_clients = 4
@@ -91,7 +91,7 @@ class StandInAlgorithm:
             "mean_advantage": batch_c["mean_advantage"],
             "baseline": batch_c["baseline"],
             "wins": jnp.sum(target > 0.5).astype(jnp.float32),
-            "losses": jnp.sum(target <= 0.5).astype(jnp.float32),
+            "wrong": jnp.sum(target <= 0.5).astype(jnp.float32),
             "loss": jnp.mean(target**2),
         }
         return jax.tree.unflatten(treedef, new), stats

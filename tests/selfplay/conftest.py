@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from fedsp.assets import default_model_path
+from fedsp.config import default_config
 from fedsp.data import get_task
 from fedsp.model import Tokenizer
 from fedsp.model.config import ModelConfig
@@ -54,18 +55,13 @@ def task():
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
-    """A small config; ``overrides`` are "section.field" = value."""
-    config = ml_collections.ConfigDict({
-        "algorithm": {"name": "spear", "max_revisions": 2, "lambda_win": 1.0,
-                      "lambda_lose": 0.1, "margin": 0.3, "tail_tokens": 0, "rho": 2.0,
-                      "group_size": 2, "clip_eps": 0.2, "kl_coef": 0.02,
-                      "awr_temperature": 0.0, "awr_max_weight": 20.0, "baseline_decay": 0.9},
-        "rollout": {"prompts_per_client": 2, "max_new_tokens": 6, "temperature": 0.8,
-                    "top_p": 0.95},
-        "local": {"steps": 4, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "weight_decay": 0.0, "max_len": 128},
-        "fl": {"rounds": 4},
-    })
+    """A small config from `default_config`; ``overrides`` are "section.field" = value."""
+    config = default_config()
+    config.algorithm.group_size = 2
+    config.rollout.prompts_per_client, config.rollout.max_new_tokens = 2, 6
+    config.local.steps, config.local.batch_size, config.local.lr = 4, 2, 1e-2
+    config.local.warmup_ratio, config.local.max_len = 0.0, 128
+    config.fl.rounds = 4
     for name, value in overrides.items():
         section, field = name.split(".")
         config[section][field] = value

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsp.selfplay import packing
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.rollout import Completion
 
@@ -18,9 +19,10 @@ class FixedReplies:
 
     def __init__(self, tokenizer, replies):
         self.tokenizer, self.replies, self.calls, self.seen = tokenizer, replies, 0, {}
-        self.end = tr.end_of_turn_id(tokenizer)
+        self.end = packing.end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params):
+    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
+                 continue_from=None):
         assert keys.shape == (len(prompts),)
         self.calls += 1
         out = []
@@ -68,6 +70,12 @@ def perturbed(lora, seed: int, scale: float = 0.05):
              zip(keys, leaves)]
     return jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(x) + np.float32(scale) * n)
                                         for n, x in zip(noise, leaves)])
+
+
+def pair_loss(algo, graphdef, base, lora, batch_c, key):
+    """``algo``'s minibatch loss (and metrics) of ``lora`` on one client's batch."""
+    ctx = tr.LossContext(graphdef, algo.static_hparams(), base, lora)
+    return type(algo).minibatch_loss(ctx, lora, batch_c, key)
 
 
 def client(batch, c: int = 0):

@@ -6,7 +6,7 @@ import numpy as np
 
 from fedsp.data.base import Example
 from fedsp.selfplay.rollout import Completion
-from fedsp.selfplay.train import end_of_turn_id
+from fedsp.selfplay.packing import end_of_turn_id
 
 
 class Scripted:
@@ -14,16 +14,19 @@ class Scripted:
 
     The attempt is the number of earlier calls for the same question (0 for a first
     answer); a revision prompt must also ask for a retry.
-    ``calls`` records (question, attempt, prompt text) per generated row.
+    ``calls`` records (question, attempt, prompt text) per generated row, ``options``
+    the cache keywords of every call (its replies carry no keys/values to reuse).
     """
 
     def __init__(self, tokenizer, script: dict[str, list[str]], revisions: bool = True):
-        self.tokenizer, self.script, self.calls = tokenizer, script, []
+        self.tokenizer, self.script, self.calls, self.options = tokenizer, script, [], []
         self.revisions = revisions  # False: repeated calls are group samples (GRPO)
         self.end = end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params):
+    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
+                 continue_from=None):
         assert keys.shape == (len(prompts),)
+        self.options.append({"keep_cache": keep_cache, "continue_from": continue_from})
         out = []
         for ids in prompts:
             text = self.tokenizer.decode(ids)

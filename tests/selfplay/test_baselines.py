@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fedsp.data import BinaryVerdict
-from fedsp.selfplay import get_algorithm, rollout
+from fedsp.selfplay import get_algorithm, packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.grpo import Grpo, grpo_minibatch_loss
+from fedsp.selfplay.grpo import Grpo
 from tests.selfplay.conftest import make_config
 from tests.selfplay.scripted import Scripted, example
 
@@ -32,9 +32,9 @@ def test_grpo_group_advantages_and_round_start_ratio(policy, split_model, task):
     assert metrics["rollout/accuracy"] == 0.25
     graphdef, lora, base = split_model
     # Jitted: eagerly, the model's ops compile one by one (≈ 8 s more here).
-    loss_fn = jax.jit(grpo_minibatch_loss, static_argnums=(0, 1))
-    _, m = loss_fn(graphdef, algo.hp.static(), base, lora, lora,
-                   jax.tree.map(lambda x: x[0], batch), jax.random.key(1))
+    loss_fn = jax.jit(lambda ctx_arrays, *args: Grpo.minibatch_loss(
+        tr.LossContext(graphdef, algo.static_hparams(), *ctx_arrays), *args))
+    _, m = loss_fn((base, lora), lora, jax.tree.map(lambda x: x[0], batch), jax.random.key(1))
     # At the round start the policy is the old and the reference policy.
     assert float(m["ratio"]) == pytest.approx(1.0, abs=1e-5)
     assert float(m["kl"]) == pytest.approx(0.0, abs=1e-6)
@@ -47,7 +47,7 @@ def test_sft_trains_on_gold_answer_lines(policy, split_model, task):
     batch, _ = algo.collect(policy, split_model[1], clients, task, BinaryVerdict(task),
                             jax.random.key(0), 1)
     tok = policy.tokenizer
-    gold = tok.encode("Answer: 12") + [tr.end_of_turn_id(tok)]
+    gold = tok.encode("Answer: 12") + [packing.end_of_turn_id(tok)]
     prompt = rollout.prompt_ids(tok, task, clients[0][0])
     n = len(prompt) + len(gold)
     np.testing.assert_array_equal(batch.train.tokens[0, 0, :n], prompt + gold)
@@ -60,4 +60,4 @@ def test_sft_trains_on_gold_answer_lines(policy, split_model, task):
     _, again = algo.local_train(graphdef, base, new, client, jax.random.key(2))
     assert float(again["loss"]) < float(stats["loss"])
     assert float(stats["mean_advantage"]) == 0.0 and np.isnan(float(stats["baseline"]))
-    assert tr.gold_completion(task, example("q", "5")) == "Answer: 5"
+    assert packing.gold_completion(task, example("q", "5")) == "Answer: 5"

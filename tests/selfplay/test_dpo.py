@@ -8,15 +8,21 @@ import jax
 import numpy as np
 import pytest
 
+import fedsp
 from fedsp.data import BinaryVerdict
 from fedsp.data.base import Example
-from fedsp.federated import loop
 from fedsp.selfplay import RoundContext, get_algorithm
 from fedsp.selfplay.dpo import Dpo
-from fedsp.selfplay.pairs import pair_minibatch_loss
 from tests.federated import fixtures
 from tests.selfplay.conftest import make_config
-from tests.selfplay.fixed import FixedReplies, client, leaves, perturbed, sequence_logps
+from tests.selfplay.fixed import (
+    FixedReplies,
+    client,
+    leaves,
+    pair_loss,
+    perturbed,
+    sequence_logps,
+)
 from tests.selfplay.scripted import example
 
 
@@ -41,7 +47,7 @@ def test_reference_is_frozen_and_correct_samples_are_not_rejected(policy, split_
     assert metrics["pairs/opponent_history"] == 0.0 and algo.hp.opponent_rounds == 1
     # Against the reference itself DPO starts at log 2; a client without pairs sends
     # its round-start adapter back with weight 0.
-    _, m = pair_minibatch_loss(graphdef, algo.hp.static(), base, reference, client(batch),
+    _, m = pair_loss(algo, graphdef, base, reference, client(batch),
                                jax.random.key(1))
     assert float(m["loss"]) == pytest.approx(np.log(2.0), abs=1e-5)
     new, stats = algo.local_train(graphdef, base, round_start, client(batch, 1),
@@ -80,7 +86,7 @@ def test_one_federated_round_through_the_loop(model_dir, tmp_path):
         model_dir, fl__rounds=1, fl__clients_per_round=2, algorithm__name="dpo",
         rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
         local__steps=2, local__batch_size=2, local__max_len=96)
-    summary = loop.run(config, tmp_path / "run")
+    summary = fedsp.run(config, tmp_path / "run")
     record = [json.loads(x) for x in
               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
     assert summary["rounds"] == 1 and np.isfinite(record["loss"])

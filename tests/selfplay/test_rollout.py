@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,11 @@ import pytest
 from fedsp.data import Hint
 from fedsp.selfplay import get_algorithm, rollout
 from tests.selfplay.conftest import make_config
+
+
+def sampling_params(**fields) -> rollout.SamplingParams:
+    """The default config's rollout settings with ``fields`` changed."""
+    return dataclasses.replace(rollout.SamplingParams.from_config(make_config()), **fields)
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +30,23 @@ def client_prompts(policy, task):
 def test_batched_rollout_equals_per_client_rollout(policy, split_model, client_prompts,
                                                    temperature, top_p):
     lora = split_model[1]
-    params = rollout.SamplingParams(max_new_tokens=5, temperature=temperature, top_p=top_p)
+    params = sampling_params(max_new_tokens=5, temperature=temperature, top_p=top_p)
     key = jax.random.key(11)
     flat = [p for ps in client_prompts for p in ps]
     clients, prompts = [0, 0, 1, 1], [0, 1, 0, 1]
-    batched = rollout.generate(policy, lora, flat, rollout.row_keys(key, 3, 0, clients, prompts),
+    batched = rollout.sample_completions(policy, lora, flat, rollout.rollout_keys(key, 3, 0, clients, prompts),
                                params)
     for c, ps in enumerate(client_prompts):
-        alone = rollout.generate(policy, lora, ps,
-                                 rollout.row_keys(key, 3, 0, [c, c], [0, 1]), params)
+        alone = rollout.sample_completions(policy, lora, ps,
+                                 rollout.rollout_keys(key, 3, 0, [c, c], [0, 1]), params)
         for i, out in enumerate(alone):
             np.testing.assert_array_equal(out.tokens, batched[2 * c + i].tokens)
             np.testing.assert_allclose(out.logprobs, batched[2 * c + i].logprobs, atol=1e-4)
             assert out.text == batched[2 * c + i].text
     # Order within the batch does not matter either.
     order = [3, 1, 2, 0]
-    shuffled = rollout.generate(policy, lora, [flat[j] for j in order],
-                                rollout.row_keys(key, 3, 0, [clients[j] for j in order],
+    shuffled = rollout.sample_completions(policy, lora, [flat[j] for j in order],
+                                rollout.rollout_keys(key, 3, 0, [clients[j] for j in order],
                                                  [prompts[j] for j in order]), params)
     for j, out in zip(order, shuffled):
         np.testing.assert_array_equal(out.tokens, batched[j].tokens)
@@ -63,8 +70,8 @@ def test_shared_prompt_heads_change_no_sample(policy, split_model, client_prompt
     heads = {tuple(p[:rollout.split_head(p, tok.eos_token_ids)]) for p in flat}
     (head,) = heads
     assert 10 < len(head) < min(len(p) for p in flat) and head[-1] in tok.eos_token_ids
-    params = rollout.SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9)
-    keys = rollout.row_keys(jax.random.key(2), 1, 0, [0, 0, 1, 1], [0, 1, 0, 1])
+    params = sampling_params(max_new_tokens=5, temperature=1.0, top_p=0.9)
+    keys = rollout.rollout_keys(jax.random.key(2), 1, 0, [0, 0, 1, 1], [0, 1, 0, 1])
     calls, real = [], rollout.sampling.generate
 
     def spy(*args, **kwargs):
@@ -72,10 +79,10 @@ def test_shared_prompt_heads_change_no_sample(policy, split_model, client_prompt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rollout.sampling, "generate", spy)
-    shared = rollout.generate(policy, lora, flat, keys, params)
+    shared = rollout.sample_completions(policy, lora, flat, keys, params)
     assert calls and all(c is not None and c.shape[0] == 1 for c in calls)
     monkeypatch.setattr(rollout, "split_head", lambda prompt, eos_ids: 0)
-    whole = rollout.generate(policy, lora, flat, keys, params)
+    whole = rollout.sample_completions(policy, lora, flat, keys, params)
     assert calls[-1] is None
     for a, b in zip(shared, whole):
         np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -92,7 +99,7 @@ def test_spear_collect_with_the_real_sampler(policy, split_model, task):
                             jax.random.key(0), 1)
     # A random model answers nothing right: 3 first answers and 2 revisions each.
     assert metrics["rollout/generated"] == 9 and metrics["rollout/wins"] == 0
-    np.testing.assert_array_equal(batch.losses, [2, 1])
+    np.testing.assert_array_equal(batch.wrong, [2, 1])
     for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(again)):  # deterministic
         np.testing.assert_array_equal(a, b)
 
@@ -108,7 +115,7 @@ def test_one_call_for_mixed_lengths_and_the_same_samples_as_split_calls(
     prompts = [short, long, client_prompts[0][1]]
     widths = {rollout.sampling.bucket_length(len(p) - cut) for p in prompts}
     assert len(widths) == 2
-    keys = rollout.row_keys(jax.random.key(5), 1, 0, [0, 0, 1], [0, 1, 0])
+    keys = rollout.rollout_keys(jax.random.key(5), 1, 0, [0, 0, 1], [0, 1, 0])
     calls, real = [], rollout.sampling.generate
 
     def spy(graphdef, state, ids, mask, *args, **kwargs):
@@ -116,11 +123,12 @@ def test_one_call_for_mixed_lengths_and_the_same_samples_as_split_calls(
         return real(graphdef, state, ids, mask, *args, **kwargs)
 
     monkeypatch.setattr(rollout.sampling, "generate", spy)
-    params = rollout.SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9)
-    merged = rollout.generate(policy, lora, prompts, keys, params)
+    params = sampling_params(max_new_tokens=5, temperature=1.0, top_p=0.9)
+    merged = rollout.sample_completions(policy, lora, prompts, keys, params)
     assert calls == [(4, max(widths))]  # 3 rows padded to 4, the longest bucket
-    split = rollout.generate(policy, lora, prompts, keys,
-                             rollout.SamplingParams(5, 1.0, 0.9, split_by_length=True))
+    split = rollout.sample_completions(policy, lora, prompts, keys,
+                             sampling_params(max_new_tokens=5, temperature=1.0, top_p=0.9,
+                                             split_by_length=True))
     assert sorted(calls[1:]) == [(1, max(widths)), (2, min(widths))]
     for a, b in zip(merged, split):
         np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -13,9 +13,11 @@ import pytest
 
 from fedsp.data import Hint
 from fedsp.federated.mapping import map_clients
-from fedsp.selfplay import get_algorithm, rollout
+from fedsp import config as config_lib
+from fedsp.selfplay import get_algorithm, packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.spear import Spear, cap_loses, spear_minibatch_loss
+from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, round_lr_schedule
+from fedsp.selfplay.spear import Spear, cap_loses
 from tests.selfplay.conftest import make_config
 from tests.selfplay.scripted import Scripted, example
 
@@ -58,7 +60,7 @@ def _rows(seqs, c):
 def test_trace_rules_wins_loses_confidence(policy, split_model, task):
     algo, batch, metrics = _collect(policy, split_model, task)
     tok = policy.tokenizer
-    end = tr.end_of_turn_id(tok)
+    end = packing.end_of_turn_id(tok)
 
     def row(key, reply):
         prompt = rollout.prompt_ids(tok, task, example(f"What is q-{key}?", GOLD[key]))
@@ -76,7 +78,7 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
                                                (row("C", "Answer: 1")[0], 0.5)]
     assert [w for *_, w in _rows(batch.lose, 1)] == [1.0, 0.5]
     np.testing.assert_array_equal(batch.wins, [2, 1])
-    np.testing.assert_array_equal(batch.losses, [2, 2])
+    np.testing.assert_array_equal(batch.wrong, [2, 2])
     np.testing.assert_array_equal(batch.num_examples, [2, 1])
     # 5 first answers, 4 first revisions (B, C, D, E), 3 second revisions (C, D, E).
     assert metrics["rollout/generated"] == 12
@@ -91,7 +93,7 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
 def test_unlikelihood_mask_is_tail_without_eos_and_protected(policy, split_model, task):
     _, batch, _ = _collect(policy, split_model, task, **{"algorithm.tail_tokens": 2})
     tok = policy.tokenizer
-    protected = set(tr.protected_token_ids(tok, tr.DEFAULT_PROTECTED_STRINGS))
+    protected = set(packing.protected_token_ids(tok, DEFAULT_PROTECTED_STRINGS))
     for tokens, positions, _ in _rows(batch.lose, 0):
         completion = tok.encode("Answer: 1")
         n_prompt = len(tokens) - len(completion) - 1
@@ -123,7 +125,7 @@ def test_rho_caps_loses(policy, split_model, task):
     _, batch, metrics = _collect(policy, split_model, task, **{"algorithm.rho": 0.5})
     # ⌊0.5 · 2⌋ = 1 lose kept for client 0, ⌊0.5 · 1⌋ = 0 for client 1.
     np.testing.assert_array_equal(np.asarray(batch.lose.valid).sum(1), [1, 0])
-    np.testing.assert_array_equal(batch.losses, [2, 2])
+    np.testing.assert_array_equal(batch.wrong, [2, 2])
     assert metrics["rollout/loses_kept"] == 1
     rng = np.random.default_rng(0)
     assert cap_loses(3, 2, 2.0, rng).tolist() == [0, 1, 2]
@@ -134,8 +136,8 @@ def test_rho_caps_loses(policy, split_model, task):
 
 def test_pack_masks_and_truncation():
     eos, ans = 99, 50
-    seqs = tr.pack(
-        [[tr.Trace([1, 2, 3], [4, 5, eos])], [tr.Trace([1, 2], [7, ans, 8, 9, eos], 0.5, True)]],
+    seqs = packing.pack(
+        [[packing.Trace([1, 2, 3], [4, 5, eos])], [packing.Trace([1, 2], [7, ans, 8, 9, eos], 0.5, True)]],
         max_len=16, pad_id=0, end_ids=[eos], protected_ids=[ans], tail_tokens=3,
     )
     assert seqs.tokens.shape == (2, 8, 8)
@@ -147,7 +149,7 @@ def test_pack_masks_and_truncation():
     np.testing.assert_array_equal(seqs.attention_mask[1, 0], [1] * 7 + [0])
     np.testing.assert_array_equal(seqs.valid[:, :2], [[True, False], [True, False]])
     np.testing.assert_array_equal(seqs.weight[:, 0], [1.0, 0.5])
-    short = tr.pack([[tr.Trace([1, 2, 3], [4, 5])]], max_len=4, pad_id=0)
+    short = packing.pack([[packing.Trace([1, 2, 3], [4, 5])]], max_len=4, pad_id=0)
     np.testing.assert_array_equal(short.tokens[0, 0], [2, 3, 4, 5])
     np.testing.assert_array_equal(short.loss_mask[0, 0], [0, 0, 1, 1])
 
@@ -167,7 +169,7 @@ def test_no_wins_returns_the_identical_adapter(policy, split_model, task):
     for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(lora)):
         np.testing.assert_array_equal(x, y)
     assert float(stats["num_examples"]) == 0.0 and float(stats["trained"]) == 0.0
-    assert float(stats["loss"]) == 0.0 and float(stats["losses"]) == 2.0
+    assert float(stats["loss"]) == 0.0 and float(stats["wrong"]) == 2.0
 
 
 def test_local_train_reduces_the_loss(policy, split_model, task):
@@ -187,8 +189,9 @@ def test_feedback_sft_has_no_lose_term(policy, split_model, task):
     assert not algo.use_lose and not np.asarray(batch.lose.valid).any()
     np.testing.assert_array_equal(batch.wins, [2, 1])
     graphdef, lora, base = split_model
-    _, metrics = spear_minibatch_loss(graphdef, algo.hp.static(), False, base, lora,
-                                      jax.tree.map(lambda x: x[0], batch), jax.random.key(3))
+    ctx = tr.LossContext(graphdef, algo.static_hparams(), base, lora)
+    _, metrics = Spear.minibatch_loss(ctx, lora, jax.tree.map(lambda x: x[0], batch),
+                                      jax.random.key(3))
     assert float(metrics["ul_loss"]) == 0.0 and float(metrics["lose_tokens"]) == 0.0
     assert float(metrics["loss"]) == pytest.approx(float(metrics["sft_loss"]))
 
@@ -230,7 +233,7 @@ def test_round_lr_schedule_matches_the_reference():
         return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (r - w) / max(1, total - w)))
 
     for ratio in (0.1, 0.0):
-        schedule = tr.round_lr_schedule(100, 5e-5, 1e-5, ratio)
+        schedule = round_lr_schedule(100, 5e-5, 1e-5, ratio)
         for r in (1, 5, 10, 11, 37, 99, 100):
             assert float(schedule(r)) == pytest.approx(reference(r, 100, 5e-5, 1e-5, ratio),
                                                        rel=1e-5)
@@ -239,19 +242,21 @@ def test_round_lr_schedule_matches_the_reference():
 def test_bad_names_and_fields_raise():
     with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
         get_algorithm("ppo", make_config())
+    # Fields are checked in one place, the config's validation.
     with pytest.raises(ValueError, match="algorithm.margin"):
-        get_algorithm("spear", make_config(**{"algorithm.margin": 1.5}))
+        config_lib.validate(make_config(**{"algorithm.margin": 1.5}))
     with pytest.raises(ValueError, match="local.steps"):
-        get_algorithm("sft", make_config(**{"local.steps": 0}))
+        config_lib.validate(make_config(**{"local.steps": 0}))
     assert get_algorithm("feedback_sft", make_config()).use_lose is False
 
 
-def test_cache_options_go_only_to_samplers_that_take_them():
-    from fedsp.selfplay.spear import _takes_cache_options
-
-    assert _takes_cache_options(rollout.generate)
-    assert _takes_cache_options(lambda policy, lora, prompts, keys, params, **kw: None)
-    assert _takes_cache_options(
-        lambda policy, lora, prompts, keys, params, *, keep_cache=False, continue_from=None: None)
-    assert not _takes_cache_options(lambda policy, lora, prompts, keys, params: None)
-    assert not _takes_cache_options(lambda policy, lora, prompts, keys, params, keep_cache=0: None)
+@pytest.mark.parametrize("reuse", [True, False])
+def test_revisions_ask_the_sampler_to_reuse_the_first_answers(policy, split_model, task, reuse):
+    algo, _, _ = _collect(policy, split_model, task, **{"rollout.reuse_cache": reuse})
+    first, *revisions = algo.generate_fn.options
+    assert first == {"keep_cache": reuse, "continue_from": None}
+    assert len(revisions) == 2 and all(not o["keep_cache"] for o in revisions)
+    # Each revision continues from the first answers of the rows it re-generates.
+    assert [o["continue_from"] is not None for o in revisions] == [reuse, reuse]
+    if reuse:
+        assert [len(o["continue_from"]) for o in revisions] == [4, 3]

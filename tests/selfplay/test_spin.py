@@ -10,16 +10,22 @@ import jax
 import numpy as np
 import pytest
 
+import fedsp
 from fedsp.checkpoint import client_state_path, load_client_state, save_client_state
 from fedsp.data import BinaryVerdict
-from fedsp.federated import loop
 from fedsp.selfplay import RoundContext, get_algorithm, rollout
-from fedsp.selfplay import train as tr
-from fedsp.selfplay.pairs import pair_minibatch_loss
+from fedsp.selfplay import packing
 from fedsp.selfplay.spin import Spin
 from tests.federated import fixtures
 from tests.selfplay.conftest import make_config
-from tests.selfplay.fixed import FixedReplies, client, leaves, perturbed, sequence_logps
+from tests.selfplay.fixed import (
+    FixedReplies,
+    client,
+    leaves,
+    pair_loss,
+    perturbed,
+    sequence_logps,
+)
 from tests.selfplay.scripted import example
 
 
@@ -42,7 +48,7 @@ def test_pairs_gold_against_own_sample_scored_by_round_start_policy(policy, spli
     batch, metrics = algo.collect(policy, lora, clients, task, BinaryVerdict(task),
                                   jax.random.key(0), 1)
     assert gen.calls == 1  # one batched generation for every client
-    end = tr.end_of_turn_id(tok)
+    end = packing.end_of_turn_id(tok)
     prompt = rollout.prompt_ids(tok, task, clients[0][0])
     gold, neg = tok.encode("Answer: 4") + [end], tok.encode("Answer: 5") + [end]
     np.testing.assert_array_equal(batch.train.tokens[0, 0, :len(prompt) + len(gold)], prompt + gold)
@@ -62,14 +68,14 @@ def test_pairs_gold_against_own_sample_scored_by_round_start_policy(policy, spli
                                    sequence_logps(graphdef, lora, base, seqs),
                                    rtol=1e-5, atol=1e-4)
     # At the round start the policy is its own opponent: rewards 0, loss log 2.
-    _, m = pair_minibatch_loss(graphdef, algo.hp.static(), base, lora, client(batch),
+    _, m = pair_loss(algo, graphdef, base, lora, client(batch),
                                jax.random.key(1))
     assert float(m["loss"]) == pytest.approx(math.log(2.0), abs=1e-5)
     assert abs(float(m["margin"])) < 1e-4
 
     new, stats = algo.local_train(graphdef, base, lora, client(batch), jax.random.key(2))
     assert float(stats["trained"]) == 1.0 and float(stats["num_examples"]) == 1.0
-    _, after = pair_minibatch_loss(graphdef, algo.hp.static(), base, new, client(batch),
+    _, after = pair_loss(algo, graphdef, base, new, client(batch),
                                    jax.random.key(1))
     assert float(after["margin"]) > 0.0 and float(after["loss"]) < math.log(2.0)
 
@@ -125,7 +131,7 @@ def test_one_federated_round_through_the_loop(model_dir, tmp_path):
         algorithm__name="spin",
         rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
         local__steps=2, local__batch_size=2, local__max_len=96)
-    summary = loop.run(config, tmp_path / "run")
+    summary = fedsp.run(config, tmp_path / "run")
     history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     record = history[1]
     assert summary["rounds"] == 1 and len(record["clients"]) == 4

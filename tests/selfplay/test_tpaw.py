@@ -13,18 +13,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fedsp.checkpoint import CorruptCheckpointError, PlayerPool, RunCheckpointer, RunState
+import fedsp
+from fedsp.checkpoint import CorruptCheckpointError, PlayerPool, RoundState, RunCheckpointer
 from fedsp.core.aggregation import server_optimizer
 from fedsp.data import BinaryVerdict
-from fedsp.federated import loop
-from fedsp.selfplay import RoundContext, get_algorithm, pairs
+from fedsp.selfplay import PlayerLogps, RoundContext, get_algorithm, players
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.pairs import pair_minibatch_loss, stack_players
+from fedsp.selfplay.players import stack_players
 from fedsp.selfplay.spin import Spin
 from fedsp.selfplay.tpaw import Tpaw
 from tests.federated import fixtures
 from tests.selfplay.conftest import make_config
-from tests.selfplay.fixed import FixedReplies, client, leaves, perturbed, sequence_logps
+from tests.selfplay.fixed import (
+    FixedReplies,
+    client,
+    leaves,
+    pair_loss,
+    perturbed,
+    sequence_logps,
+)
 from tests.selfplay.scripted import example
 
 REPLIES = {"What is t-A?": "Answer: 5", "What is t-B?": "Answer: 12",
@@ -71,8 +78,7 @@ def test_empty_pool_is_spin_with_the_round_start_reference(policy, split_model, 
     # changes the update: every P(y⁺) = 0 ≤ 0 at the round start.
     tpaw6 = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.5}), generate_fn=FixedReplies(tok, REPLIES))
     b6, _ = _collect(tpaw6, policy, lora, task)
-    _, m6 = pair_minibatch_loss(graphdef, tpaw6.hp.static(), base, lora, client(b6),
-                                jax.random.key(3))
+    _, m6 = pair_loss(tpaw6, graphdef, base, lora, client(b6), jax.random.key(3))
     assert float(m6["loss"]) == pytest.approx(np.log(2.0), abs=1e-5)
     new6, _ = tpaw6.local_train(graphdef, base, lora, client(b6), jax.random.key(0))
     assert not np.allclose(leaves(new6)[0], leaves(spin.local_train(
@@ -111,7 +117,7 @@ def test_loss_with_k_players_matches_numpy(policy, split_model, task, num_player
                                    atol=1e-4)
     theta = perturbed(lora, 11, 0.2)
     key = jax.random.key(5)
-    loss, m = pair_minibatch_loss(graphdef, algo.hp.static(), base, theta, client(batch), key)
+    loss, m = pair_loss(algo, graphdef, base, theta, client(batch), key)
     idx = np.asarray(tr.sample_rows(key, batch.train.valid[0], 3))
     valid = np.asarray(batch.train.valid[0])[idx].astype(np.float64)
     pol_pos = sequence_logps(graphdef, theta, base, batch.train)[0][idx]
@@ -129,7 +135,7 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     tok = policy.tokenizer
     graphdef, lora, base = split_model
     scored, forwards = [], []
-    real_score, real_forward = pairs._score_chunk, tr.sequence_token_logps
+    real_score, real_forward = players._score_chunk, tr.sequence_token_logps
 
     def count_score(graphdef, players, player_mask, base_state, tokens, *rest):
         scored.append((int(np.sum(player_mask)), tokens.shape))
@@ -139,12 +145,12 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
         forwards.append(args[3].shape)
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(pairs, "_score_chunk", count_score)
+    monkeypatch.setattr(players, "_score_chunk", count_score)
     # A fresh lam gives a fresh static config, so local_train is traced below.
     algo = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.1234}),
                 generate_fn=FixedReplies(tok, REPLIES))
-    players, mask = stack_players(lora, perturbed(lora, 1), perturbed(lora, 2))
-    context = RoundContext(clients=np.arange(2), players=players, player_mask=mask)
+    team, mask = stack_players(lora, perturbed(lora, 1), perturbed(lora, 2))
+    context = RoundContext(clients=np.arange(2), players=team, player_mask=mask)
     batch, metrics = _collect(algo, policy, lora, task, context=context)
     # 2 clients × 2 pairs × (y⁺, y⁻) = 8 responses, in 2 chunks of 2 × batch_size = 4 rows,
     # each chunk scored by the 3 players: one forward per player per response.
@@ -159,11 +165,10 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     # ... and the loss reads the stored player log-probs.
     c = client(batch)
     shifted = jax.tree.map(lambda x: x, c)
-    object.__setattr__(shifted, "players", pairs.PlayerLogps(
+    object.__setattr__(shifted, "players", PlayerLogps(
         pos=c.players.pos + 1.0, neg=c.players.neg, mask=c.players.mask))
-    base_loss, _ = pair_minibatch_loss(graphdef, algo.hp.static(), base, lora, c, jax.random.key(1))
-    moved, _ = pair_minibatch_loss(graphdef, algo.hp.static(), base, lora, shifted,
-                                   jax.random.key(1))
+    base_loss, _ = pair_loss(algo, graphdef, base, lora, c, jax.random.key(1))
+    moved, _ = pair_loss(algo, graphdef, base, lora, shifted, jax.random.key(1))
     assert float(moved) != pytest.approx(float(base_loss), rel=1e-4)
 
 
@@ -211,7 +216,7 @@ def _history(workdir):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir, tmp_path):
     config = _config(model_dir)
-    full = loop.run(config, tmp_path / "full", algorithm=get_algorithm("tpaw", config))
+    full = fedsp.run(config, tmp_path / "full", algorithm=get_algorithm("tpaw", config))
     history = _history(tmp_path / "full")
     # Round 0's adapters, then each round's global adapters enter; the last 3 stay.
     assert [r.get("collect/players/count") for r in history[1:]] == [1.0, 2.0, 3.0]
@@ -222,13 +227,14 @@ def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir
 
     # Killed in round 3, then resumed: the same players, opponent data and numbers.
     with pytest.raises(Killed):
-        loop.run(config, tmp_path / "resumed",
-                 algorithm=DiesAt(get_algorithm("tpaw", config), 3))
+        fedsp.run(config, tmp_path / "resumed",
+                  algorithm=DiesAt(get_algorithm("tpaw", config), 3))
     shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
     assert PlayerPool(tmp_path / "resumed" / "pool", max_players=3).rounds == (0, 1, 2)
-    loop.run(config, tmp_path / "resumed", algorithm=get_algorithm("tpaw", config))
+    fedsp.run(config, tmp_path / "resumed", algorithm=get_algorithm("tpaw", config))
     assert _history(tmp_path / "resumed") == history
-    (graphdef, lora, base), _ = loop._load_model(config)
+    start = fedsp.init_run(config).run
+    graphdef, lora, base = start.policy.graphdef, start.initial_params, start.policy.base_state
     resumed_pool = PlayerPool(tmp_path / "resumed" / "pool", max_players=3)
     assert resumed_pool.rounds == (1, 2, 3)
     for i in range(3):
@@ -239,7 +245,7 @@ def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir
     # logits of the run checkpoint's adapters.
     fl = config.fl
     opt = server_optimizer(fl.server_optimizer, fl.server_lr, fl.b1, fl.b2, fl.tau, fl.v0)
-    template = RunState(round=0, params=lora, opt_state=opt.init(lora),
+    template = RoundState(round=0, params=lora, opt_state=opt.init(lora),
                         rng=jax.random.key(config.seed),
                         baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32))
     with RunCheckpointer(tmp_path / "full" / "checkpoints") as ckpt:
@@ -258,7 +264,7 @@ def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir
     assert damaged.rounds == (0, 1, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loop.run(config, tmp_path / "damaged", algorithm=get_algorithm("tpaw", config))
+        fedsp.run(config, tmp_path / "damaged", algorithm=get_algorithm("tpaw", config))
     assert any("round 1" in str(w.message) and "dropped" in str(w.message) for w in caught)
     last = _history(tmp_path / "damaged")[3]
     assert last["pool/dropped"] == [1] and last["pool/rounds"] == [0, 2]

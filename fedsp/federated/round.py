@@ -1,0 +1,363 @@
+"""One federated round as a function: ``run_round(state, hooks=...) -> (state, record)``.
+
+A `RunState` is a `fedsp.checkpoint.RoundState` (what a checkpoint holds: the round,
+server adapters and optimizer state, client baselines, the player pool's index, the
+metrics history) plus `Run`, the run's fixed context (validated config, frozen base and
+tokenizer, task and data, client algorithm, mapped local training, server step, player
+pool). `fedsp.init_run` builds one; `fedsp.run` loops over `run_round` with logging and
+checkpoints. One round, as data flows (docs/design.md):
+
+  1. ``sample_clients(num_clients, clients_per_round, seed, round)``;
+  2. each sampled client draws ``rollout.prompts_per_client`` prompts from its shard,
+     deterministically from (seed, round, client) (`client_prompts`);
+  3. ``algorithm.collect`` runs ONE batched rollout over all those prompts with θ_r,
+     gets feedback on the host and packs the traces into a `ClientBatch` [C, ...]: text
+     stays inside ``collect``;
+  4. the mapped ``local_train`` trains every client from θ_r (base and θ_r frozen,
+     batch and key stacked); the clients' adapters and scalar stats are their
+     `ClientUploads`, which ``hooks.on_uploads`` sees;
+  5. the server step (`server_step_from_config`, or what ``hooks.server_step`` makes
+     of it): clients whose update holds NaN/inf are rejected (logged, weight 0), the
+     rest are weighted by `client_weights` (pruned clients send nothing: their bytes
+     are logged as saved), and the server optimizer steps, or the step is skipped when
+     no client is kept;
+  6. evaluation when ``eval.every`` (or the last round) says so, and the new global
+     adapters enter the player pool of an algorithm that keeps one.
+
+Client advantage (advantage-weighted federation): the round owns each client's reward
+baseline b_k (an EMA of its past rewards, NaN before its first round). It passes the
+sampled clients' b_k to ``collect(..., baselines=...)``, which computes the advantages
+r − b_k of the round's rollouts; ``local_train`` reports their mean
+(``stats["mean_advantage"]``, the client advantage that `client_weights` uses) and the
+updated baseline (``stats["baseline"]``), which the state keeps for the next round.
+
+Every random draw is a function of (seed, round[, client]): client sampling, prompt
+choice, the collect key and the per-client training keys; nothing is taken from a
+mutable host RNG, so a resumed run continues with the numbers of an uninterrupted one.
+
+Pairwise self-play (SPIN, TPAW, DPO; the optional protocol parts in
+`fedsp.selfplay.base`): an algorithm with ``uses_context`` gets a `RoundContext` (the
+sampled clients' ids, the round-0 adapters, the pool's players); with ``uses_pool`` the
+run keeps a `fedsp.checkpoint.PlayerPool` of the global adapters (round 0, then after
+every round). A damaged or missing player raises, or with ``pool_on_error = "drop"`` is
+dropped with a warning naming it and the round goes on with the others.
+
+A run whose algorithm keeps host-side state (a player pool, or ``client_state``) moves
+that state forward with each round: `run_round` then accepts only the newest state of
+its run (an older one raises), so two rounds never start from one state by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedsp import data as data_lib
+from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
+from fedsp.core.aggregation import server_optimizer
+from fedsp.eval import evaluate as evaluate_examples
+from fedsp.federated.server import server_step
+from fedsp.selfplay.base import Algorithm, Policy, RoundContext
+
+__all__ = [
+    "ClientUploads",
+    "RoundHooks",
+    "Run",
+    "RunState",
+    "ServerStep",
+    "client_prompts",
+    "evaluate",
+    "run_round",
+    "server_step_from_config",
+]
+
+_log = logging.getLogger(__name__)
+PyTree = Any
+
+# Keys every server step's diagnostics must hold, [C] arrays then scalars.
+SERVER_DIAGNOSTICS = ("weights", "keep", "finite", "applied")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClientUploads:
+    """What the round's C clients send the server, stacked [C, ...]: arrays only.
+
+    Attributes:
+      clients: [C] the clients' global ids.
+      params: their adapters after local training, leaves [C, ...].
+      stats: their scalar statistics, each [C]: ``num_examples`` (FedAvg's weight),
+        ``mean_advantage`` (the client advantage), ``baseline``, ``wins``, ``wrong``,
+        ``loss`` and the algorithm's own loss metrics.
+    """
+
+    clients: np.ndarray
+    params: PyTree
+    stats: dict[str, np.ndarray]
+
+
+# (θ_r, opt_state, uploads) -> (θ_{r+1}, opt_state', diagnostics with SERVER_DIAGNOSTICS).
+ServerStep = Callable[[PyTree, optax.OptState, ClientUploads],
+                      tuple[PyTree, optax.OptState, dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundHooks:
+    """What a caller of `run_round` (or `fedsp.run`) may observe or replace.
+
+    Attributes:
+      on_uploads: called as ``on_uploads(round, uploads)`` with every round's
+        `ClientUploads`, before the server step.
+      server_step: ``server_step(default) -> step``: given the config's `ServerStep`, the
+        step to use this round; return a wrapper of ``default`` to observe the server's
+        inputs and outputs, or another function to replace it. Its diagnostics must hold
+        ``weights``, ``keep``, ``finite`` ([C]) and ``applied`` (scalar).
+    """
+
+    on_uploads: Callable[[int, ClientUploads], None] | None = None
+    server_step: Callable[[ServerStep], ServerStep] | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """The fixed context of a run, built once by `fedsp.init_run`.
+
+    Attributes:
+      config: the validated config (`fedsp.config.default_config` schema).
+      policy: the graph, frozen base and tokenizer.
+      task, eval_task: the training task and the task evaluated on.
+      train, eval_set: the training examples and the held-out evaluation examples.
+      shards: per client, the indices of its training examples.
+      feedback: the simulated user.
+      algorithm: the client algorithm.
+      optimizer: the server optimizer.
+      server_step: the config's server step (`server_step_from_config`).
+      train_clients: ``local_train`` mapped over clients (`fedsp.federated.map_clients`).
+      initial_params: the round-0 adapters (DPO's reference, the pool's first player).
+      adapter_bytes: bytes of one client's upload of adapters.
+      pool: the player pool of an algorithm with ``uses_pool``, else None.
+      workdir: the run directory, or None (a run that writes no files).
+      checkpointer: the run-state checkpointer in ``workdir/checkpoints``, or None.
+    """
+
+    config: ml_collections.ConfigDict
+    policy: Policy
+    task: data_lib.Task
+    eval_task: data_lib.Task
+    train: Sequence[data_lib.Example]
+    eval_set: Sequence[data_lib.Example]
+    shards: Sequence[np.ndarray]
+    feedback: data_lib.FeedbackProvider
+    algorithm: Algorithm
+    optimizer: optax.GradientTransformation
+    server_step: ServerStep
+    train_clients: Callable[..., Any]
+    initial_params: PyTree
+    adapter_bytes: int
+    pool: PlayerPool | None = None
+    workdir: pathlib.Path | None = None
+    checkpointer: RunCheckpointer | None = None
+    # The newest round a state of this run has reached (see the module docstring).
+    newest_round: list[int] = dataclasses.field(default_factory=lambda: [0])
+
+    @property
+    def stateful(self) -> bool:
+        """Whether rounds move host-side state forward (a pool, or client state)."""
+        return self.pool is not None or hasattr(self.algorithm, "client_state")
+
+    def close(self) -> None:
+        """Waits for and closes the checkpointer (if any)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState(RoundState):
+    """A run's state between rounds: the checkpointed `RoundState` and its `Run`."""
+
+    run: Run | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def client_prompts(
+    shard: np.ndarray, count: int, seed: int, round: int, client: int  # noqa: A002
+) -> np.ndarray:
+    """Indices of the ``count`` prompts client ``client`` plays in round ``round``.
+
+    Drawn from the client's shard by a generator seeded with (seed, round, client), so
+    a resumed run draws the same prompts; without replacement when the shard is large
+    enough, else with replacement (a fixed count keeps the batch shapes fixed).
+    """
+    rng = np.random.default_rng([int(seed), int(round), int(client)])
+    return rng.choice(shard, size=count, replace=len(shard) < count)
+
+
+def server_step_from_config(
+    fl: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+) -> ServerStep:
+    """The server step ``config.fl`` describes: `fedsp.federated.server.server_step`
+    with the configured client weighting and pruning."""
+
+    def step(params: PyTree, opt_state: optax.OptState, uploads: ClientUploads):
+        return server_step(
+            params, opt_state, uploads.params,
+            np.asarray(uploads.stats["num_examples"]).astype(np.float32),
+            np.asarray(uploads.stats["mean_advantage"]).astype(np.float32),
+            optimizer=optimizer, mode=fl.client_weighting, temperature=fl.weight_temperature,
+            threshold=fl.prune_threshold)
+
+    return step
+
+
+def default_optimizer(fl: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The server optimizer ``config.fl`` names."""
+    return server_optimizer(fl.server_optimizer, fl.server_lr, fl.b1, fl.b2, fl.tau, fl.v0)
+
+
+def evaluate(state: RunState, params: PyTree | None = None) -> dict[str, float]:
+    """``{"eval/accuracy": ..., ...}`` of ``params`` (default: the state's adapters) on
+    the run's evaluation set, as configured by ``config.eval``."""
+    run = _run_of(state)
+    config, policy = run.config, run.policy
+    result = evaluate_examples(
+        policy.graphdef, (state.params if params is None else params, policy.base_state),
+        policy.tokenizer, run.eval_task, run.eval_set,
+        multiple_choice=config.eval.multiple_choice, max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size)
+    return {f"eval/{k}": v for k, v in result.items()}
+
+
+def run_round(
+    state: RunState, *, hooks: RoundHooks | None = None
+) -> tuple[RunState, dict[str, Any]]:
+    """Runs round ``state.round + 1`` (see the module docstring).
+
+    Returns:
+      ``(state', record)``: the state after the round (its ``metrics_history`` ends with
+      the record) and the round's record: clients, weights, advantages, rejected and
+      pruned clients, bytes sent and saved, the mean loss of the kept clients,
+      ``client/*`` (means of the clients' stats), ``server/*``, ``collect/*``,
+      ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, and ``time_s``.
+
+    Raises:
+      ValueError: the run has already done ``fl.rounds`` rounds, or ``state`` is not the
+        newest state of a run with host-side state.
+    """
+    run = _run_of(state)
+    hooks = hooks or RoundHooks()
+    config, algo, pool = run.config, run.algorithm, run.pool
+    fl = config.fl
+    rnd = state.round + 1
+    if rnd > fl.rounds:
+        raise ValueError(f"the run has done its fl.rounds = {fl.rounds} rounds")
+    if run.stateful and state.round != run.newest_round[0]:
+        raise ValueError(
+            f"this state is after round {state.round}, but its run has moved on to round "
+            f"{run.newest_round[0]}: run_round consumes its state; continue from the state "
+            "it returned (or start again with fedsp.init_run)")
+    round_start = time.perf_counter()
+    clients = data_lib.sample_clients(config.data.num_clients, fl.clients_per_round,
+                                      config.seed, rnd)
+    client_examples = [
+        [run.train[i] for i in client_prompts(run.shards[k], config.rollout.prompts_per_client,
+                                              config.seed, rnd, k)]
+        for k in clients
+    ]
+    collect_key, train_key = jax.random.split(jax.random.fold_in(state.rng, rnd))
+    baselines = np.array(state.baselines)
+    extra: dict[str, Any] = {}
+    pool_dropped: list[int] = []
+    if getattr(algo, "uses_context", False):
+        players = player_mask = None
+        if pool is not None:
+            before = pool.rounds
+            players, player_mask = pool.stacked(state.params, on_error=algo.pool_on_error)
+            pool_dropped = [r for r in before if r not in pool.rounds]
+        extra["context"] = RoundContext(
+            clients=np.asarray(clients), reference=run.initial_params, players=players,
+            player_mask=player_mask, player_rounds=pool.rounds if pool else ())
+    batch, collect_metrics = algo.collect(run.policy, state.params, client_examples, run.task,
+                                          run.feedback, collect_key, rnd,
+                                          baselines=baselines[clients], **extra)
+    keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
+    client_lora, stats = run.train_clients(run.policy.base_state, state.params, batch, keys)
+    uploads = ClientUploads(clients=np.asarray(clients), params=client_lora,
+                            stats={k: np.asarray(v) for k, v in stats.items()})
+    if hooks.on_uploads is not None:
+        hooks.on_uploads(rnd, uploads)
+    step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
+    new_lora, opt_state, server = step(state.params, state.opt_state, uploads)
+    server = dict(server)
+    missing = [k for k in SERVER_DIAGNOSTICS if k not in server]
+    if missing:
+        raise ValueError(f"the server step's diagnostics lack {missing}")
+    finite, keep, weights = (np.asarray(server.pop(k)) for k in ("finite", "keep", "weights"))
+    stats = uploads.stats
+    # The baseline comes from the client's rewards (host side), not from its update, so
+    # it is kept even when the update itself is rejected.
+    baselines[clients] = stats["baseline"]
+
+    rejected = [int(k) for k, ok in zip(clients, finite) if not ok]
+    pruned = [int(k) for k, ok, kept in zip(clients, finite, keep) if ok and not kept]
+    if rejected:
+        _log.warning("round %d: rejected non-finite update(s) from client(s) %s", rnd, rejected)
+    applied = bool(np.asarray(server["applied"]))
+    if not applied:
+        _log.warning("round %d: no client kept; server step skipped", rnd)
+    kept_losses = stats["loss"][finite & keep] if "loss" in stats else np.zeros(0)
+    client_adv = stats["mean_advantage"].astype(np.float32)
+    record: dict[str, Any] = {
+        "round": rnd,
+        "clients": [int(k) for k in clients],
+        "weights": [float(w) for w in weights],
+        "client_advantage": [_json_number(a) for a in client_adv],
+        "rejected": rejected,
+        "pruned": pruned,
+        "server_step_skipped": not applied,
+        "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
+        "bytes_saved": run.adapter_bytes * len(pruned),
+        "loss": _json_number(np.mean(kept_losses)) if kept_losses.size else None,
+        **{f"client/{k}": _json_number(np.nanmean(v)) if np.isfinite(v).any() else None
+           for k, v in stats.items()},
+        **{f"server/{k}": float(np.asarray(v)) for k, v in server.items()},
+        **{f"collect/{k}": _json_number(v) for k, v in _scalars(dict(collect_metrics)).items()},
+    }
+    new = dataclasses.replace(state, round=rnd, params=new_lora, opt_state=opt_state,
+                              baselines=jnp.asarray(baselines))
+    if rnd == fl.rounds or (config.eval.every and rnd % config.eval.every == 0):
+        record.update(evaluate(new))
+    if pool is not None:
+        record["pool/rounds"] = list(pool.rounds)
+        record["pool/dropped"] = pool_dropped
+        pool.push(new.params, round=rnd, score=record.get("eval/accuracy"),
+                  metadata={"loss": record["loss"]})
+        new = dataclasses.replace(new, pool=pool.state_dict())
+    record["time_s"] = time.perf_counter() - round_start
+    run.newest_round[0] = rnd
+    return dataclasses.replace(new, metrics_history=(*state.metrics_history, record)), record
+
+
+def _run_of(state: RunState) -> Run:
+    run = getattr(state, "run", None)
+    if run is None:
+        raise ValueError("state has no run: build it with fedsp.init_run(config, ...)")
+    return run
+
+
+def _scalars(tree: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.mean(np.asarray(v))) for k, v in tree.items()
+            if np.size(np.asarray(v)) >= 1 and np.issubdtype(np.asarray(v).dtype, np.number)}
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no NaN/inf: they are logged as null."""
+    return float(value) if np.isfinite(value) else None

@@ -1,0 +1,358 @@
+"""Runs from a config: ``init_run`` builds a `RunState`, ``run`` loops over `run_round`.
+
+``init_run(config, model=None, tokenizer=None, workdir=None)`` validates the config,
+loads (or takes) the model and attaches fresh LoRA adapters, loads the task's data and
+partitions it over the clients, builds the client algorithm, the server optimizer and
+step, and the mapped local training. With a ``workdir`` it resumes from the newest
+readable checkpoint there and keeps the player pool in ``workdir/pool``; without one
+nothing is written (the pool, if any, lives in memory).
+
+``run(config, workdir)`` is ``init_run``, the round-0 evaluation, `run_round` until
+``fl.rounds``, and around each round the run directory's files: ``config.json``,
+``metrics.jsonl``, TensorBoard events, an Orbax checkpoint of the run state every
+``checkpoint.every`` rounds (the algorithm's client-side data beside it, never on the
+server) and, at the end, ``summary.json``. A run killed after round r and restarted in
+the same ``workdir`` continues with the numbers of an uninterrupted run; resuming with
+different settings raises, naming the fields (``log.*`` and ``checkpoint.*`` may change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fedsp import data as data_lib
+from fedsp.checkpoint import (
+    PlayerPool,
+    RoundState,
+    RunCheckpointer,
+    config_fingerprint,
+    load_client_state,
+    prune_client_state,
+    save_client_state,
+)
+from fedsp.config import validate
+from fedsp.federated.mapping import map_clients
+from fedsp.federated.round import (
+    Run,
+    RunState,
+    RoundHooks,
+    default_optimizer,
+    evaluate,
+    run_round,
+    server_step_from_config,
+)
+from fedsp.federated.server import tree_bytes
+from fedsp.model import Tokenizer, Transformer, from_pretrained
+from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
+from fedsp.selfplay import Policy, get_algorithm
+
+__all__ = ["init_run", "run", "save_checkpoint"]
+
+_log = logging.getLogger(__name__)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Config sections a resumed run may change.
+_RESUMABLE_CHANGES = ("log", "checkpoint")
+
+
+def init_run(
+    config: ml_collections.ConfigDict,
+    *,
+    model: Transformer | None = None,
+    tokenizer: Tokenizer | None = None,
+    workdir: str | pathlib.Path | None = None,
+    algorithm: Any | None = None,
+) -> RunState:
+    """The state a run starts (or, with a ``workdir`` that holds checkpoints, resumes) from.
+
+    Args:
+      config: an experiment config (`fedsp.config.default_config` schema); validated
+        first (`fedsp.config.validate`).
+      model: an in-memory model to use instead of loading ``config.model.path``. One
+        without adapters gets ``config.model.lora``'s (the model itself is not changed);
+        one with adapters must have that configuration.
+      tokenizer: the model's tokenizer; required with ``model``.
+      workdir: the run directory: checkpoints are restored from (and, by `run` /
+        `save_checkpoint`, written to) ``workdir/checkpoints``, the player pool lives in
+        ``workdir/pool``. None writes nothing.
+      algorithm: a client algorithm object (`fedsp.selfplay.base.Algorithm`) to use
+        instead of ``fedsp.get_algorithm(config.algorithm.name, config)``.
+
+    Raises:
+      ValueError: an invalid config (see `fedsp.config.validate`), a partition that
+        leaves a client without examples, a model without a tokenizer, a model whose
+        adapters differ from ``config.model.lora``, or checkpoints of other settings.
+    """
+    validate(config)
+    if workdir is not None:
+        # Orbax requires absolute checkpoint paths; a relative --workdir is the usual case.
+        workdir = pathlib.Path(workdir).absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+    (graphdef, lora_state, base_state), tokenizer = _model(config, model, tokenizer)
+    task = data_lib.get_task(config.task.name, **dict(config.task.options))
+    data_dir = config.task.data_dir or None
+    train = task.load(config.task.train_split, data_dir, limit=config.data.limit or None,
+                      seed=config.seed)
+    # eval.task (optional) scores on another benchmark, e.g. chat SFT data evaluated on
+    # ARC as in SPIN / TPAW.
+    eval_task = data_lib.get_task(config.eval.task) if config.eval.task else task
+    eval_set = eval_task.load(config.eval.split or config.task.eval_split, data_dir,
+                              limit=config.eval.examples, seed=config.seed)
+    algo = algorithm if algorithm is not None else get_algorithm(config.algorithm.name, config)
+    fl = config.fl
+    optimizer = default_optimizer(fl)
+    base_key = jax.random.key(config.seed)
+    state = RoundState(round=0, params=lora_state, opt_state=optimizer.init(lora_state),
+                       rng=base_key,
+                       baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32))
+    checkpointer = None
+    if workdir is not None:
+        checkpointer = RunCheckpointer(
+            workdir / "checkpoints", keep=config.checkpoint.keep,
+            fingerprint=config_fingerprint(config, ignore=_RESUMABLE_CHANGES))
+        if checkpointer.latest_round() is not None:
+            state = checkpointer.restore_latest_valid(state)
+            _log.info("resumed %s after round %d", workdir, state.round)
+    pool = None
+    if getattr(algo, "uses_pool", False):
+        if workdir is None:
+            pool = PlayerPool(None, algo.max_players)
+        else:
+            # A fresh run starts from an empty index: entries of an earlier attempt that
+            # never reached a checkpoint are deleted.
+            pool = PlayerPool.from_state_dict(
+                workdir / "pool", state.pool or {"max_players": algo.max_players, "entries": []},
+                keep_dropped=config.checkpoint.keep)
+        if state.round == 0 and not pool.rounds:
+            pool.push(lora_state, round=0, metadata={"initial": True})
+        state = dataclasses.replace(state, pool=pool.state_dict())
+    if hasattr(algo, "client_state"):
+        algo.load_client_state(load_client_state(workdir / "client_state", state.round)
+                               if state.round and workdir is not None else None)
+    context = Run(
+        config=config,
+        policy=Policy(graphdef, base_state, tokenizer),
+        task=task,
+        eval_task=eval_task,
+        train=train,
+        eval_set=eval_set,
+        shards=client_shards(config, train),
+        feedback=data_lib.get_feedback(config.algorithm.feedback, task),
+        algorithm=algo,
+        optimizer=optimizer,
+        server_step=server_step_from_config(fl, optimizer),
+        train_clients=map_clients(functools.partial(algo.local_train, graphdef), fl.backend,
+                                  in_axes=(None, None, 0, 0)),
+        initial_params=lora_state,
+        adapter_bytes=tree_bytes(lora_state),
+        pool=pool,
+        workdir=workdir,
+        checkpointer=checkpointer,
+        newest_round=[state.round],
+    )
+    return RunState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+                    run=context)
+
+
+def save_checkpoint(state: RunState) -> None:
+    """Writes ``state`` to its run's ``workdir/checkpoints`` (and the algorithm's
+    client-side data to ``workdir/client_state``), keeping ``checkpoint.keep`` rounds.
+
+    Raises:
+      ValueError: the run has no workdir.
+    """
+    run = state.run
+    if run is None or run.checkpointer is None:
+        raise ValueError("this run has no workdir to save checkpoints in "
+                         "(fedsp.init_run(config, workdir=...))")
+    algo, client_dir = run.algorithm, run.workdir / "client_state"
+    if hasattr(algo, "client_state"):
+        save_client_state(client_dir, state.round, algo.client_state())
+    run.checkpointer.save(state)
+    if hasattr(algo, "client_state"):
+        prune_client_state(client_dir, run.checkpointer.rounds())
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    hooks: RoundHooks | None = None,
+    algorithm: Any | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) a federated self-play experiment into ``workdir``.
+
+    Args:
+      config: an experiment config (`fedsp.config.default_config` schema).
+      workdir: the run directory (see the module docstring); if it holds checkpoints
+        the run resumes from the newest one.
+      hooks: observe the clients' uploads or wrap / replace the server step
+        (`fedsp.federated.RoundHooks`).
+      algorithm: a client algorithm object instead of the registered
+        ``config.algorithm.name`` (see `init_run`).
+
+    Returns:
+      The summary: ``initial_accuracy`` (round 0), ``final_accuracy``,
+      ``best_accuracy``, ``accuracy_by_round``, ``rounds``, ``bytes_sent``,
+      ``bytes_saved``, ``rejected_updates``, ``skipped_rounds``, ``wall_time_s``,
+      ``workdir``.
+
+    Raises:
+      ValueError: see `init_run`.
+    """
+    start = time.perf_counter()
+    validate(config)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    state = init_run(config, workdir=workdir, algorithm=algorithm)
+    context = state.run
+    assert context is not None
+    logger = _Logger(workdir, config.log.tensorboard)
+    # metrics.jsonl as the checkpoint knows it (drops lines of an unfinished round).
+    logger.rewrite(state.metrics_history)
+    if not state.metrics_history:
+        record = {"round": 0, **evaluate(state)}
+        state = dataclasses.replace(state, metrics_history=(record,))
+        logger.write(record)
+
+    from tqdm.auto import tqdm
+
+    fl = config.fl
+    bar = tqdm(range(state.round + 1, fl.rounds + 1), initial=state.round, total=fl.rounds,
+               desc="rounds", disable=not config.log.progress)
+    for rnd in bar:
+        state, record = run_round(state, hooks=hooks)
+        logger.write(record)
+        if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
+            save_checkpoint(state)
+        bar.set_postfix(round=rnd, acc=_last(state.metrics_history, "eval/accuracy"),
+                        loss=record["loss"])
+    bar.close()
+    context.close()
+    logger.close()
+
+    history = state.metrics_history
+    accuracies = [(r["round"], r["eval/accuracy"]) for r in history if "eval/accuracy" in r]
+    summary = {
+        "workdir": str(workdir),
+        "rounds": fl.rounds,
+        "initial_accuracy": accuracies[0][1],
+        "final_accuracy": accuracies[-1][1],
+        "best_accuracy": max(a for _, a in accuracies),
+        "accuracy_by_round": {str(r): a for r, a in accuracies},
+        "bytes_sent": sum(r.get("bytes_sent", 0) for r in history),
+        "bytes_saved": sum(r.get("bytes_saved", 0) for r in history),
+        "rejected_updates": sum(len(r.get("rejected", [])) for r in history),
+        "skipped_rounds": sum(bool(r.get("server_step_skipped")) for r in history),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def client_shards(
+    config: ml_collections.ConfigDict, train: Sequence[data_lib.Example]
+) -> list[np.ndarray]:
+    """Per client, the indices of its training examples (``config.data``).
+
+    Raises:
+      ValueError: a client got no example (naming the fields that shape the partition).
+    """
+    num_clients = config.data.num_clients
+    if config.data.partition == "iid":
+        shards = data_lib.iid_partition(len(train), num_clients, config.seed)
+    else:
+        shards = data_lib.dirichlet_partition([ex.label for ex in train], num_clients,
+                                              config.data.alpha, config.seed)
+    cap = config.data.examples_per_client
+    if cap:
+        shards = [np.sort(np.random.default_rng([config.seed, k]).permutation(s)[:cap])
+                  for k, s in enumerate(shards)]
+    empty = [i for i, shard in enumerate(shards) if len(shard) == 0]
+    if empty:
+        raise ValueError(
+            f"data.partition={config.data.partition!r} left client(s) {empty} of "
+            f"data.num_clients={num_clients} without examples; lower data.num_clients, "
+            "raise data.alpha or data.limit"
+        )
+    return list(shards)
+
+
+def lora_config(config: ml_collections.ConfigDict, num_layers: int) -> LoRAConfig:
+    """``config.model.lora`` for a model of ``num_layers`` layers (negative layer
+    indices count from the last)."""
+    lora = config.model.lora
+    layers = tuple(sorted({i % num_layers for i in lora.layers})) or None
+    return LoRAConfig(rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets),
+                      layers=layers)
+
+
+def _model(config, model, tokenizer):
+    """((graphdef, lora_state, base_state), tokenizer) of the run's model."""
+    if model is None:
+        from fedsp.assets import default_model_path
+
+        path = config.model.path or default_model_path()
+        model, loaded = from_pretrained(path, dtype=_DTYPES[config.model.dtype])
+        if loaded is None:
+            raise ValueError(f"model.path={str(path)!r} has no tokenizer files")
+        tokenizer = loaded if tokenizer is None else tokenizer
+    elif tokenizer is None:
+        raise ValueError("init_run(model=...) needs the model's tokenizer= as well")
+    else:
+        model = nnx.clone(model)  # the caller's model stays as it is (arrays are shared)
+    wanted = lora_config(config, model.config.num_hidden_layers)
+    if model.lora_config is None:
+        apply_lora(model, wanted, rngs=nnx.Rngs(config.seed))
+    elif model.lora_config != wanted:
+        raise ValueError(f"the model's adapters {model.lora_config} differ from config.model.lora "
+                         f"{wanted}; pass a model without adapters or match the config")
+    return split_lora(model), tokenizer
+
+
+class _Logger:
+    """``metrics.jsonl`` (one JSON record per line) and optional TensorBoard scalars."""
+
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
+        self.path = workdir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def rewrite(self, history: Sequence[dict[str, Any]]) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "round":
+                    self.writer.add_scalar(key, value, record["round"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _last(history: Sequence[dict[str, Any]], key: str) -> float | None:
+    for record in reversed(history):
+        if key in record:
+            return record[key]
+    return None
