@@ -115,7 +115,7 @@ def smollm2_config(algorithm: str, federated: bool = False) -> ml_collections.Co
 
     Centralized: one client with 8 prompts a round. Federated: 4 clients on disjoint IID
     shards of GSM8K train, 2 prompts each, all playing every round (FedAvg).
-    Sized for 2 CPU cores: about 10 minutes on an idle machine.
+    Sized for 2 CPU cores (README.md gives the expected time).
     """
     config = default_config()
     config.model.lora.rank = 8

@@ -1,5 +1,5 @@
-"""experiments/tables.py: the grids, the numbers read off the runs, the CLI, and a tiny
-end-to-end table on a random model."""
+"""experiments/tables/: the grids, the cost model, the numbers read off the runs, the CLI,
+and a tiny end-to-end table on a random model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import tables
+import experiments.tables
+from experiments.tables import cli, cost, grids, render, running
 from fedsp import config as config_lib
 from tests.federated import fixtures
 
@@ -30,6 +31,19 @@ def _diff(a, b):
     return {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
 
 
+def test_package_reexports_the_modules_public_names():
+    # `from experiments.tables import X` and `experiments.tables.X` keep working: every
+    # name is the module's own object, and every public name of a module is exported.
+    modules = (cli, cost, grids, render, running)
+    for name in experiments.tables.__all__:
+        owners = [m for m in modules if getattr(m, name, None) is getattr(experiments.tables, name)]
+        assert owners, name
+    public = {n for m in modules for n, v in vars(m).items() if not n.startswith("_")
+              and getattr(v, "__module__", m.__name__) == m.__name__
+              and not isinstance(v, type(m)) and n != "annotations"}
+    assert public <= set(experiments.tables.__all__), public - set(experiments.tables.__all__)
+
+
 @pytest.mark.parametrize("name,runs,datasets", [
     ("spear", ("spear", "feedback_sft", "grpo", "sft"), ("arithmetic", "gsm8k", "arc_challenge")),
     ("tpaw", ("spin", "tpaw"), ("gsm8k",)),
@@ -37,7 +51,7 @@ def _diff(a, b):
     ("settings", ("centralized", "fed_sft", "fed_selfplay"), ("arithmetic",)),
 ])
 def test_grid_has_every_run_dataset_seed(name, runs, datasets):
-    grid = tables.cells(tables.TABLES[name])
+    grid = grids.cells(grids.TABLES[name])
     assert sorted(c.name for c in grid) == sorted(
         f"{r}-{d}-s{s}" for r in runs for d in datasets for s in (0, 1, 2))
     for cell in grid:
@@ -55,28 +69,28 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
 
 
 def test_spear_rows_read_the_right_runs():
-    table = tables.TABLES["spear"]
-    algorithms = {c.run: c.config.algorithm.name for c in tables.cells(table, seeds=[0])}
+    table = grids.TABLES["spear"]
+    algorithms = {c.run: c.config.algorithm.name for c in grids.cells(table, seeds=[0])}
     assert algorithms == {"spear": "spear", "feedback_sft": "feedback_sft", "grpo": "grpo",
                           "sft": "sft"}
     start = next(r for r in table.rows if r.key == "start")
     assert (start.run, start.round) == ("spear", 0)
-    tpaw = tables.TABLES["tpaw"]
+    tpaw = grids.TABLES["tpaw"]
     assert [(r.label, r.run, r.round) for r in tpaw.rows] == [
         ("SFT start", "spin", 0), ("SPIN iter 1", "spin", 1), ("SPIN iter 2", "spin", 2),
         ("SPIN iter 3", "spin", 3), ("TPAW iter 1", "tpaw", 1), ("TPAW iter 2", "tpaw", 2),
         ("TPAW iter 3", "tpaw", 3)]
     assert all(c.config.fl.rounds == 3 and c.config.eval.every == 1
-               for c in tables.cells(tpaw, seeds=[0]))
+               for c in grids.cells(tpaw, seeds=[0]))
 
 
 def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
-    agg = {c.run: c.config for c in tables.cells(tables.TABLES["aggregation"], seeds=[0])}
+    agg = {c.run: c.config for c in grids.cells(grids.TABLES["aggregation"], seeds=[0])}
     assert _diff(agg["fedavg"], agg["advantage_prune"]) == {"fl.client_weighting",
                                                             "fl.prune_threshold"}
     assert (agg["advantage_prune"].fl.client_weighting, agg["advantage_prune"].fl.prune_threshold,
             agg["fedavg"].fl.prune_threshold) == ("advantage", 0.0, None)
-    settings = {c.run: c.config for c in tables.cells(tables.TABLES["settings"], seeds=[0])}
+    settings = {c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[0])}
     assert _diff(settings["fed_sft"], settings["fed_selfplay"]) == {"algorithm.name"}
     central = settings["centralized"]
     assert (central.data.num_clients, central.fl.clients_per_round) == (1, 1)
@@ -86,24 +100,24 @@ def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
 
 
 def test_arithmetic_cells_validate():
-    for name in tables.TABLES:
-        grid = [c for c in tables.cells(tables.TABLES[name], seeds=[0])
+    for name in grids.TABLES:
+        grid = [c for c in grids.cells(grids.TABLES[name], seeds=[0])
                 if c.dataset == "arithmetic"]
-        assert tables.validation_problems(grid) == []
+        assert running.validation_problems(grid) == []
 
 
 def _own_cells(name):
     """The cells table ``name`` runs in its own directory (not shared with another)."""
-    grid = tables.cells(tables.TABLES[name])
+    grid = grids.cells(grids.TABLES[name])
     root = pathlib.Path("root")
-    dirs = tables.cell_dirs(grid, root, seeds=(0, 1, 2), scale="cpu")
+    dirs = grids.cell_dirs(grid, root, seeds=(0, 1, 2), scale="cpu")
     return [c for c, d in zip(grid, dirs) if d == root / name / c.name]
 
 
 def test_stated_budgets_match_the_cost_model():
     total = 0.0
-    for table in tables.TABLES.values():
-        hours = sum(tables.estimate_seconds(c.config) for c in _own_cells(table.name)) / 3600
+    for table in grids.TABLES.values():
+        hours = sum(cost.estimate_seconds(c.config) for c in _own_cells(table.name)) / 3600
         assert abs(hours - table.cpu_budget_h) <= 0.1 * table.cpu_budget_h, (table.name, hours)
         total += hours
     assert total < 8.5
@@ -112,9 +126,9 @@ def test_stated_budgets_match_the_cost_model():
 def test_identical_cells_are_shared_across_tables():
     root = pathlib.Path("root")
     names = {}
-    for name in tables.TABLES:
-        grid = tables.cells(tables.TABLES[name], seeds=[1])
-        for cell, d in zip(grid, tables.cell_dirs(grid, root, seeds=[1], scale="cpu")):
+    for name in grids.TABLES:
+        grid = grids.cells(grids.TABLES[name], seeds=[1])
+        for cell, d in zip(grid, grids.cell_dirs(grid, root, seeds=[1], scale="cpu")):
             names[f"{name}/{cell.name}"] = str(d.relative_to(root))
     assert names["settings/fed_selfplay-arithmetic-s1"] == "aggregation/fedavg-arithmetic-s1"
     assert names["spear/spear-arithmetic-s1"] == "aggregation/fedavg-arithmetic-s1"
@@ -123,47 +137,47 @@ def test_identical_cells_are_shared_across_tables():
     assert shared == {"settings/fed_selfplay-arithmetic-s1", "spear/spear-arithmetic-s1",
                       "spear/sft-arithmetic-s1"}
     # An override applies to every table, so shared cells stay shared and nothing else is.
-    grid = tables.cells(tables.TABLES["spear"], seeds=[1], overrides={"local.lr": 1e-3})
-    dirs = tables.cell_dirs(grid, root, seeds=[1], scale="cpu", overrides={"local.lr": 1e-3})
+    grid = grids.cells(grids.TABLES["spear"], seeds=[1], overrides={"local.lr": 1e-3})
+    dirs = grids.cell_dirs(grid, root, seeds=[1], scale="cpu", overrides={"local.lr": 1e-3})
     assert sum(d.parts[1] != "spear" for d in dirs) == 2
 
 
 def test_cost_model_on_the_benchmarked_round():
     # BENCHMARKS.md: SPEAR, 4 clients × 4 prompts × 16 tokens, one revision: rollout 10.4 s.
-    config = tables.cpu_config("arithmetic", 0)
+    config = grids.cpu_config("arithmetic", 0)
     config.local.steps, config.fl.rounds, config.eval.every = 1, 1, 0
-    rollout = 4 * 4 * 16 * 1.75 / tables.DECODE_TOKENS_S
+    rollout = 4 * 4 * 16 * 1.75 / cost.DECODE_TOKENS_S
     assert rollout == pytest.approx(10.4, rel=0.1)
-    train = 4 * 1 * 4 * 160 / tables.TRAIN_TOKENS_S
-    evals = 2 * 32 * 16 / tables.DECODE_TOKENS_S
-    assert tables.estimate_seconds(config) == pytest.approx(
-        tables.STARTUP_S + rollout + train + tables.ROUND_OVERHEAD_S + evals)
+    train = 4 * 1 * 4 * 160 / cost.TRAIN_TOKENS_S
+    evals = 2 * 32 * 16 / cost.DECODE_TOKENS_S
+    assert cost.estimate_seconds(config) == pytest.approx(
+        cost.STARTUP_S + rollout + train + cost.ROUND_OVERHEAD_S + evals)
 
 
 def test_mean_std_is_numpy_sample_std():
     values = [0.25, 0.5, 0.375]
-    mean, std, n = tables.mean_std(values)
+    mean, std, n = render.mean_std(values)
     assert (mean, n) == (pytest.approx(np.mean(values)), 3)
     assert std == pytest.approx(np.std(values, ddof=1))
-    assert tables.mean_std([0.5, None, 0.25])[:2] == (pytest.approx(0.375),
+    assert render.mean_std([0.5, None, 0.25])[:2] == (pytest.approx(0.375),
                                                       pytest.approx(np.std([0.5, 0.25], ddof=1)))
-    mean, std, n = tables.mean_std([0.5])
+    mean, std, n = render.mean_std([0.5])
     assert mean == 0.5 and math.isnan(std) and n == 1
-    assert tables.mean_std([None])[2] == 0
-    assert tables._fmt(tables.mean_std(values)) == "0.375 ± 0.125"
-    assert tables._fmt(tables.mean_std([0.5, None]), total=2) == "0.500 (1/2)"
+    assert render.mean_std([None])[2] == 0
+    assert render._fmt(render.mean_std(values)) == "0.375 ± 0.125"
+    assert render._fmt(render.mean_std([0.5, None]), total=2) == "0.500 (1/2)"
 
 
 def test_rounds_to_target_and_bytes_from_a_known_curve():
     curve = {"0": 0.1, "1": 0.2, "2": 0.35, "3": 0.3, "4": 0.5}
-    assert tables.rounds_to_target(curve, 0.3) == 2
-    assert tables.rounds_to_target(curve, 0.35) == 2
-    assert tables.rounds_to_target(curve, 0.1) == 0
-    assert tables.rounds_to_target(curve, 0.51) is None
+    assert render.rounds_to_target(curve, 0.3) == 2
+    assert render.rounds_to_target(curve, 0.35) == 2
+    assert render.rounds_to_target(curve, 0.1) == 0
+    assert render.rounds_to_target(curve, 0.51) is None
     # Rounds evaluated every other round: the first evaluated round at or above target.
-    assert tables.rounds_to_target({"0": 0.0, "2": 0.2, "10": 0.4}, 0.3) == 10
+    assert render.rounds_to_target({"0": 0.0, "2": 0.2, "10": 0.4}, 0.3) == 10
     sent = {"0": 0, "1": 100, "2": 50, "3": 100}
-    assert tables.bytes_until(sent, 2) == 150 and tables.bytes_until(sent, 0) == 0
+    assert render.bytes_until(sent, 2) == 150 and render.bytes_until(sent, 0) == 0
 
 
 def _result(run, seed, accuracy, *, sent=100, saved=0, num_clients=8, text_leaves=0):
@@ -178,7 +192,7 @@ def _result(run, seed, accuracy, *, sent=100, saved=0, num_clients=8, text_leave
 
 
 def test_collect_aggregation_numbers():
-    table = tables.TABLES["aggregation"]
+    table = grids.TABLES["aggregation"]
     results = []
     for seed in (0, 1):
         results.append(_result("fedavg", seed, {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.5}))
@@ -186,7 +200,7 @@ def test_collect_aggregation_numbers():
         results.append(_result("fedavg_prune", seed, {"0": 0.1, "1": 0.1, "2": 0.1, "3": 0.2},
                                sent=50, saved=50))
         results.append(_result("advantage_prune", seed, {"0": 0.1, "1": 0.3, "2": 0.3, "3": 0.3}))
-    numbers = tables.collect(table, results)
+    numbers = render.collect(table, results)
     # target = round-0 + 0.5 × (best − round-0) of FedAvg = 0.1 + 0.5 × 0.4 = 0.3
     assert numbers["targets"]["arithmetic"]["target"] == pytest.approx(0.3)
     rows = numbers["rows"]
@@ -198,9 +212,9 @@ def test_collect_aggregation_numbers():
     assert rows["fedavg"]["arithmetic"]["bytes_to_target"] == {0: 200, 1: 200}
     assert rows["fedavg_prune"]["arithmetic"]["bytes_saved_stat"][0] == 50
     assert rows["fedavg"]["arithmetic"]["mean"] == pytest.approx(0.5)
-    assert tables.collect(table, results, target=0.45)["rows"]["fedavg"]["arithmetic"][
+    assert render.collect(table, results, target=0.45)["rows"]["fedavg"]["arithmetic"][
         "rounds_to_target"] == {0: 3, 1: 3}
-    md = tables.render_markdown(table, numbers, {"scale": "cpu", "estimated_s": 3600.0,
+    md = render.render_markdown(table, numbers, {"scale": "cpu", "estimated_s": 3600.0,
                                                  "measured_s": 0.0, "command": "x",
                                                  "rounds_s": 5400.0, "commit": "abc123"})
     assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
@@ -209,15 +223,15 @@ def test_collect_aggregation_numbers():
 
 
 def test_raw_text_flag_comes_from_the_audit_and_the_pooling():
-    assert tables.raw_text_left_client(_result("fed_sft", 0, {"0": 0.0})) is False
-    assert tables.raw_text_left_client(_result("x", 0, {"0": 0.0}, text_leaves=1)) is True
-    assert tables.raw_text_left_client(_result("centralized", 0, {"0": 0.0}, num_clients=1))
+    assert render.raw_text_left_client(_result("fed_sft", 0, {"0": 0.0})) is False
+    assert render.raw_text_left_client(_result("x", 0, {"0": 0.0}, text_leaves=1)) is True
+    assert render.raw_text_left_client(_result("centralized", 0, {"0": 0.0}, num_clients=1))
     no_audit = dict(_result("fed_sft", 0, {"0": 0.0}), audit=None)
-    assert tables.raw_text_left_client(no_audit) is None
+    assert render.raw_text_left_client(no_audit) is None
 
 
 def test_server_audit_types_every_leaf():
-    audit = tables.ServerAudit()
+    audit = running.ServerAudit()
     audit._inner = lambda *args, **kwargs: "stepped"
     assert audit({"w": np.ones(2)}, np.float32(1.0), threshold=None) == "stepped"
     audit({"w": np.ones(2), "feedback": "the answer is 4"}, threshold=0.0)
@@ -235,13 +249,13 @@ def test_server_audit_types_every_leaf():
 ])
 def test_bad_options_name_the_field(argv, field, capsys):
     with pytest.raises(SystemExit) as err:
-        tables.main(argv)
+        cli.main(argv)
     assert err.value.code == 2
     assert field in capsys.readouterr().err
 
 
 def test_dry_run_prints_cells_and_configs(capsys):
-    assert tables.main(["--table", "aggregation", "--seeds", "0", "--cells", "advantage",
+    assert cli.main(["--table", "aggregation", "--seeds", "0", "--cells", "advantage",
                         "--set", "fl.rounds=2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("table aggregation: 2 cells, scale cpu")
@@ -250,22 +264,22 @@ def test_dry_run_prints_cells_and_configs(capsys):
 
 
 def test_full_scale_configs_for_every_row(capsys):
-    for name, table in tables.TABLES.items():
-        for cell in tables.cells(table, seeds=[0], scale="full"):
+    for name, table in grids.TABLES.items():
+        for cell in grids.cells(table, seeds=[0], scale="full"):
             assert cell.config.model.path in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-1.5B")
             assert cell.config.model.dtype == "bfloat16"
-    tpaw = tables.cells(tables.TABLES["tpaw"], seeds=[0], scale="full")
+    tpaw = grids.cells(grids.TABLES["tpaw"], seeds=[0], scale="full")
     assert {(c.config.data.num_clients, c.config.fl.clients_per_round) for c in tpaw} == {(8, 8)}
     spear = {c.name: c.config
-             for c in tables.cells(tables.TABLES["spear"], seeds=[0], scale="full")}
+             for c in grids.cells(grids.TABLES["spear"], seeds=[0], scale="full")}
     assert spear["grpo-arc_challenge-s0"].algorithm.name == "grpo"
     assert spear["spear-arc_challenge-s0"].data.num_clients == 50
     assert (spear["spear-arc_challenge-s0"].task.train_split,
             spear["spear-arc_challenge-s0"].task.eval_split) == ("train", "test")
-    settings = {c.run: c.config for c in tables.cells(tables.TABLES["settings"], seeds=[1],
+    settings = {c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[1],
                                                       scale="full")}
     assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
-    assert tables.main(["--table", "tpaw", "--scale", "full", "--dry-run"]) == 0
+    assert cli.main(["--table", "tpaw", "--scale", "full", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "Qwen/Qwen2.5-1.5B" in out and "== tpaw-gsm8k-s2" in out
 
@@ -280,7 +294,7 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     argv = ["--table", "settings", "--scale", "tiny", "--seeds", "0",
             "--cells", "centralized,fed_sft,fed_selfplay", "--workdir", str(tmp_path / "runs"),
             "--results-dir", str(tmp_path / "results"), "--set", f"model.path={model_dir}"]
-    assert tables.main(argv) == 0
+    assert cli.main(argv) == 0
     results = tmp_path / "results"
     md = (results / "settings.md").read_text()
     assert "| centralized (SPEAR, pooled data) |" in md and "| yes |" in md
@@ -308,7 +322,7 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert data["meta"]["rounds_s"] == pytest.approx(
         sum(sum(c["curves"]["time_s"].values()) for c in data["cells"]))
     assert data["meta"]["rounds_s"] > 0 and data["meta"]["commit"]
-    commit = tables._git_commit() or "unknown"
+    commit = running._git_commit() or "unknown"
     assert all(c["commits"] == [commit] for c in data["cells"])
     assert f"its cells ran at commit {commit} (all 3 cells)" in md
 
@@ -320,34 +334,34 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
 
     monkeypatch.setattr(loop, "run", fail)
     (results / "settings.md").unlink()
-    assert tables.main(argv) == 0
+    assert cli.main(argv) == 0
     assert (results / "settings.md").read_text() == md
     # A finished cell whose config changed is refused, naming the field.
     with pytest.raises(ValueError, match="local.lr"):
-        tables.main(argv + ["--set", "local.lr=0.001"])
+        cli.main(argv + ["--set", "local.lr=0.001"])
 
 
 def test_speedup_line_reports_what_was_measured():
     rows = {"fedavg": {"a": {"rounds_to_target_stat": (5.0, 0.0, 3)}},
             "advantage": {"a": {"rounds_to_target_stat": (3.0, 0.0, 3)}}}
-    assert "3.00 vs 5.00" in tables._speedup(rows, "a") and "40% fewer" in tables._speedup(rows, "a")
+    assert "3.00 vs 5.00" in render._speedup(rows, "a") and "40% fewer" in render._speedup(rows, "a")
     rows["advantage"]["a"]["rounds_to_target_stat"] = (6.0, 0.0, 3)
-    assert "20% more" in tables._speedup(rows, "a")
+    assert "20% more" in render._speedup(rows, "a")
     rows["advantage"]["a"]["rounds_to_target_stat"] = (math.nan, math.nan, 0)
-    assert "not comparable" in tables._speedup(rows, "a")
+    assert "not comparable" in render._speedup(rows, "a")
 
 
 def test_all_tables_dry_run(capsys):
-    assert tables.main(["--table", "all", "--seeds", "0", "--dry-run"]) == 0
+    assert cli.main(["--table", "all", "--seeds", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("table ")] == [
-        f"table {name}" for name in tables.TABLES]
+        f"table {name}" for name in grids.TABLES]
 
 
 def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monkeypatch):
     from fedsp.federated import loop
 
-    cell = tables.cells(tables.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    cell = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
     workdir = tmp_path / cell.name
     calls = []
 
@@ -367,33 +381,33 @@ def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monke
     monkeypatch.setattr(loop, "server_step", stub)
     workdir.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        tables.run_cell(cell, workdir)
-    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5}
+        running.run_cell(cell, workdir)
+    assert running.run_cell(cell, workdir) == {"final_accuracy": 0.5}
     assert calls == [workdir, workdir]
     audit = json.loads((workdir / "server_audit.json").read_text())
     assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 4, "float32": 4},
                      "text_leaves": 0}
     assert loop.server_step is stub  # the audit put back what it wrapped
     # Both attempts ran at this checkout's commit: recorded once.
-    assert tables.cell_commits(workdir) == [tables._git_commit() or "unknown"]
+    assert running.cell_commits(workdir) == [running._git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.
-    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
+    assert running.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
 
 
 def test_a_finished_cell_predating_an_execution_field_still_matches(tmp_path):
     """A cell saved before ``rollout.reuse_cache`` existed matches the config that has it
     at its default (it computes the same); any other difference, or the field set to
     the non-default value, is a different config."""
-    cell = tables.cells(tables.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    cell = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
     workdir = tmp_path / cell.name
     workdir.mkdir()
     saved = json.loads(cell.config.to_json_best_effort())
     assert saved["rollout"].pop("reuse_cache") is True
     (workdir / "config.json").write_text(json.dumps(saved))
     (workdir / "summary.json").write_text(json.dumps({"final_accuracy": 0.25}))
-    assert tables.run_cell(cell, workdir) == {"final_accuracy": 0.25}
+    assert running.run_cell(cell, workdir) == {"final_accuracy": 0.25}
     for field, value in (("reuse_cache", False), ("max_new_tokens", 7)):
         changed = dict(saved, rollout=dict(saved["rollout"], **{field: value}))
         (workdir / "config.json").write_text(json.dumps(changed))
         with pytest.raises(ValueError, match=f"rollout.{field}"):
-            tables.run_cell(cell, workdir)
+            running.run_cell(cell, workdir)

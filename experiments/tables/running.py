@@ -1,0 +1,181 @@
+"""Running a table's cells: validating every config first, running (or resuming, or
+skipping when finished) each cell in its run directory with the server step audited, and
+reading back what a cell wrote (its learning curves, the commits it ran at).
+
+A finished cell is only reused if its saved config is the cell's own (up to
+`experiments.tables.grids._comparable`): a changed field is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.tables.grids import Cell, _comparable
+
+
+def validation_problems(grid: Sequence[Cell]) -> list[str]:
+    """`fedsp.config.validate` of every cell, one line per bad cell (naming the fields)."""
+    from fedsp import config as config_lib
+
+    problems = []
+    for cell in grid:
+        try:
+            config_lib.validate(cell.config)
+        except ValueError as err:
+            problems.append(f"{cell.name}: " + "; ".join(str(err).splitlines()[1:]).strip())
+    return problems
+
+
+# --------------------------------------------------------------------------- commits
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), None outside git."""
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
+COMMITS_FILE = "commits.txt"
+
+
+def _record_commit(workdir: pathlib.Path) -> None:
+    """Appends the checkout's commit to ``workdir/commits.txt`` when it differs from the
+    last one there: the code versions a cell ran on, one line per change (a resumed cell
+    can span several)."""
+    commit = _git_commit() or "unknown"
+    path = workdir / COMMITS_FILE
+    seen = path.read_text().split() if path.is_file() else []
+    if not seen or seen[-1] != commit:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(commit + "\n")
+
+
+def cell_commits(workdir: pathlib.Path) -> list[str]:
+    """The commits `run_cell` recorded for a cell, oldest first ([] if none were)."""
+    path = workdir / COMMITS_FILE
+    return path.read_text().split() if path.is_file() else []
+
+
+# --------------------------------------------------------------------------- audit
+# The one place that patches the loop: `ServerAudit` rebinds
+# `fedsp.federated.loop.server_step` while a cell runs. Everything it relies on is inside
+# the class and `run_cell` uses only ``with audit:``, ``audit.calls`` and ``audit.merge``,
+# so observing the server step another way changes this block alone.
+
+
+class ServerAudit:
+    """Wraps `fedsp.federated.loop.server_step` while a cell runs and records, for every
+    call, the type of every leaf of what reached the server, and how many of them were
+    text (``str``/``bytes``) or any other non-array object."""
+
+    def __init__(self):
+        self.calls = 0
+        self.leaf_types: dict[str, int] = {}
+        self.text_leaves = 0
+
+    def __enter__(self):
+        from fedsp.federated import loop
+
+        # Wraps whatever the loop calls, and puts exactly that back on exit.
+        self._loop, self._inner = loop, loop.server_step
+        loop.server_step = self
+        return self
+
+    def __exit__(self, *exc):
+        self._loop.server_step = self._inner
+
+    def __call__(self, *args, **kwargs):
+        import jax
+
+        self.calls += 1
+        for leaf in jax.tree.leaves((args, kwargs.get("threshold"))):
+            name = type(leaf).__name__
+            self.leaf_types[name] = self.leaf_types.get(name, 0) + 1
+            if isinstance(leaf, (str, bytes)) or not hasattr(leaf, "dtype") and not isinstance(
+                    leaf, (int, float)):
+                self.text_leaves += 1
+        return self._inner(*args, **kwargs)
+
+    def merge(self, path: pathlib.Path) -> dict[str, Any]:
+        """Adds this audit to the one saved at ``path`` (a resumed cell) and saves it."""
+        saved = json.loads(path.read_text()) if path.is_file() else {
+            "server_calls": 0, "leaf_types": {}, "text_leaves": 0}
+        saved["server_calls"] += self.calls
+        saved["text_leaves"] += self.text_leaves
+        for k, v in self.leaf_types.items():
+            saved["leaf_types"][k] = saved["leaf_types"].get(k, 0) + v
+        path.write_text(json.dumps(saved, indent=2) + "\n")
+        return saved
+
+
+# --------------------------------------------------------------------------- end of audit
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
+    """Runs (resumes, or skips if finished) one cell; returns its summary."""
+    summary_path = workdir / "summary.json"
+    if summary_path.is_file():
+        saved = json.loads((workdir / "config.json").read_text())
+        want = json.loads(cell.config.to_json_best_effort())
+        changed = _diff(_comparable(saved), _comparable(want))
+        if changed:
+            raise ValueError(f"{workdir} finished with a different config (fields {changed}); "
+                             "use another --workdir or delete the cell")
+        return json.loads(summary_path.read_text())
+    from fedsp.federated.loop import run
+
+    _record_commit(workdir)
+    audit = ServerAudit()
+    try:
+        with audit:
+            summary = run(cell.config, workdir)
+    finally:
+        # A cell stopped by an error keeps the audit of the rounds it ran; the resumed
+        # process adds its own (server_calls then counts every round once more or less
+        # only if a round was repeated after a crash).
+        if audit.calls:
+            audit.merge(workdir / "server_audit.json")
+    return summary
+
+
+def read_curves(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
+    """Per-round curves of a run directory's ``metrics.jsonl``: accuracy (evaluated
+    rounds), bytes sent and bytes saved (every round; round 0 sends nothing), and each
+    round's wall time (``time_s``: training and evaluation, without start-up), which adds
+    up across the processes of a resumed cell."""
+    accuracy, sent, saved, seconds = {}, {}, {}, {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        rnd = str(record["round"])
+        if "eval/accuracy" in record:
+            accuracy[rnd] = record["eval/accuracy"]
+        sent[rnd] = record.get("bytes_sent", 0)
+        saved[rnd] = record.get("bytes_saved", 0)
+        if "time_s" in record:
+            seconds[rnd] = record["time_s"]
+    return {"accuracy": accuracy, "bytes_sent": sent, "bytes_saved": saved, "time_s": seconds}
