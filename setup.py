@@ -12,7 +12,6 @@ INSTALL_REQUIRES = [
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.12.8,<0.14",
     "etils[epath]>=1.7",
-    "chex>=0.1.90,<0.2",
     "ml-collections>=1.0,<2",
     "numpy>=1.26",
     "transformers>=5.0,<6",
@@ -31,6 +30,10 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "pytest-xdist>=3.6",
         "hypothesis>=6.100",
+        # Test-only: chex.variants runs the core golden-value tests with and without jit,
+        # chex.assert_* compare trees. The library validates its inputs in
+        # fedsp.core.checks (ValueErrors naming the argument) and never imports chex.
+        "chex>=0.1.90,<0.2",
         "nbmake>=1.5",
         # tests/test_notebooks.py executes notebooks/ in a kernel of the venv's python
         "nbclient>=0.10",

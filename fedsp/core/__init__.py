@@ -7,9 +7,10 @@ Every function here is jit/vmap/grad-safe. Modules:
   losses       sft, unlikelihood, spear, spin, dpo, tpaw, grpo
   aggregation  weighted means over a stacked client axis, server optimizers, robust
                aggregation and DP noise
+  checks       the shape and argument validation above, ValueErrors naming the argument
 """
 
-from fedsp.core import advantage, aggregation, logprobs, losses, weighting
+from fedsp.core import advantage, aggregation, checks, logprobs, losses, weighting
 from fedsp.core.advantage import advantages, awr_weights, ema_baseline, group_advantages
 from fedsp.core.aggregation import (
     SERVER_OPTIMIZERS,
@@ -48,6 +49,7 @@ __all__ = [
     "advantages",
     "aggregation",
     "awr_weights",
+    "checks",
     "client_weights",
     "clip_update",
     "dp_noise",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsp.core import _checks
+from fedsp.core import checks
 
 # exp(80) ≈ 5.5e34 is finite in float32 (whose exp overflows just above 88.7), so capping
 # the exponent here keeps AWR weights and their gradients finite even for max_weight=inf.
@@ -36,11 +36,11 @@ def advantages(rewards: jax.Array, baseline: jax.Array | float) -> jax.Array:
     Raises:
       ValueError: if ``rewards`` is not rank 1 or ``baseline`` is neither a scalar nor [B].
     """
-    _checks.check_rank("rewards", rewards, 1, "B")
+    checks.check_rank("rewards", rewards, 1, "B")
     (batch,) = jnp.shape(rewards)
     if jnp.ndim(baseline) != 0:
-        _checks.check_shape("baseline", baseline, "B", (batch,))
-    return _checks.upcast_float(rewards) - _checks.upcast_float(baseline)
+        checks.check_shape("baseline", baseline, "B", (batch,))
+    return checks.upcast_float(rewards) - checks.upcast_float(baseline)
 
 
 def group_advantages(
@@ -65,9 +65,9 @@ def group_advantages(
     Raises:
       ValueError: if ``rewards`` is not rank 2 or ``eps`` is negative.
     """
-    _checks.check_rank("rewards", rewards, 2, "B, G")
-    _checks.check_interval("eps", eps, 0.0)
-    rewards = _checks.upcast_float(rewards)
+    checks.check_rank("rewards", rewards, 2, "B, G")
+    checks.check_interval("eps", eps, 0.0)
+    rewards = checks.upcast_float(rewards)
     group_size = jnp.shape(rewards)[-1]
     if normalize and group_size < 2:
         return jnp.zeros_like(rewards)
@@ -107,16 +107,16 @@ def ema_baseline(
     Raises:
       ValueError: if ``decay`` is outside [0, 1] or ``prev`` is not a scalar.
     """
-    _checks.check_interval("decay", decay, 0.0, 1.0)
+    checks.check_interval("decay", decay, 0.0, 1.0)
     if prev is not None and jnp.ndim(prev) != 0:
         raise ValueError(f"prev must be a scalar or None, got shape {tuple(jnp.shape(prev))}")
-    rewards = _checks.upcast_float(rewards)
+    rewards = checks.upcast_float(rewards)
     if rewards.size == 0:
-        return jnp.zeros((), rewards.dtype) if prev is None else _checks.upcast_float(prev)
+        return jnp.zeros((), rewards.dtype) if prev is None else checks.upcast_float(prev)
     batch_mean = jnp.mean(rewards)
     if prev is None:
         return batch_mean
-    return decay * _checks.upcast_float(prev) + (1.0 - decay) * batch_mean
+    return decay * checks.upcast_float(prev) + (1.0 - decay) * batch_mean
 
 
 def awr_weights(adv: jax.Array, temperature: float, max_weight: float) -> jax.Array:
@@ -137,9 +137,9 @@ def awr_weights(adv: jax.Array, temperature: float, max_weight: float) -> jax.Ar
     Raises:
       ValueError: if ``adv`` is not rank 1, ``temperature`` ≤ 0 or ``max_weight`` ≤ 0.
     """
-    _checks.check_rank("adv", adv, 1, "B")
-    _checks.check_interval("temperature", temperature, 0.0, low_open=True)
-    _checks.check_interval("max_weight", max_weight, 0.0, low_open=True)
-    adv = _checks.upcast_float(adv)
+    checks.check_rank("adv", adv, 1, "B")
+    checks.check_interval("temperature", temperature, 0.0, low_open=True)
+    checks.check_interval("max_weight", max_weight, 0.0, low_open=True)
+    adv = checks.upcast_float(adv)
     cap = jnp.minimum(jnp.log(jnp.asarray(max_weight, adv.dtype)), _MAX_EXPONENT)
     return jnp.exp(jnp.minimum(adv / temperature, cap))

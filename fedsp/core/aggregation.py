@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsp.core import _checks
+from fedsp.core import checks
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
@@ -95,14 +95,14 @@ def _check_stacked_like(server_params: PyTree, client_params: PyTree) -> int:
 
 def _weighted_mean_upcast(stacked_tree: PyTree, weights: jax.Array) -> tuple[PyTree, jax.Array]:
     """Weighted mean over axis 0 in float32 (or wider); returns (mean tree, Σ weights)."""
-    weights = _checks.upcast_float(weights)
+    weights = checks.upcast_float(weights)
     total = jnp.sum(weights)
     # Every client pruned (Σ w = 0): divide by 1 instead of 0, so the mean is all zeros
     # rather than NaN; `server_update` then keeps the server parameters unchanged.
     scale = weights / jnp.where(total != 0, total, 1)
 
     def leaf_mean(x: jax.Array) -> jax.Array:
-        x = _checks.upcast_float(x)
+        x = checks.upcast_float(x)
         s = scale.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
         # A select, not a product: a pruned client (w = 0) whose training diverged must
         # not poison the mean through 0 · NaN = NaN.
@@ -116,7 +116,7 @@ def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
 
 
 def _global_norm(tree: PyTree) -> jax.Array:
-    squares = [jnp.sum(jnp.square(_checks.upcast_float(x))) for x in jax.tree.leaves(tree)]
+    squares = [jnp.sum(jnp.square(checks.upcast_float(x))) for x in jax.tree.leaves(tree)]
     return jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
 
 
@@ -183,7 +183,7 @@ def pseudo_gradient(server_params: PyTree, aggregated_params: PyTree) -> PyTree:
       The pytree θ_r − θ̄, in float32 or wider.
     """
     return jax.tree.map(
-        lambda s, a: _checks.upcast_float(s) - _checks.upcast_float(a),
+        lambda s, a: checks.upcast_float(s) - checks.upcast_float(a),
         server_params,
         aggregated_params,
     )
@@ -221,7 +221,7 @@ def scale_by_server_momentum(b1: float = 0.9) -> optax.GradientTransformation:
     Returns:
       An optax transformation with state `ServerMomentumState`; updates in float32.
     """
-    _checks.check_interval("b1", b1, 0.0, 1.0)
+    checks.check_interval("b1", b1, 0.0, 1.0)
 
     def init_fn(params: optax.Params) -> ServerMomentumState:
         return ServerMomentumState(momentum=_zeros_upcast(params))
@@ -231,7 +231,7 @@ def scale_by_server_momentum(b1: float = 0.9) -> optax.GradientTransformation:
     ) -> tuple[optax.Updates, ServerMomentumState]:
         del params
         momentum = jax.tree.map(
-            lambda m, g: b1 * m + _checks.upcast_float(g), state.momentum, updates
+            lambda m, g: b1 * m + checks.upcast_float(g), state.momentum, updates
         )
         return momentum, ServerMomentumState(momentum=momentum)
 
@@ -241,11 +241,11 @@ def scale_by_server_momentum(b1: float = 0.9) -> optax.GradientTransformation:
 def _scale_by_fed_adaptive(
     b1: float, b2: float, tau: float, v0: float | None, yogi: bool
 ) -> optax.GradientTransformation:
-    _checks.check_interval("b1", b1, 0.0, 1.0)
-    _checks.check_interval("b2", b2, 0.0, 1.0)
-    _checks.check_interval("tau", tau, 0.0, None, low_open=True)
+    checks.check_interval("b1", b1, 0.0, 1.0)
+    checks.check_interval("b2", b2, 0.0, 1.0)
+    checks.check_interval("tau", tau, 0.0, None, low_open=True)
     if v0 is not None:
-        _checks.check_interval("v0", v0, 0.0, None)
+        checks.check_interval("v0", v0, 0.0, None)
     initial_nu = tau**2 if v0 is None else v0
 
     def init_fn(params: optax.Params) -> FedAdaptiveState:
@@ -263,7 +263,7 @@ def _scale_by_fed_adaptive(
         updates: optax.Updates, state: FedAdaptiveState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, FedAdaptiveState]:
         del params
-        grads = jax.tree.map(_checks.upcast_float, updates)
+        grads = jax.tree.map(checks.upcast_float, updates)
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
         nu = jax.tree.map(second_moment, state.nu, grads)
         # No bias correction: Reddi et al. 2021 (Algorithm 2) use none, and tau keeps the
@@ -344,8 +344,8 @@ def server_optimizer(
       ValueError: for an unknown ``name`` (listing the choices) or an out-of-range
         hyper-parameter.
     """
-    _checks.check_choice("name", name, SERVER_OPTIMIZERS)
-    _checks.check_interval("lr", lr, 0.0, None, low_open=True)
+    checks.check_choice("name", name, SERVER_OPTIMIZERS)
+    checks.check_interval("lr", lr, 0.0, None, low_open=True)
     try:
         return _cached_server_optimizer(name, lr, b1, b2, tau, v0)
     except TypeError:  # an unhashable lr (schedule object): build it afresh
@@ -440,11 +440,11 @@ def clip_update(delta_tree: PyTree, max_norm: float) -> tuple[PyTree, jax.Array]
     Raises:
       ValueError: if ``max_norm`` is a number ≤ 0.
     """
-    _checks.check_interval("max_norm", max_norm, 0.0, None, low_open=True)
+    checks.check_interval("max_norm", max_norm, 0.0, None, low_open=True)
     norm = _global_norm(delta_tree)
     scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1), 1.0)
     clipped = jax.tree.map(
-        lambda x: (_checks.upcast_float(x) * scale).astype(jnp.result_type(x)), delta_tree
+        lambda x: (checks.upcast_float(x) * scale).astype(jnp.result_type(x)), delta_tree
     )
     return clipped, norm
 
@@ -478,7 +478,7 @@ def trimmed_mean(stacked_tree: PyTree, trim: int) -> PyTree:
         )
 
     def leaf_mean(x: jax.Array) -> jax.Array:
-        ordered = jnp.sort(_checks.upcast_float(x), axis=0)
+        ordered = jnp.sort(checks.upcast_float(x), axis=0)
         kept = ordered[trim : num_clients - trim]
         return jnp.mean(kept, axis=0).astype(jnp.result_type(x))
 
@@ -504,12 +504,12 @@ def dp_noise(tree: PyTree, stddev: float | jax.Array, key: jax.Array) -> PyTree:
     Raises:
       ValueError: if ``stddev`` is a negative number.
     """
-    _checks.check_interval("stddev", stddev, 0.0, None)
+    checks.check_interval("stddev", stddev, 0.0, None)
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     noised = []
     for leaf_key, x in zip(keys, leaves):
-        upcast = _checks.upcast_float(x)
+        upcast = checks.upcast_float(x)
         noise = jax.random.normal(leaf_key, jnp.shape(x), upcast.dtype)
         noised.append((upcast + stddev * noise).astype(jnp.result_type(x)))
     return jax.tree.unflatten(treedef, noised)

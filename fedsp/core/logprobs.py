@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsp.core import _checks
+from fedsp.core import checks
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -36,11 +36,11 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     Raises:
       ValueError: if ``logits`` is not rank 3, ``targets`` is not [B, T] or not integer.
     """
-    _checks.check_rank("logits", logits, 3, "B, T, V")
+    checks.check_rank("logits", logits, 3, "B, T, V")
     batch, length, _ = jnp.shape(logits)
-    _checks.check_shape("targets", targets, "B, T", (batch, length))
-    _checks.check_integer("targets", targets)
-    logits = _checks.upcast_float(logits)
+    checks.check_shape("targets", targets, "B, T", (batch, length))
+    checks.check_integer("targets", targets)
+    logits = checks.upcast_float(logits)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     # No wrap-around for negative ids: -1 must not silently read the last vocab entry.
     picked = jnp.take_along_axis(
@@ -73,12 +73,12 @@ def sequence_logprobs(
     Raises:
       ValueError: on wrong ranks or mismatched shapes.
     """
-    _checks.check_rank("logits", logits, 3, "B, T, V")
+    checks.check_rank("logits", logits, 3, "B, T, V")
     batch, length, _ = jnp.shape(logits)
-    _checks.check_shape("targets", targets, "B, T", (batch, length))
-    _checks.check_shape("mask", mask, "B, T", (batch, length))
-    _checks.check_integer("targets", targets)
-    valid = _checks.as_bool_mask("mask", mask)
+    checks.check_shape("targets", targets, "B, T", (batch, length))
+    checks.check_shape("mask", mask, "B, T", (batch, length))
+    checks.check_integer("targets", targets)
+    valid = checks.as_bool_mask("mask", mask)
     # Out-of-range padding ids would gather NaN, and NaN survives a multiply by 0.
     targets = jnp.where(valid, targets, 0)
     token_lp = jnp.where(valid, token_logprobs(logits, targets), 0.0)

@@ -28,8 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsp.core import _checks
-from fedsp.core import weighting
+from fedsp.core import checks, weighting
 
 Metrics = dict[str, jax.Array]
 
@@ -49,15 +48,15 @@ def _safe_divide(numerator: jax.Array, count: jax.Array) -> jax.Array:
 def _pair_mask(mask: jax.Array | None, batch: int) -> jax.Array:
     if mask is None:
         return jnp.ones((batch,), bool)
-    _checks.check_shape("mask", mask, "B", (batch,))
-    return _checks.as_bool_mask("mask", mask)
+    checks.check_shape("mask", mask, "B", (batch,))
+    return checks.as_bool_mask("mask", mask)
 
 
 def _check_token_inputs(
     logps_name: str, logps: jax.Array, mask_name: str, mask: jax.Array
 ) -> None:
-    _checks.check_rank(logps_name, logps, 2, "B, T")
-    _checks.check_shape(mask_name, mask, "B, T", jnp.shape(logps))
+    checks.check_rank(logps_name, logps, 2, "B, T")
+    checks.check_shape(mask_name, mask, "B, T", jnp.shape(logps))
 
 
 def sft_loss(
@@ -84,17 +83,17 @@ def sft_loss(
     """
     _check_token_inputs("token_logps", token_logps, "mask", mask)
     batch = jnp.shape(token_logps)[0]
-    valid = _checks.as_bool_mask("mask", mask)
+    valid = checks.as_bool_mask("mask", mask)
     # where() before the arithmetic: padding may hold -inf/NaN log-probs, and a NaN
     # multiplied by a zero mask is still NaN in the value and the gradient.
-    nll = jnp.where(valid, -_checks.upcast_float(token_logps), 0.0)
+    nll = jnp.where(valid, -checks.upcast_float(token_logps), 0.0)
     num_tokens = _count(valid)
     nll_sum = jnp.sum(nll)
     if weights is None:
         weighted_sum = nll_sum
     else:
-        _checks.check_shape("weights", weights, "B", (batch,))
-        weighted_sum = jnp.sum(nll * _checks.upcast_float(weights)[:, None])
+        checks.check_shape("weights", weights, "B", (batch,))
+        weighted_sum = jnp.sum(nll * checks.upcast_float(weights)[:, None])
     loss = _safe_divide(weighted_sum, num_tokens)
     metrics = {
         "loss": loss,
@@ -142,17 +141,17 @@ def unlikelihood_loss(
     """
     _check_token_inputs("token_logps", token_logps, "mask", mask)
     batch = jnp.shape(token_logps)[0]
-    _checks.check_shape("confidence", confidence, "B", (batch,))
-    _checks.check_interval("margin", margin, 0.0, 1.0, high_open=True)
-    valid = _checks.as_bool_mask("mask", mask)
-    logps = jnp.where(valid, _checks.upcast_float(token_logps), -1.0)
+    checks.check_shape("confidence", confidence, "B", (batch,))
+    checks.check_interval("margin", margin, 0.0, 1.0, high_open=True)
+    valid = checks.as_bool_mask("mask", mask)
+    logps = jnp.where(valid, checks.upcast_float(token_logps), -1.0)
     active = valid & (jnp.exp(logps) > margin)
     one_minus_p = jnp.maximum(-jnp.expm1(logps), _UNLIKELIHOOD_MIN_ONE_MINUS_P)
     ul = jnp.where(active, -jnp.log(one_minus_p), 0.0)
 
     num_tokens = _count(valid)
     rows = jnp.any(valid, axis=-1)
-    confidence = jnp.where(rows, _checks.upcast_float(confidence), 0.0)
+    confidence = jnp.where(rows, checks.upcast_float(confidence), 0.0)
     confidence_mean = _safe_divide(jnp.sum(confidence), _count(rows))
     ul_sum = jnp.sum(ul)
     loss = _safe_divide(ul_sum, num_tokens) * confidence_mean
@@ -249,10 +248,10 @@ def _pairwise_logistic(
 
 
 def _check_pair_inputs(names: tuple[str, ...], *xs: jax.Array) -> int:
-    _checks.check_rank(names[0], xs[0], 1, "B")
+    checks.check_rank(names[0], xs[0], 1, "B")
     (batch,) = jnp.shape(xs[0])
     for name, x in zip(names[1:], xs[1:]):
-        _checks.check_shape(name, x, "B", (batch,))
+        checks.check_shape(name, x, "B", (batch,))
     return batch
 
 
@@ -333,7 +332,7 @@ def dpo_loss(
         ref_chosen,
         ref_rejected,
     )
-    _checks.check_interval("label_smoothing", label_smoothing, 0.0, 0.5)
+    checks.check_interval("label_smoothing", label_smoothing, 0.0, 0.5)
     valid = _pair_mask(mask, batch)
     rewards_pos = weighting.implicit_rewards(pol_chosen, ref_chosen, beta)
     rewards_neg = weighting.implicit_rewards(pol_rejected, ref_rejected, beta)
@@ -387,19 +386,19 @@ def tpaw_loss(
         ``player_mask`` not [J].
     """
     batch = _check_pair_inputs(("pol_pos", "pol_neg"), pol_pos, pol_neg)
-    _checks.check_rank("players_pos", players_pos, 2, "J, B")
+    checks.check_rank("players_pos", players_pos, 2, "J, B")
     num_players = jnp.shape(players_pos)[0]
-    _checks.check_shape("players_pos", players_pos, "J, B", (num_players, batch))
-    _checks.check_shape("players_neg", players_neg, "J, B", (num_players, batch))
-    _checks.check_shape("player_mask", player_mask, "J", (num_players,))
+    checks.check_shape("players_pos", players_pos, "J, B", (num_players, batch))
+    checks.check_shape("players_neg", players_neg, "J, B", (num_players, batch))
+    checks.check_shape("player_mask", player_mask, "J", (num_players,))
     valid = _pair_mask(mask, batch)
-    players = _checks.as_bool_mask("player_mask", player_mask)[:, None]
+    players = checks.as_bool_mask("player_mask", player_mask)[:, None]
     entries = players & valid[None, :]
 
     # Sanitise masked slots before any arithmetic so their NaN/inf cannot reach the
     # gradient through the zero weights.
-    players_pos = jnp.where(players, _checks.upcast_float(players_pos), 0.0)
-    players_neg = jnp.where(players, _checks.upcast_float(players_neg), 0.0)
+    players_pos = jnp.where(players, checks.upcast_float(players_pos), 0.0)
+    players_neg = jnp.where(players, checks.upcast_float(players_neg), 0.0)
     rewards_pos = weighting.implicit_rewards(pol_pos, players_pos, lam)
     rewards_neg = weighting.implicit_rewards(pol_neg, players_neg, lam)
     alpha = weighting.response_weights(rewards_pos, eta)
@@ -468,17 +467,17 @@ def grpo_loss(
     """
     _check_token_inputs("logps", logps, "mask", mask)
     batch, length = jnp.shape(logps)
-    _checks.check_shape("old_logps", old_logps, "B, T", (batch, length))
-    _checks.check_shape("ref_logps", ref_logps, "B, T", (batch, length))
-    _checks.check_shape("adv", adv, "B", (batch,))
-    _checks.check_interval("clip_eps", clip_eps, 0.0)
-    _checks.check_interval("kl_coef", kl_coef, 0.0)
-    valid = _checks.as_bool_mask("mask", mask)
+    checks.check_shape("old_logps", old_logps, "B, T", (batch, length))
+    checks.check_shape("ref_logps", ref_logps, "B, T", (batch, length))
+    checks.check_shape("adv", adv, "B", (batch,))
+    checks.check_interval("clip_eps", clip_eps, 0.0)
+    checks.check_interval("kl_coef", kl_coef, 0.0)
+    valid = checks.as_bool_mask("mask", mask)
     # Zero log-ratios on padding keep exp() from overflowing there.
-    logps = jnp.where(valid, _checks.upcast_float(logps), 0.0)
-    old_logps = jnp.where(valid, _checks.upcast_float(old_logps), 0.0)
-    ref_logps = jnp.where(valid, _checks.upcast_float(ref_logps), 0.0)
-    adv = _checks.upcast_float(adv)[:, None]
+    logps = jnp.where(valid, checks.upcast_float(logps), 0.0)
+    old_logps = jnp.where(valid, checks.upcast_float(old_logps), 0.0)
+    ref_logps = jnp.where(valid, checks.upcast_float(ref_logps), 0.0)
+    adv = checks.upcast_float(adv)[:, None]
 
     ratio = jnp.exp(logps - old_logps)
     unclipped = ratio * adv

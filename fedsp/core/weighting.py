@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsp.core import _checks
+from fedsp.core import checks
 
 CLIENT_WEIGHT_MODES = ("examples", "advantage", "uniform")
 
@@ -49,14 +49,14 @@ def implicit_rewards(
     Raises:
       ValueError: if ``policy_logps`` is not [B] or ``player_logps`` is not [B] / [J, B].
     """
-    _checks.check_rank("policy_logps", policy_logps, 1, "B")
+    checks.check_rank("policy_logps", policy_logps, 1, "B")
     (batch,) = jnp.shape(policy_logps)
     if jnp.ndim(player_logps) == 1:
-        _checks.check_shape("player_logps", player_logps, "B", (batch,))
+        checks.check_shape("player_logps", player_logps, "B", (batch,))
     else:
-        _checks.check_shape("player_logps", player_logps, "J, B", (None, batch))
-    policy_logps = _checks.upcast_float(policy_logps)
-    player_logps = _checks.upcast_float(player_logps)
+        checks.check_shape("player_logps", player_logps, "J, B", (None, batch))
+    policy_logps = checks.upcast_float(policy_logps)
+    player_logps = checks.upcast_float(player_logps)
     return lam * (policy_logps - player_logps)
 
 
@@ -76,8 +76,8 @@ def response_weights(pos_rewards: jax.Array, eta: float) -> jax.Array:
     Raises:
       ValueError: if ``pos_rewards`` is not rank 2.
     """
-    _checks.check_rank("pos_rewards", pos_rewards, 2, "J, B")
-    pos_rewards = jax.lax.stop_gradient(_checks.upcast_float(pos_rewards))
+    checks.check_rank("pos_rewards", pos_rewards, 2, "J, B")
+    pos_rewards = jax.lax.stop_gradient(checks.upcast_float(pos_rewards))
     eta = jax.lax.stop_gradient(jnp.asarray(eta, pos_rewards.dtype))
     return jnp.where(pos_rewards <= 0.0, eta, jnp.ones_like(pos_rewards))
 
@@ -102,11 +102,11 @@ def player_weights(margins: jax.Array, gamma: float, player_mask: jax.Array) -> 
     Raises:
       ValueError: on wrong ranks or if ``player_mask`` is not [J].
     """
-    _checks.check_rank("margins", margins, 2, "J, B")
+    checks.check_rank("margins", margins, 2, "J, B")
     num_players = jnp.shape(margins)[0]
-    _checks.check_shape("player_mask", player_mask, "J", (num_players,))
-    valid = _checks.as_bool_mask("player_mask", player_mask)[:, None]
-    margins = jax.lax.stop_gradient(_checks.upcast_float(margins))
+    checks.check_shape("player_mask", player_mask, "J", (num_players,))
+    valid = checks.as_bool_mask("player_mask", player_mask)[:, None]
+    margins = jax.lax.stop_gradient(checks.upcast_float(margins))
     gamma = jax.lax.stop_gradient(jnp.asarray(gamma, margins.dtype))
     logits = jnp.where(valid, -gamma * margins, -jnp.inf)
     shift = jnp.max(logits, axis=0, keepdims=True)
@@ -154,17 +154,17 @@ def client_weights(
     Raises:
       ValueError: on an unknown ``mode``, temperature ≤ 0, or shapes other than [C].
     """
-    _checks.check_choice("mode", mode, CLIENT_WEIGHT_MODES)
-    _checks.check_interval("temperature", temperature, 0.0, low_open=True)
-    _checks.check_rank("num_examples", num_examples, 1, "C")
+    checks.check_choice("mode", mode, CLIENT_WEIGHT_MODES)
+    checks.check_interval("temperature", temperature, 0.0, low_open=True)
+    checks.check_rank("num_examples", num_examples, 1, "C")
     (num_clients,) = jnp.shape(num_examples)
-    _checks.check_shape("client_adv", client_adv, "C", (num_clients,))
+    checks.check_shape("client_adv", client_adv, "C", (num_clients,))
     if threshold is not None and jnp.ndim(threshold) != 0:
         raise ValueError(
             f"threshold must be a scalar or None, got shape {tuple(jnp.shape(threshold))}"
         )
-    counts = _checks.upcast_float(num_examples)
-    adv = _checks.upcast_float(client_adv)
+    counts = checks.upcast_float(num_examples)
+    adv = checks.upcast_float(client_adv)
 
     keep = counts > 0
     uses_adv = mode == "advantage" or threshold is not None
@@ -206,8 +206,8 @@ def spear_confidence(revision_succeeded: jax.Array) -> jax.Array:
     Raises:
       ValueError: if ``revision_succeeded`` is not rank 1.
     """
-    _checks.check_rank("revision_succeeded", revision_succeeded, 1, "B")
-    succeeded = _checks.as_bool_mask("revision_succeeded", revision_succeeded)
+    checks.check_rank("revision_succeeded", revision_succeeded, 1, "B")
+    succeeded = checks.as_bool_mask("revision_succeeded", revision_succeeded)
     return jnp.where(succeeded, SPEAR_CONFIDENCE_REVISED, SPEAR_CONFIDENCE_UNREVISED).astype(
         jnp.float32
     )

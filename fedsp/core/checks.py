@@ -1,12 +1,16 @@
-"""Shape and argument validation shared by the `fedsp.core` modules.
+"""Shape and argument validation for the `fedsp.core` functions, at their boundaries.
+
+Every public core function validates its inputs here and raises ValueError with a
+message that names the argument and the expected shape, e.g.
+``players_pos must have shape [J, B] = [3, 4], got (3, 5)``, so a wrong shape in a
+caller's code reads as a usage error. chex's assertions would raise AssertionError
+naming only the position ("input 0 has shape (3, 5)"): the tests use chex, the
+library does not.
 
 Every check reads only static information (shapes, dtypes, Python numbers), so the
 same validation runs eagerly and at trace time under `jax.jit`. Values that are traced
 (hyper-parameters passed as arrays into a jitted function) are not range-checked: their
 value is not known while tracing.
-
-Error messages name the argument and the expected shape, e.g.
-``players_pos must have shape [J, B] = [3, 4], got (3, 5)``.
 """
 
 from __future__ import annotations
