@@ -59,7 +59,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["fedsp", "fedsp.*", "experiments", "experiments.*"]),
+    # Only the library: experiments/, benchmarks/ and tests/ run from a checkout
+    # (``python -m experiments.run`` from its root), so no generic top-level package
+    # named "experiments" lands in site-packages.
+    packages=find_packages(include=["fedsp", "fedsp.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     classifiers=[

@@ -1,4 +1,4 @@
-"""The "spear_client_update" work unit (DESIGN.md, "Reference figures to beat"): one SPEAR
+"""The "spear_client_update" work unit (BENCHMARKS.md, "spear_client_update"): one SPEAR
 client update on SmolLM2-135M-Instruct, against the official SPEAR code's 55.4 s.
 
     python -m benchmarks.client_update                  # the figures in BENCHMARKS.md
@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks import common
 from fedsp import hostalloc
 
-# DESIGN.md, "Reference figures to beat": lee3296/SPEAR (PyTorch + transformers + peft) on
+# The project's reference figures (BENCHMARKS.md, "spear_client_update"): lee3296/SPEAR (PyTorch + transformers + peft) on
 # this machine class (2 cores, fp32), the same work unit.
 REFERENCE = {"total_s": 55.4, "generation_s": 38.6, "training_s": 17.2, "peak_rss_gb": 2.9}
 TARGET = {"total_s": 11.0, "peak_rss_gb": 1.5}

@@ -30,7 +30,6 @@ the second half of every row is the response (loss mask).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import statistics
@@ -47,9 +46,11 @@ from fedsp import hostalloc
 from fedsp.model.config import ModelConfig
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.transformer import Transformer
+from fedsp.config import default_config
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, PlayerLogps, Sequences
-from fedsp.selfplay.pairs import PairHParams, _pair_local_train, pair_loss, score_pairs, stack_players
+from fedsp.selfplay.base import PackedSequences, PlayerLogps, client_batch
+from fedsp.selfplay.pairs import PairHParams, PairwiseSelfPlay, pair_loss
+from fedsp.selfplay.players import score_pairs, stack_players
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
@@ -84,7 +85,9 @@ def build_model(args) -> tuple[nnx.GraphDef, nnx.State, nnx.State, int]:
     return graphdef, lora, base, model.config.vocab_size
 
 
-def random_pairs(num_pairs: int, tokens: int, vocab: int, seed: int = 0) -> tuple[Sequences, Sequences]:
+def random_pairs(
+    num_pairs: int, tokens: int, vocab: int, seed: int = 0
+) -> tuple[PackedSequences, PackedSequences]:
     """[1, S, T] y⁺ and y⁻ rows sharing their prompt (first half)."""
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, vocab, (num_pairs, tokens // 2))
@@ -93,7 +96,7 @@ def random_pairs(num_pairs: int, tokens: int, vocab: int, seed: int = 0) -> tupl
         ids = np.concatenate([prompt, rng.integers(3, vocab, (num_pairs, tokens - tokens // 2))], 1)
         mask = np.zeros((num_pairs, tokens), np.float32)
         mask[:, tokens // 2:] = 1.0
-        return Sequences(tokens=jnp.asarray(ids[None], jnp.int32),
+        return PackedSequences(tokens=jnp.asarray(ids[None], jnp.int32),
                          attention_mask=jnp.ones((1, num_pairs, tokens), bool),
                          loss_mask=jnp.asarray(mask[None]),
                          weight=jnp.ones((1, num_pairs), jnp.float32),
@@ -147,16 +150,14 @@ def main() -> None:
                          lora) for s in range(args.players)]
     players, mask = stack_players(*team)
     pos, neg = random_pairs(args.pairs, args.tokens, vocab)
-    hp = PairHParams("tpaw", dataclasses.replace(tr.HParams(), steps=args.steps,
-                                                 batch_size=args.batch, lr=1e-3)).static()
+    config = default_config()
+    config.local.steps, config.local.batch_size, config.local.lr = args.steps, args.batch, 1e-3
+    hp = PairHParams.from_config("tpaw", config, opponent_rounds=3).static()
     key = jax.random.key(0)
-    lr = jnp.full((1,), 1e-3, jnp.float32)
-    zeros = jnp.zeros((1,), jnp.float32)
 
     def batch_with(player_logps):
-        return ClientBatch(train=pos, lose=neg, lr=lr, num_examples=zeros + args.pairs,
-                           mean_advantage=zeros, baseline=zeros, wins=zeros, losses=zeros,
-                           players=player_logps)
+        return client_batch(pos, lose=neg, lr=1e-3, num_examples=[args.pairs], baseline=[0.0],
+                            wins=[0.0], players=player_logps)
 
     one = lambda b: jax.tree.map(lambda x: x[0], b)  # noqa: E731
 
@@ -166,7 +167,8 @@ def main() -> None:
     logps = score_pairs(graphdef, base, players, mask, pos, neg, 2 * args.batch)
     batch_c = one(batch_with(logps))
     train_first, train_s, (once_lora, _) = timed(
-        lambda: _pair_local_train(graphdef, hp, base, lora, batch_c, key), args.repeats)
+        lambda: tr.local_train(PairwiseSelfPlay.minibatch_loss, graphdef, hp, hp.train, base,
+                               lora, batch_c, key), args.repeats)
     naive_batch = one(batch_with(None))
     naive_first, naive_s, (naive_lora, _) = timed(
         lambda: naive_local_train(graphdef, hp, base, players, jnp.asarray(mask), lora,

@@ -3,7 +3,7 @@
 ``python -m benchmarks.rollout_grouping --task gsm8k --split train --new-tokens 96``
 
 Samples one completion for each of N prompts of a task (SmolLM2-135M-Instruct, fresh LoRA
-r8/α16, T = 0.8, top-p 0.95, EOS on) with `fedsp.selfplay.rollout.generate`, side by side
+r8/α16, T = 0.8, top-p 0.95, EOS on) with `fedsp.selfplay.rollout.sample_completions`, side by side
 in one process: ``merged`` (the default: rows sharing a head bucket go in one call,
 padded to the longest prompt's bucket) and ``split`` (``split_by_length=True``: one call
 per length bucket). Each arm is timed on its first call (compiling every program it
@@ -49,18 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [rollout.prompt_ids(tokenizer, task, ex) for ex in examples]
     cuts = [rollout.split_head(p, tokenizer.eos_token_ids) for p in prompts]
     buckets = sorted({sampling.bucket_length(len(p) - c) for p, c in zip(prompts, cuts)})
-    keys = rollout.row_keys(jax.random.key(0), 1, 0, list(range(len(prompts))),
-                            [0] * len(prompts))
+    keys = rollout.rollout_keys(jax.random.key(0), 1, 0, list(range(len(prompts))),
+                                [0] * len(prompts))
 
     times: dict[str, dict[str, list[float]]] = {}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
         for arm in ("split", "merged"):
             params = rollout.SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8,
-                                            top_p=0.95, split_by_length=arm == "split")
+                                            top_p=0.95, batch_size=64,
+                                            split_by_length=arm == "split", reuse_cache=True)
             for phase in ("first", "second"):
                 start = time.perf_counter()
-                out = rollout.generate(policy, lora, prompts, keys, params)
+                out = rollout.sample_completions(policy, lora, prompts, keys, params)
                 times.setdefault(arm, {}).setdefault(phase, []).append(
                     time.perf_counter() - start)
             tokens[arm] = [c.tokens.tolist() for c in out]

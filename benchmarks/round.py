@@ -4,7 +4,7 @@ per-client rollout, SPEAR on SmolLM2-135M-Instruct.
     python -m benchmarks.round                           # the figures in BENCHMARKS.md
     python -m benchmarks.round --clients 1,2 --repeats 1 --json /tmp/round.json
 
-One round is what `fedsp.federated.loop.run` does between client sampling and
+One round is what `fedsp.run_round` does between client sampling and
 evaluation: SPEAR ``collect`` for C clients (first answers, hints, one revision attempt,
 trace packing), local training of every client from θ_r through ``map_clients`` (vmap
 backend, the default), and the server step (FedAvg). Two rollouts, same work:
@@ -75,31 +75,31 @@ def round_config(args: argparse.Namespace, clients: int):
 
 
 class Sampler:
-    """The ``generate_fn`` of the benchmarked Spear: `fedsp.selfplay.rollout.generate`,
+    """The ``generate_fn`` of the benchmarked Spear: `fedsp.selfplay.rollout.sample_completions`,
     once per call (batched) or once per client (per-client), counting sampler calls and
     generated tokens.
 
     Per-client needs each row's client: it is what ``collect`` passes to
-    ``rollout.row_keys`` just before calling the sampler, so `row_keys` is installed in
-    its place while collecting (`collecting`).
+    ``rollout.rollout_keys`` just before calling the sampler, so `rollout_keys` is installed
+    in its place while collecting (`collecting`).
     """
 
     def __init__(self, per_client: bool):
         from fedsp.selfplay import rollout
 
         self.rollout, self.per_client = rollout, per_client
-        self.real_row_keys = rollout.row_keys
+        self.real_row_keys = rollout.rollout_keys
         self.calls = self.tokens = 0
         self.row_clients: list[int] = []
         # One entry per sampler call: rows, prompt tokens, longest prompt, seconds.
         self.log: list[dict[str, float]] = []
 
-    def row_keys(self, key, round, attempt, clients, prompts, samples=None):  # noqa: A002
+    def rollout_keys(self, key, round, attempt, clients, prompts, samples=None):  # noqa: A002
         self.row_clients = [int(c) for c in clients]
         return self.real_row_keys(key, round, attempt, clients, prompts, samples)
 
     def collecting(self):
-        return mock.patch.object(self.rollout, "row_keys", self.row_keys)
+        return mock.patch.object(self.rollout, "rollout_keys", self.rollout_keys)
 
     def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
                  continue_from=None):
@@ -115,7 +115,7 @@ class Sampler:
         out: list[Any] = [None] * len(prompts)
         for rows in groups:
             start = time.perf_counter()
-            done = self.rollout.generate(
+            done = self.rollout.sample_completions(
                 policy, lora_state, [prompts[r] for r in rows], keys[np.asarray(rows)], params,
                 keep_cache=keep_cache,
                 continue_from=None if continue_from is None else [continue_from[r] for r in rows])
@@ -137,7 +137,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedsp import data as data_lib
     from fedsp.core.aggregation import server_optimizer
-    from fedsp.federated.loop import client_prompts
+    from fedsp.federated.round import client_prompts
     from fedsp.federated.mapping import map_clients
     from fedsp.federated.server import server_step, tree_bytes
     from fedsp.selfplay.base import Policy

@@ -80,9 +80,10 @@ def init_run(
     Args:
       config: an experiment config (`fedsp.config.default_config` schema); validated
         first (`fedsp.config.validate`).
-      model: an in-memory model to use instead of loading ``config.model.path``. One
-        without adapters gets ``config.model.lora``'s (the model itself is not changed);
-        one with adapters must have that configuration.
+      model: an in-memory model to use instead of loading ``config.model.path`` (then
+        ``model.path`` and ``model.dtype`` are not read). One without adapters gets
+        ``config.model.lora``'s (the model itself is not changed); one with adapters
+        must have that configuration.
       tokenizer: the model's tokenizer; required with ``model``.
       workdir: the run directory: checkpoints are restored from (and, by `run` /
         `save_checkpoint`, written to) ``workdir/checkpoints``, the player pool lives in
@@ -190,6 +191,8 @@ def run(
     workdir: str | pathlib.Path,
     *,
     hooks: RoundHooks | None = None,
+    model: Transformer | None = None,
+    tokenizer: Tokenizer | None = None,
     algorithm: Any | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) a federated self-play experiment into ``workdir``.
@@ -200,8 +203,8 @@ def run(
         the run resumes from the newest one.
       hooks: observe the clients' uploads or wrap / replace the server step
         (`fedsp.federated.RoundHooks`).
-      algorithm: a client algorithm object instead of the registered
-        ``config.algorithm.name`` (see `init_run`).
+      model, tokenizer, algorithm: an in-memory model and its tokenizer, a client
+        algorithm object (see `init_run`).
 
     Returns:
       The summary: ``initial_accuracy`` (round 0), ``final_accuracy``,
@@ -217,7 +220,8 @@ def run(
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    state = init_run(config, workdir=workdir, algorithm=algorithm)
+    state = init_run(config, model=model, tokenizer=tokenizer, workdir=workdir,
+                     algorithm=algorithm)
     context = state.run
     assert context is not None
     logger = _Logger(workdir, config.log.tensorboard)

@@ -4,8 +4,7 @@ Sources:
 - TPAW (Li et al., ACL 2026, arXiv 2605.09922): η = 6 (response reweighting), γ = 0.5
   (player weighting), N_max = 3 players (the last checkpoints), opponent data
   D_t ∪ D_{t−1} ∪ D_{t−2}, one y_gen per prompt per iteration, from an SFT model; GSM8K
-  from Qwen2.5-1.5B and UltraChat (50k) — the values quoted in fedsp issue 5 and
-  DESIGN.md. The paper's repository (github.com/lab-klc/TPAW) holds only a README, so the
+  from Qwen2.5-1.5B and UltraChat (50k) — the values quoted in fedsp issue 5. The paper's repository (github.com/lab-klc/TPAW) holds only a README, so the
   training recipe below is the SPIN reference's, which TPAW extends.
 - SPIN reference (github.com/uclaml/SPIN): ``configs/config.yaml``: beta 0.1 (fedsp's
   ``algorithm.lam``), per_device_train_batch_size 8 on 8 GPUs (global batch 64),

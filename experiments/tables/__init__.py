@@ -1,7 +1,7 @@
 """The paper-style tables (issue 6): grids of federated runs, run as resumable cells and
 rendered as markdown, JSON and plots; ``python -m experiments.tables --table NAME``.
 
-Each table is a grid of *runs* (one `fedsp.federated.loop.run` per run × dataset × seed,
+Each table is a grid of *runs* (one `fedsp.run` per run × dataset × seed,
 a "cell") and *rows* read off the runs' learning curves:
 
 - ``spear``: SPEAR vs feedback-SFT vs GRPO vs gold-SFT FedAvg vs the starting model on

@@ -2,7 +2,7 @@
 config of every cell.
 
 A `Table` is a grid of `Run`s (trained methods) × datasets × seeds; each (run, dataset,
-seed) is a `Cell`, one `fedsp.federated.loop.run` with its own config, and each `Row` is
+seed) is a `Cell`, one `fedsp.run` with its own config, and each `Row` is
 read off a run's learning curve. `cells` builds a table's cells at a scale (``cpu``: the
 `cpu_config` family; ``tiny``: `tiny_scale` on a `tiny_model`; ``full``:
 `experiments.configs.tables_full`) and applies ``--set`` overrides; `cell_dirs` gives
@@ -20,7 +20,8 @@ from typing import Any
 
 import ml_collections
 
-from experiments.configs import base, selfplay_reference, tables_full
+from experiments.configs import selfplay_reference, tables_full
+from fedsp.config import default_config
 
 SCALES = ("cpu", "tiny", "full")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -99,7 +100,7 @@ def cpu_config(dataset: str, seed: int, algorithm: str = "spear", *,
     with 4 prompts each, 2 local AdamW steps of batch 4, FedAvg, evaluation every round
     on 32 held-out problems (greedy; ARC by option log-likelihood). The learning rate is
     demo.py's (few rounds, small adapters), higher than the paper's."""
-    config = base.get_config()
+    config = default_config()
     config.seed = seed
     config.model.lora.rank = 8
     config.model.lora.alpha = 16.0

@@ -70,44 +70,44 @@ def cell_commits(workdir: pathlib.Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- audit
-# The one place that patches the loop: `ServerAudit` rebinds
-# `fedsp.federated.loop.server_step` while a cell runs. Everything it relies on is inside
-# the class and `run_cell` uses only ``with audit:``, ``audit.calls`` and ``audit.merge``,
-# so observing the server step another way changes this block alone.
 
 
 class ServerAudit:
-    """Wraps `fedsp.federated.loop.server_step` while a cell runs and records, for every
-    call, the type of every leaf of what reached the server, and how many of them were
-    text (``str``/``bytes``) or any other non-array object."""
+    """A server-step hook (`fedsp.RoundHooks`) that records, for every server step of a
+    cell, the type of every leaf of what reached the server (θ_r, the optimizer state and
+    the clients' uploads), and how many of them were text (``str``/``bytes``) or any other
+    non-array object. ``hooks`` is what `run_cell` passes to `fedsp.run`."""
 
     def __init__(self):
         self.calls = 0
         self.leaf_types: dict[str, int] = {}
         self.text_leaves = 0
 
-    def __enter__(self):
-        from fedsp.federated import loop
+    @property
+    def hooks(self):
+        import fedsp
 
-        # Wraps whatever the loop calls, and puts exactly that back on exit.
-        self._loop, self._inner = loop, loop.server_step
-        loop.server_step = self
-        return self
+        return fedsp.RoundHooks(server_step=self.wrap)
 
-    def __exit__(self, *exc):
-        self._loop.server_step = self._inner
+    def wrap(self, step):
+        """``step`` with every call's inputs recorded."""
 
-    def __call__(self, *args, **kwargs):
+        def audited(*inputs):
+            self.record(inputs)
+            return step(*inputs)
+
+        return audited
+
+    def record(self, inputs: Any) -> None:
         import jax
 
         self.calls += 1
-        for leaf in jax.tree.leaves((args, kwargs.get("threshold"))):
+        for leaf in jax.tree.leaves(inputs):
             name = type(leaf).__name__
             self.leaf_types[name] = self.leaf_types.get(name, 0) + 1
             if isinstance(leaf, (str, bytes)) or not hasattr(leaf, "dtype") and not isinstance(
                     leaf, (int, float)):
                 self.text_leaves += 1
-        return self._inner(*args, **kwargs)
 
     def merge(self, path: pathlib.Path) -> dict[str, Any]:
         """Adds this audit to the one saved at ``path`` (a resumed cell) and saves it."""
@@ -147,13 +147,12 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
             raise ValueError(f"{workdir} finished with a different config (fields {changed}); "
                              "use another --workdir or delete the cell")
         return json.loads(summary_path.read_text())
-    from fedsp.federated.loop import run
+    import fedsp
 
     _record_commit(workdir)
     audit = ServerAudit()
     try:
-        with audit:
-            summary = run(cell.config, workdir)
+        summary = fedsp.run(cell.config, workdir, hooks=audit.hooks)
     finally:
         # A cell stopped by an error keeps the audit of the rounds it ran; the resumed
         # process adds its own (server_calls then counts every round once more or less

@@ -1,6 +1,6 @@
 """The server side of a round: reject broken updates, weight clients, step the server.
 
-Privacy invariant (DESIGN.md): the server sees adapter states and scalar statistics,
+Privacy invariant (docs/design.md): the server sees adapter states and scalar statistics,
 never text. `server_step` enforces it at its door: every leaf of every argument must be
 an array or a number (`check_arrays_only`), so a prompt, completion or feedback string
 that strayed into a client's stats raises instead of reaching the server.

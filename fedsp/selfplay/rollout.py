@@ -2,7 +2,7 @@
 
 Every sampled client starts a round from the same server adapters, so all their
 prompts can go through ONE jit-compiled sampler call instead of one per client
-(DESIGN.md, "Performance plan"). Rows are grouped by the length bucket of their head
+(docs/design.md, "One round, as data flows"). Rows are grouped by the length bucket of their head
 (the chat-formatted system turn, `split_head`), sorted by prompt length and split into
 chunks of at most ``batch_size`` rows; a chunk is padded to its longest prompt's length
 bucket and its row count rounded up to a power of two, so a few executables serve every

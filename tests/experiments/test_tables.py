@@ -12,7 +12,7 @@ import pytest
 
 import experiments.tables
 from experiments.tables import cli, cost, grids, render, running
-from fedsp import config as config_lib
+import fedsp
 from tests.federated import fixtures
 
 
@@ -58,7 +58,7 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
         config = cell.config
         assert config.seed == cell.seed and config.task.name == cell.dataset
         assert config.model.path == ""  # the default SmolLM2-135M-Instruct asset
-        assert config.algorithm.name in config_lib.ALGORITHMS
+        assert config.algorithm.name in fedsp.algorithm_names()
         if cell.run != "centralized":
             assert (config.data.num_clients, config.data.partition, config.data.alpha) == (
                 8, "dirichlet", 1.0)
@@ -232,11 +232,11 @@ def test_raw_text_flag_comes_from_the_audit_and_the_pooling():
 
 def test_server_audit_types_every_leaf():
     audit = running.ServerAudit()
-    audit._inner = lambda *args, **kwargs: "stepped"
-    assert audit({"w": np.ones(2)}, np.float32(1.0), threshold=None) == "stepped"
-    audit({"w": np.ones(2), "feedback": "the answer is 4"}, threshold=0.0)
+    step = audit.hooks.server_step(lambda *inputs: "stepped")
+    assert step({"w": np.ones(2)}, np.float32(1.0), {"n": np.zeros(2)}) == "stepped"
+    step({"w": np.ones(2), "feedback": "the answer is 4"}, 0.0, {})
     assert audit.calls == 2 and audit.text_leaves == 1
-    assert audit.leaf_types == {"ndarray": 2, "float32": 1, "str": 1, "float": 1}
+    assert audit.leaf_types == {"ndarray": 3, "float32": 1, "str": 1, "float": 1}
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -327,12 +327,10 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert f"its cells ran at commit {commit} (all 3 cells)" in md
 
     # Re-running skips finished cells: the loop must not be entered again.
-    from fedsp.federated import loop
-
     def fail(*args, **kwargs):
         raise AssertionError("a finished cell was run again")
 
-    monkeypatch.setattr(loop, "run", fail)
+    monkeypatch.setattr(fedsp, "run", fail)
     (results / "settings.md").unlink()
     assert cli.main(argv) == 0
     assert (results / "settings.md").read_text() == md
@@ -359,35 +357,31 @@ def test_all_tables_dry_run(capsys):
 
 
 def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monkeypatch):
-    from fedsp.federated import loop
-
     cell = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
     workdir = tmp_path / cell.name
     calls = []
 
-    def fake_run(config, directory):
-        # Stands in for the loop: two server steps, then a summary.
+    def fake_run(config, directory, *, hooks):
+        # Stands in for the loop: two server steps through the hook, then a summary.
         calls.append(directory)
+        step = hooks.server_step(lambda *inputs: None)
         for _ in range(2):
-            loop.server_step({"w": np.ones(2)}, np.float32(1.0), threshold=None)
+            step({"w": np.ones(2)}, np.float32(1.0), {"n": np.zeros(3)})
         if len(calls) == 1:
             raise KeyboardInterrupt  # the first attempt dies mid-run
         (directory / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
         (directory / "config.json").write_text(config.to_json_best_effort())
         return {"final_accuracy": 0.5}
 
-    monkeypatch.setattr(loop, "run", fake_run)
-    stub = lambda *args, **kwargs: None  # noqa: E731
-    monkeypatch.setattr(loop, "server_step", stub)
+    monkeypatch.setattr(fedsp, "run", fake_run)
     workdir.mkdir()
     with pytest.raises(KeyboardInterrupt):
         running.run_cell(cell, workdir)
     assert running.run_cell(cell, workdir) == {"final_accuracy": 0.5}
     assert calls == [workdir, workdir]
     audit = json.loads((workdir / "server_audit.json").read_text())
-    assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 4, "float32": 4},
+    assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 8, "float32": 4},
                      "text_leaves": 0}
-    assert loop.server_step is stub  # the audit put back what it wrapped
     # Both attempts ran at this checkout's commit: recorded once.
     assert running.cell_commits(workdir) == [running._git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import zlib
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from fedsp.config import default_config
+from fedsp import data as data_lib
 from fedsp.assets import default_model_path
 from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 from tests.model import tiny
@@ -96,3 +98,17 @@ class StandInAlgorithm:
         }
         return jax.tree.unflatten(treedef, new), stats
 
+
+class CoinFlipUser:
+    """A simulated user whose verdict is a fixed hash of the reply: about half the replies
+    are "correct". The tiny random model never solves arithmetic, and SPEAR without wins
+    does not train, so with the real judge a resume test would compare untouched
+    adapters. Wrong replies get the real non-leaking hint (revision prompts as in a run)."""
+
+    def __init__(self, task):
+        self.task, self.hint = task, data_lib.Hint(task)
+
+    def __call__(self, example, response):
+        if zlib.crc32(response.encode()) % 2 == 0:
+            return data_lib.Feedback("Your answer is correct.", 1.0, True)
+        return self.hint(example, response)

@@ -4,7 +4,6 @@ model with the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
 import json
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -177,21 +176,6 @@ def test_resume_after_kill_matches_uninterrupted_run(model_dir, tmp_path):
     assert any(a != 0.0 for a in full[2]["client_advantage"])
 
 
-class CoinFlipUser:
-    """A simulated user whose verdict is a fixed hash of the reply: about half the replies
-    are "correct". The tiny random model never solves arithmetic, and SPEAR without wins
-    does not train, so with the real judge a resume test would compare untouched
-    adapters. Wrong replies get the real non-leaking hint (revision prompts as in a run)."""
-
-    def __init__(self, task):
-        self.task, self.hint = task, data_lib.Hint(task)
-
-    def __call__(self, example, response):
-        if zlib.crc32(response.encode()) % 2 == 0:
-            return data_lib.Feedback("Your answer is correct.", 1.0, True)
-        return self.hint(example, response)
-
-
 @pytest.mark.slow  # ≈ 35-60 s on 2 cores, nearly all of it compiling the sampler and train step
 def test_resume_after_kill_matches_uninterrupted_run_with_real_spear(model_dir, tmp_path,
                                                                      monkeypatch):
@@ -199,7 +183,7 @@ def test_resume_after_kill_matches_uninterrupted_run_with_real_spear(model_dir, 
     kill after round 1: bit-exact. Every draw is a function of (seed, round, client) and
     the resumed round runs the same executables on the restored bits, so nothing is left
     to a tolerance."""
-    monkeypatch.setattr(data_lib, "get_feedback", lambda name, task, **kw: CoinFlipUser(task))
+    monkeypatch.setattr(data_lib, "get_feedback", lambda name, task, **kw: fixtures.CoinFlipUser(task))
     config = fixtures.tiny_config(
         model_dir, fl__rounds=2, fl__server_optimizer="fedadam", fl__server_lr=0.1,
         fl__client_weighting="advantage", data__limit=32, rollout__prompts_per_client=2,
