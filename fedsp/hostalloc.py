@@ -4,12 +4,9 @@ On CPU, XLA allocates each executable's temporaries (activations, the layer scan
 residuals, …) with ``malloc`` on every call and frees them at the end. glibc serves
 blocks above its mmap threshold with fresh ``mmap``s and returns freed memory at the top of
 the heap to the kernel once it exceeds ``trim_threshold``, so every call touches gigabytes
-of new pages. Measured on the development machine (2 vCPUs in a VM): the SmolLM2 LoRA train
-step of ``benchmarks/model.py`` takes ≈ 633 000 minor page faults (≈ 2.5 GB) and 2.1 s of
-kernel CPU time per step with glibc's defaults, 0 faults and 0.07 s with :data:`TUNABLES`
-(``fedsp_step_page_faults`` / ``fedsp_step_sys_s`` in its results); ``make demo`` ran its
-loop in 416 s with them against 457 s without, the same peak RSS (12.3 GB) and the same
-accuracies (``BENCHMARKS.md``).
+of new pages, and the kernel time of those page faults is a large share of a train step
+(``benchmarks/model.py`` reports them as ``fedsp_step_page_faults`` / ``fedsp_step_sys_s``;
+the measurements with and without these settings are in ``BENCHMARKS.md`` and README).
 
 :data:`TUNABLES` keeps every allocation in the main heap (one arena, no mmap) and never
 trims it, so freed memory is reused in place. The cost: the process keeps its peak resident

@@ -8,11 +8,9 @@ from fedsp.checkpoint.client_state import (
     save_client_state,
 )
 from fedsp.checkpoint.pool import PlayerPool, PoolEntry, with_adapters
-from fedsp.checkpoint.run_state import (
+from fedsp.checkpoint.run_state import RoundState, RunCheckpointer, config_fingerprint
+from fedsp.checkpoint.trees import (
     CorruptCheckpointError,
-    RunCheckpointer,
-    RoundState,
-    config_fingerprint,
     load_meta,
     load_tree,
     quarantine,

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedsp.checkpoint.run_state import CorruptCheckpointError
+from fedsp.checkpoint.trees import CorruptCheckpointError
 
 __all__ = ["client_state_path", "load_client_state", "prune_client_state", "save_client_state"]
 

@@ -48,7 +48,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from fedsp.checkpoint.run_state import (
+from fedsp.checkpoint.trees import (
     CorruptCheckpointError,
     load_meta,
     load_tree,

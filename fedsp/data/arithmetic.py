@@ -4,9 +4,9 @@ Problems are ``a <op> b`` with a configurable number of digits per operand and o
 and a configurable operation mix. The label is the operation, so Dirichlet partitions over
 labels give clients different operation mixes (non-IID).
 
-Defaults fit SmolLM2-135M-Instruct, which solves (greedy) 2-digit addition ~25%, 2-digit
-subtraction ~6% and 2-digit × 1-digit multiplication ~23% of the time: enough successes
-to learn from and plenty of headroom.
+Defaults fit SmolLM2-135M-Instruct: greedy, it solves some of the problems of each
+operation and misses most, so there are successes to learn from and headroom (its
+measured rates are in BENCHMARKS.md, "Task headroom").
 """
 
 from __future__ import annotations
