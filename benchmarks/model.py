@@ -2,6 +2,7 @@
 
     python -m benchmarks.model                      # the figures in BENCHMARKS.md
     python -m benchmarks.model --batches 1,16 --repeats 2 --json out.json
+    python -m benchmarks.model --against 56b4663 --batches 16 --repeats 5   # vs a revision
 
 Both frameworks run in this one process, on the same token ids, one after the other for
 each measurement, so the ratios are not skewed by the machine's load drifting between runs.
@@ -37,6 +38,15 @@ What is measured:
   matmul peak, with model FLOPs = 2 × forward FLOPs: the base is frozen, so the backward
   pass computes activation gradients (one matmul per forward matmul) but no base-weight
   gradients; the LoRA matmuls (< 3% of the total at rank 16) are left out.
+- against a revision (``--against REV``, instead of everything above): fedsp's model code
+  at REV (``git archive REV fedsp``) and at this checkout, each in its own worker process
+  (``benchmarks/against.py``), on the same requests, alternating within each pair
+  (the order flips every pair): greedy decode with a rank-16 LoRA whose B is non-zero, EOS
+  off, for each ``--batches`` size with the unrolled and the scanned layer loop, and the
+  LoRA gradient of a ``--train-batch`` × ``--train-len`` batch. ``ratio`` is the median
+  of the per-pair ratios REV time / this time (> 1: this checkout is faster), and
+  ``same_output`` says whether the two produced the same tokens (gradients: equal when
+  rounded to 1e-5).
 - Unlike the other benchmarks this one does not re-execute itself with
   ``fedsp.hostalloc.TUNABLES``: both frameworks share the process's allocator, so the
   caller chooses it (``GLIBC_TUNABLES=$(python -m fedsp.hostalloc)`` or not) and the
@@ -64,6 +74,7 @@ import optax
 import torch
 from flax import nnx
 
+from benchmarks.against import bench_against
 from fedsp import assets
 from fedsp.core.logprobs import token_logprobs
 from fedsp.core.losses import sft_loss
@@ -416,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ceiling", action="store_true",
                         help="leave out the decode matmul-ceiling rows")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="only time this checkout's model code against revision REV")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -427,14 +440,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     results["matmul_peak"] = peaks = matmul_peaks()
     print(json.dumps(peaks), flush=True)
-    if not args.skip_decode:
+    if args.against:
+        _, tokenizer = from_pretrained(gguf)
+        results["against"] = bench_against(args, tokenizer,
+                                           lambda batch: prompt_batch(tokenizer, batch))
+    elif not args.skip_decode:
         model, tokenizer = from_pretrained(gguf)
         tmodel = load_torch_model(gguf)
         results["decode"] = bench_decode(args, model, tokenizer, tmodel)
         if not args.skip_rollout:
             results["rollout"] = bench_rollout(args, model, tokenizer, tmodel)
         del model, tmodel
-    if not args.skip_train:
+    if not args.skip_train and not args.against:
         results["train"] = bench_train(args, gguf, peaks)
         print(json.dumps(results["train"]), flush=True)
     if args.json:

@@ -36,8 +36,9 @@ from flax import nnx
 from fedsp.model import lora as lora_lib
 from fedsp.model.config import ModelConfig
 from fedsp.model.gguf import load_gguf
+from fedsp.model.hf_weights import hf_state_dict, load_hf_state_dict
 from fedsp.model.tokenizer import Tokenizer
-from fedsp.model.transformer import Transformer, hf_state_dict, load_hf_state_dict
+from fedsp.model.transformer import Transformer
 
 __all__ = [
     "from_pretrained",

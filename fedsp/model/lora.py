@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedsp.model.transformer import Linear, Transformer, _merged_kernel
+from fedsp.model.layers import lora_delta
+from fedsp.model.transformer import Linear, Transformer, merged_kernel
 
 # Projection name -> path inside a DecoderLayer.
 LORA_TARGETS = {
@@ -90,7 +91,10 @@ class LoRAScale(nnx.Variable):
 
 
 class LoRA(nnx.LoRA):
-    """``nnx.LoRA`` with PEFT's scale: y = s · x A B (no base module; ``Linear`` adds it).
+    """``nnx.LoRA`` with PEFT's scale: y = s · x A B (no base module).
+
+    ``Linear`` passes these arrays to ``fedsp.model.layers.linear``, which adds the term
+    to the base projection; called alone, the module computes the term by itself.
 
     Built from stacked values (``lora_a`` [L, in, r], ``lora_b`` [L, r, out], ``scale``
     [L]); inside the layer scan each layer sees its [in, r] / [r, out] / scalar slice.
@@ -116,44 +120,6 @@ class LoRA(nnx.LoRA):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
         return lora_delta(x, a, b, self.scale[...].astype(x.dtype))
-
-
-@jax.custom_vjp
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """s · (x A) B for x [..., in], A [in, r], B [r, out], s a scalar.
-
-    The same function as ``(x @ a @ b) * scale``, with a hand-written backward pass that
-    only ever transposes the small operands. Left to autodiff, XLA:CPU computed the
-    gradient of B as (xA)ᵀ g by materialising a transposed copy of the [tokens, out]
-    output gradient g, and of A by transposing the [tokens, in] input: on a SmolLM2
-    LoRA step those copies took about a sixth of the step. Here dB = (xA)ᵀ g and
-    dAᵀ = (g Bᵀ)ᵀ x transpose only [tokens, r] matrices. ``scale`` gets no gradient
-    (it is a fixed hyper-parameter, not trained).
-    """
-    return (x @ a @ b) * scale
-
-
-def _lora_delta_fwd(x, a, b, scale):
-    xa = x @ a
-    return (xa @ b) * scale, (x, a, b, xa, scale)
-
-
-def _lora_delta_bwd(res, g):
-    x, a, b, xa, scale = res
-    in_features, rank = a.shape
-    x2 = x.reshape(-1, in_features)
-    xa2 = xa.reshape(-1, rank)
-    g2 = (g * scale).reshape(-1, b.shape[1])
-    g_xa = g2 @ b.T  # [tokens, r]
-    # optimization_barrier keeps the small transposes materialised, so XLA does not fold
-    # them into the dots and transpose the big operand instead.
-    d_b = jax.lax.optimization_barrier(xa2.T) @ g2
-    d_a = (jax.lax.optimization_barrier(g_xa.T) @ x2).T
-    d_x = (g_xa @ a.T).reshape(x.shape)
-    return d_x, d_a.astype(a.dtype), d_b.astype(b.dtype), jnp.zeros_like(scale)
-
-
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def apply_lora(
@@ -230,7 +196,7 @@ def merge_lora_into_base(model: Transformer) -> Transformer:
         return merged
     for target in merged.lora_config.targets:
         linear = _target(merged, target)
-        linear.kernel.set_value(_merged_kernel(linear))
+        linear.kernel.set_value(merged_kernel(linear))
         linear.lora = None
     merged.lora_config = None
     return merged

@@ -18,19 +18,13 @@ rounded up to a bucket (``bucket_length``); ``max_new_tokens``, ``temperature`` 
 ``top_p`` are traced values, so calls in the same (batch, prompt bucket, new-token bucket,
 greedy or not, top-p or not) reuse one executable.
 
-Sampling cost matters on CPU, where a full-vocabulary sort or argmax costs more than a
-decode step's matmuls: greedy uses max + a masked min over indices; nucleus sampling
-(Holtzman et al. 2020) takes the top ``TOP_K_CANDIDATES`` tokens and inverts their CDF
-with one uniform per row, and only when the nucleus is larger than that falls back to an
-exact bisection for the probability threshold plus a blocked inverse CDF over the whole
-vocabulary. Both paths draw from exactly the nucleus distribution (HF's top-p: the
-smallest set of most likely tokens whose tempered mass reaches top_p).
+Token choice (greedy, temperature, top-p) is ``fedsp.model.next_token``; the decode step
+of the unrolled layer loop is ``fedsp.model.decode``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -39,20 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedsp.model.transformer import (
-    _MASK_VALUE,
-    KVCache,
-    _merged_kernel,
-    default_positions,
-    init_cache,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from fedsp.model.decode import decode_step, layer_weights
+from fedsp.model.next_token import select_tokens
+from fedsp.model.transformer import KVCache, default_positions, init_cache
 
-TOP_K_CANDIDATES = 64
 _EOS_SLOTS = 8
 MIN_ROWS = 4
-_CDF_BLOCK = 256
 
 
 class SampleOutput(NamedTuple):
@@ -136,8 +122,8 @@ def generate(
       layer_loop: how a decode step runs the layers. "unrolled" slices every layer's
         weights out of the stacked arrays once per call and unrolls the layers in the
         decode body; "scan" runs ``Transformer.forward_with_cache``'s layer scan, which
-        XLA:CPU pays for with a copy of each layer's weights on every step (a quarter of
-        a batch-16 SmolLM2 step) but which keeps one copy of the weights and compiles
+        XLA:CPU pays for with a copy of each layer's weights on every step (see
+        ``fedsp.model.decode``) but which keeps one copy of the weights and compiles
         one layer body. "auto": "unrolled" on CPU, "scan" on accelerators (where the
         per-call weight copy would cost memory that large models need). The prefill is
         scanned either way.
@@ -205,7 +191,7 @@ def generate(
     mask = jnp.pad(jnp.asarray(prompt_mask).astype(jnp.bool_), ((0, 0), (p_bucket - p, 0)))
     if key is None:
         key = jax.random.key(0)
-    key = _row_keys(key, b)
+    key = _batch_keys(key, b)
     states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
     out = _generate_jit(
         graphdef,
@@ -326,7 +312,7 @@ def _unroll(layer_loop: str) -> bool:
     return layer_loop == "unrolled"
 
 
-def _row_keys(key: jax.Array, batch: int) -> jax.Array:
+def _batch_keys(key: jax.Array, batch: int) -> jax.Array:
     """[B] typed keys, one per row: a [B] key array as given, one key split B ways.
 
     Raw uint32 keys are wrapped. Drawing every row from its own key makes a row's sample
@@ -345,11 +331,6 @@ def _row_keys(key: jax.Array, batch: int) -> jax.Array:
 
 def _fold_in(keys: jax.Array, data: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
-
-
-def _uniform(keys: jax.Array) -> jax.Array:
-    """[B] uniforms in [0, 1), one from each row's key."""
-    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
 
 
 def _check_left_padded(prompt_mask: Any) -> None:
@@ -411,10 +392,10 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         grow = ((0, 0), (0, 0), (0, n_bucket), (0, 0))
         caches = [(jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))
                   for i in range(model.config.num_hidden_layers)]
-        weights = _layer_weights(model, merge_lora)
+        weights = layer_weights(model, merge_lora)
 
         def decode(tok, pos, kv_mask, caches, slot):
-            return _decode_step(model, weights, caches, tok, pos, kv_mask, slot)
+            return decode_step(model, weights, caches, tok, pos, kv_mask, slot)
 
         def keep_rows(caches, keep):
             return [(k[keep], v[keep]) for k, v in caches]
@@ -446,7 +427,7 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
     kv_mask = jnp.pad(mask, ((0, 0), (0, n_bucket)))
     # Left padding puts every row's last prompt token in the last column.
     logits = model.logits(hidden[:, -1])
-    select = functools.partial(_select, temperature=temperature, top_p=top_p, greedy=greedy,
+    select = functools.partial(select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                use_top_p=use_top_p)
 
     tok, lp = select(logits, _fold_in(key, 0))
@@ -515,210 +496,3 @@ def _stage_sizes(batch: int) -> tuple[int, ...]:
     while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= MIN_ROWS:
         sizes.append(sizes[-1] // 2)
     return tuple(sizes)
-
-
-def _select(logits, key, *, temperature, top_p, greedy, use_top_p):
-    """Picks one token per row of logits [B, V] f32; returns (tokens [B], log π(token) [B])."""
-    v = logits.shape[-1]
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    shifted = logits - row_max
-    # XLA:CPU's variadic argmax reduce is ~20× slower than max; take the first max index.
-    if greedy:
-        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        tok = jnp.min(jnp.where(shifted == 0.0, iota, v), axis=-1)
-        log_z = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    else:
-        tok, log_z = _sample_nucleus(shifted, key, temperature, top_p, use_top_p)
-    lp = jnp.take_along_axis(shifted, tok[:, None], axis=-1)[:, 0] - log_z
-    return tok.astype(jnp.int32), lp
-
-
-def _sample_nucleus(shifted, key, temperature, top_p, use_top_p):
-    """Draws from softmax(shifted / T) restricted to the top-p nucleus.
-
-    Returns the tokens [B] and log Σ exp(shifted) [B] (the untempered normaliser).
-    """
-    b, v = shifted.shape
-    u = _uniform(key)
-    weights = jnp.exp(shifted / temperature)  # tempered, unnormalised; max is 1
-    total = jnp.sum(weights, axis=-1)
-    log_z = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    if not use_top_p:
-        return _blocked_inverse_cdf(weights, u * total), log_z
-
-    k = min(TOP_K_CANDIDATES, v)
-    top_w, top_idx = jax.lax.top_k(weights, k)  # descending
-    top_p_mass = top_w / total[:, None]
-    cum = jnp.cumsum(top_p_mass, axis=-1)
-    keep = (cum - top_p_mass) < top_p  # mass strictly above the token is below top_p
-    kept = jnp.where(keep, top_w, 0.0)
-    kept_cum = jnp.cumsum(kept, axis=-1)
-    j = jnp.sum(kept_cum <= (u * kept_cum[:, -1])[:, None], axis=-1)
-    tok_k = jnp.take_along_axis(top_idx, jnp.minimum(j, k - 1)[:, None], axis=-1)[:, 0]
-    covered = cum[:, -1] >= top_p
-
-    def full_vocab(_):
-        probs = weights / total[:, None]
-        threshold = _nucleus_threshold(probs, top_p)
-        nucleus = jnp.where(probs >= threshold[:, None], weights, 0.0)
-        tok = _blocked_inverse_cdf(nucleus, u * jnp.sum(nucleus, axis=-1))
-        return jnp.where(covered, tok_k, tok)
-
-    tok = jax.lax.cond(jnp.all(covered), lambda _: tok_k, full_vocab, None)
-    return tok, log_z
-
-
-def _nucleus_threshold(probs, top_p):
-    """Largest τ with Σ_{p ≥ τ} p ≥ top_p, per row of probs [B, V] (exact in float32).
-
-    Bisection over the int32 bit patterns of non-negative floats, which are ordered like
-    the floats themselves, so 31 halvings pin τ to a single float.
-    """
-    b = probs.shape[0]
-    lo = jnp.zeros((b,), jnp.int32)  # bits of 0.0: always feasible
-    hi = jnp.full((b,), np.float32(1.0).view(np.int32), jnp.int32)
-
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo + 1) // 2
-        tau = jax.lax.bitcast_convert_type(mid, jnp.float32)
-        mass = jnp.sum(jnp.where(probs >= tau[:, None], probs, 0.0), axis=-1)
-        ok = mass >= top_p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(0, 31, step, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
-
-
-def _blocked_inverse_cdf(weights, target):
-    """First index whose running sum of weights [B, V] exceeds target [B].
-
-    Two levels (block sums, then one block) instead of a V-long cumsum, which XLA:CPU
-    runs slowly.
-    """
-    b, v = weights.shape
-    block = min(_CDF_BLOCK, v)
-    n_blocks = -(-v // block)
-    padded = jnp.pad(weights, ((0, 0), (0, n_blocks * block - v))).reshape(b, n_blocks, block)
-    block_cum = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)
-    bi = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), n_blocks - 1)
-    before = jnp.where(bi > 0, jnp.take_along_axis(block_cum, jnp.maximum(bi - 1, 0)[:, None],
-                                                   axis=-1)[:, 0], 0.0)
-    inner = jnp.take_along_axis(padded, bi[:, None, None], axis=1)[:, 0]
-    wi = jnp.sum(jnp.cumsum(inner, axis=-1) + before[:, None] <= target[:, None], axis=-1)
-    # Rounding between the two levels can overshoot the block; fall back to its last
-    # token with positive weight so a zero-weight (filtered) token is never drawn.
-    iota = jax.lax.broadcasted_iota(jnp.int32, inner.shape, 1)
-    last = jnp.max(jnp.where(inner > 0, iota, 0), axis=-1)
-    return bi * block + jnp.minimum(wi, last)
-
-
-# ---------------------------------------------------------------------------------------
-# Decode step over per-layer weights
-# ---------------------------------------------------------------------------------------
-
-_PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
-                ("mlp", "down_proj"))
-
-
-def _layer_weights(model: Any, merge_lora: bool) -> list[dict[str, Any]]:
-    """Per-layer weights as separate arrays, sliced once before the decode loop.
-
-    Inside a ``lax.scan`` over the stacked [L, ...] weights XLA:CPU copies every layer's
-    slice before its matmuls, on every decode step; measured on SmolLM2 at batch 16 these
-    copies were a quarter of the step. Slicing once per ``generate`` call and unrolling
-    the layers in the decode body reads each weight in place. With ``merge_lora`` the
-    adapters are folded in here too (W + s·A B, once), so a step runs 7 matmuls per layer
-    instead of 21.
-    """
-    layers = model.layers
-    merged = {}
-    for parent, name in _PROJECTIONS:
-        lin = getattr(getattr(layers, parent), name)
-        if merge_lora and lin.lora is not None:
-            merged[name] = _merged_kernel(lin)  # [L, in, out]
-    out = []
-    for i in range(model.config.num_hidden_layers):
-        w: dict[str, Any] = {
-            "ln1": layers.input_layernorm.weight[...][i],
-            "ln2": layers.post_attention_layernorm.weight[...][i],
-        }
-        for parent, name in _PROJECTIONS:
-            lin = getattr(getattr(layers, parent), name)
-            kernel = merged[name][i] if name in merged else lin.kernel[...][i]
-            lora = None
-            if lin.lora is not None and name not in merged:
-                lora = (lin.lora.lora_a[...][i], lin.lora.lora_b[...][i],
-                        lin.lora.scale[...][i])
-            bias = None if lin.bias is None else lin.bias[...][i]
-            w[name] = (kernel, bias, lora)
-        out.append(w)
-    return out
-
-
-def _linear(x, weight, dtype):
-    kernel, bias, lora = weight
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
-    if bias is not None:
-        y = y + bias.astype(dtype)
-    if lora is not None:
-        a, b, s = lora
-        xa, a, b = nnx.nn.dtypes.promote_dtype((x, a, b), dtype=None)
-        y = y + ((xa @ a @ b) * s.astype(xa.dtype)).astype(dtype)
-    return y
-
-
-def _rms(x, weight, eps, dtype):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(dtype) * normed.astype(dtype)
-
-
-def _rope(x, cos, sin):
-    """x [B, heads, hd] rotated with cos/sin [B, hd] (HF's half-split layout)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :].astype(x.dtype) + rotated * sin[:, None, :].astype(x.dtype)
-
-
-def _decode_step(model, weights, caches, tok, pos, kv_mask, slot):
-    """One token per row through every layer: (hidden [B, D] final-normed, new caches).
-
-    ``caches`` is a list of per-layer (k, v) [B, K, S, hd]; the new token's key/value
-    is written at ``slot`` in place. Mirrors ``Transformer.forward_with_cache`` for T = 1
-    (the sampler tests check the two agree through greedy decoding).
-    """
-    config, dtype = model.config, model.dtype
-    b = tok.shape[0]
-    h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    eps = config.rms_norm_eps
-    cos, sin = rope_cos_sin(pos[:, None], rope_inv_freq(config))
-    cos, sin = cos[:, 0], sin[:, 0]
-    mask = kv_mask.astype(jnp.bool_)
-    if config.sliding_window is not None:
-        mask = mask & (jnp.arange(kv_mask.shape[1])[None, :] > slot - config.sliding_window)
-    x = model.embed_tokens(tok).astype(dtype)
-    new_caches = []
-    for w, (k_cache, v_cache) in zip(weights, caches):
-        y = _rms(x, w["ln1"], eps, dtype)
-        q = _rope(_linear(y, w["q_proj"], dtype).reshape(b, h, hd), cos, sin)
-        k = _rope(_linear(y, w["k_proj"], dtype).reshape(b, kv, hd), cos, sin)
-        v = _linear(y, w["v_proj"], dtype).reshape(b, kv, hd)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype),
-                                               (0, 0, slot, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype),
-                                               (0, 0, slot, 0))
-        new_caches.append((k_cache, v_cache))
-        q = q.reshape(b, kv, h // kv, hd)
-        scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache.astype(dtype),
-                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-        scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(dtype)).reshape(b, h * hd)
-        x = x + _linear(attn, w["o_proj"], dtype)
-        y = _rms(x, w["ln2"], eps, dtype)
-        gate = _linear(y, w["gate_proj"], dtype)
-        x = x + _linear(jax.nn.silu(gate) * _linear(y, w["up_proj"], dtype), w["down_proj"],
-                        dtype)
-    return model.norm(x), new_caches

@@ -6,14 +6,11 @@ layout, so HF checkpoints load without permuting q/k rows.
 
 Layers are stacked: every per-layer parameter carries a leading ``layers`` axis of size L
 and the forward pass runs one ``jax.lax.scan`` over it, so XLA compiles the layer body
-once. Measured on the 2-core CPU this project targets, with SmolLM2-135M's shape (30
-layers), a 16-step KV-cache decode loop compiled in 2.7 s scanned vs 20.5 s unrolled over
-per-layer arrays (1.2 s vs 6.6 s for a bare pure-jax decoder on an idle machine). The
-price is at decode time on CPU: XLA copies each layer's weight slice out of the stacked
-array before the matmul, which made a batch-16 decode step 20–30% slower than the
-unrolled loop; prefill and training amortise the copy over many tokens, and unrolling a
-stacked array with static slices was slower still (the slices are copied too). HF tensors
-are still read and written per layer (``load_hf_state_dict`` / ``hf_state_dict``).
+once (BENCHMARKS.md, "Model", has the compile-time and decode-step trade-off). HF
+tensors are read and written per layer (``fedsp.model.hf_weights``).
+
+The arithmetic (RMS norm, RoPE, attention, projections) is ``fedsp.model.layers``'s pure
+functions, which the sampler's decode step calls too.
 
 Every parameter has logical axis names (``out_sharding`` metadata, e.g.
 ``("layers", "embed", "mlp")``); ``fedsp.model.sharding`` maps them onto a
@@ -26,21 +23,16 @@ G = H // K query heads per KV head, hd head dim, F MLP width, V vocab, L layers.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fedsp.model.config import ModelConfig
+from fedsp.model.layers import apply_rope, attend, linear, rms_norm, rope_cos_sin, rope_inv_freq
 
 _INIT = nnx.initializers.normal(0.02)  # HF's initializer_range for the Llama family.
-# Finite mask value: a query row with no visible key (a left-pad position) softmaxes to a
-# uniform distribution instead of NaN, and its output is never read.
-_MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -73,11 +65,7 @@ def init_cache(
 
 
 class RMSNorm(nnx.Module):
-    """y = w · x / sqrt(mean(x²) + ε), normalised in float32 (Zhang & Sennrich 2019).
-
-    Like HF's ``LlamaRMSNorm`` the normalised activations are cast back to the compute
-    dtype before the weight multiplies them, so bf16 runs match HF's rounding.
-    """
+    """y = w · x / sqrt(mean(x²) + ε) (Zhang & Sennrich 2019; ``layers.rms_norm``)."""
 
     def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any):
         self.weight = _param(jnp.ones((dim,), param_dtype), ("norm",))
@@ -85,9 +73,7 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+        return rms_norm(x, self.weight[...], self.eps, self.dtype)
 
 
 class Linear(nnx.Module):
@@ -117,77 +103,29 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora is not None:
-            y = y + self.lora(x).astype(self.dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        return linear(x, self.kernel[...], bias, lora_weights(self), dtype=self.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [hd/2] in float32, with the checkpoint's scaling.
+def lora_weights(linear: Linear) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(A, B, scale) of ``linear``'s adapter as arrays, or None without one."""
+    lora = linear.lora
+    if lora is None:
+        return None
+    return lora.lora_a[...], lora.lora_b[...], lora.scale[...]
 
-    Default: θ^(−2i/hd) (Su et al. 2021). "linear" divides by ``factor``. "llama3"
-    (Llama 3.1/3.2) divides low frequencies by ``factor``, keeps high ones and
-    interpolates in between, as HF's ``_compute_llama3_parameters``.
+
+def merged_kernel(linear: Linear) -> jax.Array:
+    """W + s_l · A_l B_l for every layer l of a stacked, LoRA-carrying Linear [L, in, out].
+
+    The sum is formed in float32 and cast back to the kernel's dtype.
     """
-    hd = config.head_dim
-    exponent = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
-    return inv_freq.astype(np.float32)
-
-
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, hd] (float32) of angles positions·inv_freq, halves repeated."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x·cos + rotate_half(x)·sin for x [B, T, heads, hd] (HF's half-split layout)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q kᵀ / sqrt(hd) + mask) v with grouped-query heads, softmax in float32.
-
-    Args:
-      q: [B, T, H, hd] queries.
-      k, v: [B, K, S, hd] keys and values (H % K == 0; query head h reads KV head h // G).
-      mask: [B, T, S] bool, True where query t may attend key slot s.
-
-    Returns:
-      [B, T, H·hd] in q's dtype.
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h * hd)
+    lora = linear.lora
+    kernel = linear.kernel[...]
+    delta = jnp.einsum("lir,lro->lio", lora.lora_a[...].astype(jnp.float32),
+                       lora.lora_b[...].astype(jnp.float32))
+    delta = delta * lora.scale[...].astype(jnp.float32)[:, None, None]
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 class Attention(nnx.Module):
@@ -448,154 +386,3 @@ def _check_ids(input_ids: jax.Array) -> jax.Array:
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
     return input_ids
-
-
-# ---------------------------------------------------------------------------------------
-# Hugging Face torch state dicts
-# ---------------------------------------------------------------------------------------
-
-# HF per-layer suffix -> (path inside a stacked DecoderLayer, is a torch Linear weight).
-_LAYER_TENSORS = {
-    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
-    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
-    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
-    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
-    "self_attn.q_proj.bias": (("self_attn", "q_proj", "bias"), False),
-    "self_attn.k_proj.bias": (("self_attn", "k_proj", "bias"), False),
-    "self_attn.v_proj.bias": (("self_attn", "v_proj", "bias"), False),
-    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
-    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
-    "input_layernorm.weight": (("input_layernorm", "weight"), False),
-    "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), False),
-}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _get(module: Any, path: tuple[str, ...]) -> Any:
-    for name in path:
-        module = getattr(module, name, None)
-        if module is None:
-            return None
-    return module
-
-
-def _global_tensors(model: Transformer) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {
-        "model.embed_tokens.weight": (model.embed_tokens.embedding, False),
-        "model.norm.weight": (model.norm.weight, False),
-    }
-    if model.lm_head is not None:
-        out["lm_head.weight"] = (model.lm_head.kernel, True)
-    return out
-
-
-def _layer_tensors(model: Transformer) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {}
-    for suffix, (path, linear) in _LAYER_TENSORS.items():
-        var = _get(model.layers, path)
-        if var is not None:
-            out[suffix] = (var, linear)
-    return out
-
-
-def hf_tensor_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
-    """HF name -> torch shape of every tensor ``load_hf_state_dict`` expects."""
-    shapes = {}
-    for name, (var, linear) in _global_tensors(model).items():
-        shape = tuple(var.shape)
-        shapes[name] = shape[::-1] if linear else shape
-    for suffix, (var, linear) in _layer_tensors(model).items():
-        shape = tuple(var.shape[1:])
-        for i in range(model.config.num_hidden_layers):
-            shapes[f"model.layers.{i}.{suffix}"] = shape[::-1] if linear else shape
-    return shapes
-
-
-def _assign(var: nnx.Param, value: np.ndarray) -> None:
-    old = var.get_value()
-    new = jnp.asarray(value, dtype=old.dtype)
-    sharding = getattr(old, "sharding", None)
-    if isinstance(old, jax.Array) and sharding is not None:
-        # Keep a placement made by fedsp.model.sharding (FSDP over "model").
-        new = jax.device_put(new, sharding)
-    var.set_value(new)
-
-
-def load_hf_state_dict(model: Transformer, tensors: Mapping[str, np.ndarray]) -> None:
-    """Fills ``model``'s base weights from a Hugging Face torch-layout state dict.
-
-    Linear weights are (out, in) as in torch and are transposed; per-layer tensors
-    ``model.layers.{i}.*`` are stacked on the leading ``layers`` axis. Values are cast to
-    the model's parameter dtype; LoRA adapters, if attached, are left untouched. Works on
-    a model made with ``nnx.eval_shape`` (abstract values are replaced).
-
-    Raises:
-      ValueError: a tensor is missing (named), has the wrong shape (named, with the
-        expected and actual shapes), or is not part of the architecture (all listed;
-        ``rotary_emb.inv_freq`` buffers are ignored).
-    """
-    expected = hf_tensor_shapes(model)
-    given = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - set(given), key=_natural_key)
-    if missing:
-        raise ValueError(f"state dict is missing {len(missing)} tensor(s): {missing}")
-    extra = sorted(set(given) - set(expected), key=_natural_key)
-    if extra:
-        raise ValueError(
-            f"state dict has unexpected tensor(s) for {model.config.model_type}: {extra}"
-        )
-    for name, shape in expected.items():
-        actual = tuple(np.shape(given[name]))
-        if actual != shape:
-            raise ValueError(f"tensor {name!r} has shape {actual}, expected {shape}")
-
-    for name, (var, linear) in _global_tensors(model).items():
-        value = np.asarray(given[name])
-        _assign(var, value.T if linear else value)
-    for suffix, (var, linear) in _layer_tensors(model).items():
-        per_layer = []
-        for i in range(model.config.num_hidden_layers):
-            value = np.asarray(given[f"model.layers.{i}.{suffix}"])
-            per_layer.append(value.T if linear else value)
-        _assign(var, np.stack(per_layer))
-
-
-def hf_state_dict(model: Transformer, merge_lora: bool = True) -> dict[str, np.ndarray]:
-    """The inverse of ``load_hf_state_dict``: HF names and torch layouts, numpy arrays.
-
-    Args:
-      model: the model.
-      merge_lora: fold attached LoRA adapters into the base weights (W + s·A B);
-        otherwise the base weights alone are returned.
-
-    Tied models emit no ``lm_head.weight``. Arrays keep the parameter dtype.
-    """
-    out: dict[str, np.ndarray] = {}
-    for name, (var, linear) in _global_tensors(model).items():
-        value = np.asarray(var.get_value())
-        out[name] = value.T if linear else value
-    for suffix, (var, linear) in _layer_tensors(model).items():
-        value = np.asarray(var.get_value())
-        if merge_lora and linear:
-            owner = _get(model.layers, _LAYER_TENSORS[suffix][0][:-1])
-            if owner.lora is not None:
-                value = np.asarray(_merged_kernel(owner))
-        for i in range(model.config.num_hidden_layers):
-            layer = value[i].T if linear else value[i]
-            out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(layer)
-    return out
-
-
-def _merged_kernel(linear: Linear) -> jax.Array:
-    """W + scale_l · A_l B_l for every layer l of a stacked, LoRA-carrying Linear."""
-    lora = linear.lora
-    kernel = linear.kernel[...]
-    delta = jnp.einsum("lir,lro->lio", lora.lora_a[...].astype(jnp.float32),
-                       lora.lora_b[...].astype(jnp.float32))
-    delta = delta * lora.scale[...].astype(jnp.float32)[:, None, None]
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-
-
-def _natural_key(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]

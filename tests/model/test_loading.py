@@ -31,8 +31,8 @@ from fedsp.model import (
 )
 from fedsp.model import gguf as fedsp_gguf
 from fedsp.model import lora as lora_lib
+from fedsp.model.hf_weights import hf_state_dict
 from fedsp.model.loading import read_safetensors
-from fedsp.model.transformer import hf_state_dict
 from tests.model import tiny
 
 TOL = 1e-4

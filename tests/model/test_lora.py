@@ -9,19 +9,20 @@ import pytest
 from flax import nnx
 
 from fedsp.model.config import ModelConfig
+from fedsp.model.hf_weights import hf_state_dict, load_hf_state_dict
+from fedsp.model.layers import lora_delta
 from fedsp.model.lora import (
     LORA_TARGETS,
     LoRAConfig,
     LoRAScale,
     apply_lora,
     lora_hf_config,
-    lora_delta,
     lora_hf_state_dict,
     lora_state,
     merge_lora_into_base,
     split_lora,
 )
-from fedsp.model.transformer import Transformer, hf_state_dict, load_hf_state_dict
+from fedsp.model.transformer import Transformer
 from tests.model import tiny
 
 HF = tiny.tiny_hf_config("qwen2")  # has q/k/v biases, so merging must leave them alone

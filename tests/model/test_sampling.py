@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fedsp.model import sampling
+from fedsp.model import next_token, sampling
 from fedsp.model.config import ModelConfig
+from fedsp.model.hf_weights import load_hf_state_dict
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.sampling import SampleOutput, bucket_length, generate
-from fedsp.model.transformer import Transformer, load_hf_state_dict
+from fedsp.model.transformer import Transformer
 from tests.model import tiny
 
 PAD = 0
@@ -339,7 +340,7 @@ def _nucleus_probs(logits, temperature, top_p):
 
 @pytest.mark.parametrize("top_k", [64, 3])  # 3 forces the exact full-vocabulary fallback
 def test_nucleus_sampling_distribution(monkeypatch, top_k):
-    monkeypatch.setattr(sampling, "TOP_K_CANDIDATES", top_k)
+    monkeypatch.setattr(next_token, "TOP_K_CANDIDATES", top_k)
     logits = np.array([2.0, 1.5, 1.4, 0.3, 0.2, -1.0, 0.9, -3.0, 1.1, 0.0], np.float32)
     temperature, top_p, n = 0.8, 0.85, 20000
     keys = jax.random.split(jax.random.key(0), n // 4)
@@ -347,7 +348,7 @@ def test_nucleus_sampling_distribution(monkeypatch, top_k):
 
     @jax.jit
     def draw(key):
-        tok, lp = sampling._select(batch, jax.random.split(key, 4),
+        tok, lp = next_token.select_tokens(batch, jax.random.split(key, 4),
                                    temperature=jnp.float32(temperature),
                                    top_p=jnp.float32(top_p), greedy=False, use_top_p=True)
         return tok, lp
@@ -365,7 +366,7 @@ def test_nucleus_threshold_matches_sorted_cumsum():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.full(1000, 0.1), size=4).astype(np.float32)
     for top_p in (0.3, 0.9, 0.999):
-        tau = np.asarray(sampling._nucleus_threshold(jnp.asarray(probs), jnp.float32(top_p)))
+        tau = np.asarray(next_token.nucleus_threshold(jnp.asarray(probs), jnp.float32(top_p)))
         for r in range(4):
             order = np.argsort(-probs[r], kind="stable")
             cum = np.cumsum(probs[r][order], dtype=np.float64)
@@ -377,7 +378,7 @@ def test_blocked_inverse_cdf_matches_searchsorted():
     rng = np.random.default_rng(1)
     w = rng.random((3, 700)).astype(np.float32) * (rng.random((3, 700)) < 0.3)
     u = rng.random(3).astype(np.float32) * w.sum(-1)
-    out = np.asarray(sampling._blocked_inverse_cdf(jnp.asarray(w), jnp.asarray(u)))
+    out = np.asarray(next_token.blocked_inverse_cdf(jnp.asarray(w), jnp.asarray(u)))
     ref = [np.searchsorted(np.cumsum(w[r], dtype=np.float64), u[r], side="right") for r in range(3)]
     np.testing.assert_array_equal(out, ref)
     assert (w[np.arange(3), out] > 0).all()

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedsp.model.config import ModelConfig
+from fedsp.model.hf_weights import load_hf_state_dict
 from fedsp.model.lora import LoRAConfig, apply_lora
 from fedsp.model.sharding import (
     LOGICAL_AXIS_RULES,
@@ -18,7 +19,7 @@ from fedsp.model.sharding import (
     model_shardings,
     shard_model,
 )
-from fedsp.model.transformer import Transformer, load_hf_state_dict
+from fedsp.model.transformer import Transformer
 from tests.model import tiny
 
 HF = tiny.tiny_hf_config("qwen2")

@@ -14,17 +14,9 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from fedsp.model.config import ModelConfig
-from fedsp.model.transformer import (
-    RMSNorm,
-    Transformer,
-    apply_rope,
-    attend,
-    default_positions,
-    hf_state_dict,
-    hf_tensor_shapes,
-    load_hf_state_dict,
-    rope_inv_freq,
-)
+from fedsp.model.hf_weights import hf_state_dict, hf_tensor_shapes, load_hf_state_dict
+from fedsp.model.layers import apply_rope, attend, rope_inv_freq
+from fedsp.model.transformer import RMSNorm, Transformer, default_positions
 from tests.model import tiny
 
 
