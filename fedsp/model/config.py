@@ -39,7 +39,7 @@ class ModelConfig:
       num_hidden_layers: number of decoder layers L.
       num_attention_heads: query heads H.
       num_key_value_heads: key/value heads K (GQA; H % K == 0).
-      head_dim: per-head width; None means ``hidden_size // num_attention_heads``.
+      head_dim: per-head width; 0 (or None) means ``hidden_size // num_attention_heads``.
       rope_theta: RoPE base θ (inverse frequencies θ^(−2i/head_dim)).
       rope_scaling: HF rope-scaling dict or None. Supported ``rope_type``: "default",
         "linear" (``factor``) and "llama3" (``factor``, ``low_freq_factor``,
@@ -60,7 +60,7 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int | None = None
+    head_dim: int = 0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
@@ -91,7 +91,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.head_dim is None:
+        if not self.head_dim:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size={self.hidden_size} is not divisible by "
@@ -178,7 +178,7 @@ class ModelConfig:
             num_hidden_layers=int(hf["num_hidden_layers"]),
             num_attention_heads=int(hf["num_attention_heads"]),
             num_key_value_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim"),
+            head_dim=hf.get("head_dim") or 0,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),

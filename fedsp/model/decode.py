@@ -46,9 +46,10 @@ def layer_weights(model: Any, merge_lora: bool) -> list[dict[str, Any]]:
         for parent, name in PROJECTIONS:
             lin = getattr(getattr(layers, parent), name)
             kernel = merged[name][i] if name in merged else lin.kernel[...][i]
-            lora = lora_weights(lin) if name not in merged else None
-            if lora is not None:
-                lora = tuple(x[i] for x in lora)
+            lora = None
+            if name not in merged and (adapter := lora_weights(lin)) is not None:
+                a, b, scale = adapter
+                lora = (a[i], b[i], scale[i])
             bias = None if lin.bias is None else lin.bias[...][i]
             w[name] = (kernel, bias, lora)
         out.append(w)

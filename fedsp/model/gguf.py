@@ -311,7 +311,7 @@ def _llama3_rope_factors(
     factor: float,
     low_freq_factor: float,
     high_freq_factor: float,
-    original_max_position_embeddings: int,
+    original_max_position_embeddings: float,
 ) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1 rope scaling (Meta's ``apply_scaling``)."""
     wavelen = 2 * math.pi / inv_freq

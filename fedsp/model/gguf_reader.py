@@ -84,7 +84,7 @@ class _Cursor:
         return self.unpack(_SCALAR_FORMATS[value_type])[0]
 
 
-def read_header(path: pathlib.Path) -> tuple[np.memmap, list[TensorInfo], dict[str, Any]]:
+def read_header(path: pathlib.Path) -> tuple[np.ndarray, list[TensorInfo], dict[str, Any]]:
     """Parses a GGUF (v2/v3, little-endian) header: the file, its tensor table, its metadata.
 
     Our own parser rather than ``gguf.GGUFReader``, which builds a numpy view per

@@ -308,7 +308,9 @@ def load_adapter(
     )
     expected: set[str] = set()
     for target in lora_config.targets:
-        lora = _lora_module(model, target)
+        lora = lora_lib.target_linear(model, target).lora
+        if lora is None:  # apply_lora above attached one to every target
+            raise ValueError(f"{config_file}: no adapter on {target}")
         module = ".".join(lora_lib.LORA_TARGETS[target])
         # PEFT stores A as (r, in) and B as (out, r); fedsp stacks A [L, in, r], B [L, r, out].
         for variable, suffix in ((lora.lora_a, "lora_A"), (lora.lora_b, "lora_B")):
@@ -329,13 +331,6 @@ def load_adapter(
     if extra:
         raise ValueError(f"{weights_file}: unexpected tensors for {_ADAPTER_CONFIG}: {extra[:10]}")
     return model
-
-
-def _lora_module(model: Transformer, target: str) -> Any:
-    module = model.layers
-    for name in lora_lib.LORA_TARGETS[target]:
-        module = getattr(module, name)
-    return module.lora
 
 
 def _param_dtype(dtype: Any) -> Any:

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from fedsp.model.layers import lora_delta
-from fedsp.model.transformer import Linear, Transformer, merged_kernel
+from fedsp.model.transformer import Linear, Transformer, lora_weights, merged_kernel
 
 # Projection name -> path inside a DecoderLayer.
 LORA_TARGETS = {
@@ -100,7 +100,7 @@ class LoRA(nnx.LoRA):
     [L]); inside the layer scan each layer sees its [in, r] / [r, out] / scalar slice.
     """
 
-    def __init__(self, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array):
+    def __init__(self, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array | np.ndarray):
         _, in_features, rank = lora_a.shape
         no_eager = {"eager_sharding": False}
         super().__init__(
@@ -117,7 +117,8 @@ class LoRA(nnx.LoRA):
         self.scale = LoRAScale(jnp.asarray(scale, jnp.float32), out_sharding=("layers",),
                                **no_eager)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    # nnx.LoRA.__call__ also takes **kwargs, for a base module this class never has.
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
         x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
         return lora_delta(x, a, b, self.scale[...].astype(x.dtype))
 
@@ -147,7 +148,7 @@ def apply_lora(
     scales = np.zeros((num_layers,), np.float32)
     scales[list(layers)] = config.scaling
 
-    linears = [_target(model, target) for target in config.targets]
+    linears = [target_linear(model, target) for target in config.targets]
     shapes = tuple((num_layers, lin.in_features, config.rank, lin.out_features) for lin in linears)
     values = _init_adapters(rngs.params(), shapes, jnp.dtype(param_dtype))
     for linear, (a, b) in zip(linears, values):
@@ -177,7 +178,9 @@ def split_lora(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     ``nnx.merge(graphdef, lora_state, base_state)`` rebuilds the model; a jitted function
     taking (lora_state, base_state) compiles once and runs with any adapter values.
     """
-    return nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, lora, *rest = nnx.split(model, nnx.LoRAParam, ...)
+    (base,) = rest  # two filters: LoRAParam and "everything else"
+    return graphdef, lora, base
 
 
 def lora_state(model: Transformer) -> nnx.State:
@@ -192,10 +195,11 @@ def merge_lora_into_base(model: Transformer) -> Transformer:
     adapter matmuls; ``model`` itself is not modified.
     """
     merged = nnx.clone(model)
-    if getattr(merged, "lora_config", None) is None:
+    config = merged.lora_config
+    if config is None:
         return merged
-    for target in merged.lora_config.targets:
-        linear = _target(merged, target)
+    for target in config.targets:
+        linear = target_linear(merged, target)
         linear.kernel.set_value(merged_kernel(linear))
         linear.lora = None
     merged.lora_config = None
@@ -212,8 +216,7 @@ def lora_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     config = _require_lora(model)
     out: dict[str, np.ndarray] = {}
     for target in config.targets:
-        lora = _target(model, target).lora
-        a, b = np.asarray(lora.lora_a[...]), np.asarray(lora.lora_b[...])
+        a, b = (np.asarray(w) for w in adapter_weights(target_linear(model, target))[:2])
         module = ".".join(LORA_TARGETS[target])
         for i in _adapted_layers(model):
             prefix = f"base_model.model.model.layers.{i}.{module}"
@@ -250,11 +253,20 @@ def lora_hf_config(
     }
 
 
-def _target(model: Transformer, target: str) -> Linear:
-    module = model.layers
+def target_linear(model: Transformer, target: str) -> Linear:
+    """The stacked ``Linear`` of projection ``target`` (a ``LORA_TARGETS`` name)."""
+    module: Any = model.layers
     for name in LORA_TARGETS[target]:
         module = getattr(module, name)
     return module
+
+
+def adapter_weights(linear: Linear) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(A, B, scale) of ``linear``'s adapter; raises ValueError when it has none."""
+    weights = lora_weights(linear)
+    if weights is None:
+        raise ValueError("this projection has no LoRA adapter; call apply_lora first")
+    return weights
 
 
 def _require_lora(model: Transformer) -> LoRAConfig:

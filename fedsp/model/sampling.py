@@ -329,7 +329,7 @@ def _batch_keys(key: jax.Array, batch: int) -> jax.Array:
     return key
 
 
-def _fold_in(keys: jax.Array, data: jax.Array) -> jax.Array:
+def _fold_in(keys: jax.Array, data: jax.Array | int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
@@ -389,9 +389,10 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         hidden, cache = model.forward_with_cache(ids, positions, mask, cache, jnp.int32(l0))
         p = l0 + p
     if unroll:
+        # Per-layer (k, v) pairs here, one stacked KVCache below: the loop is generic.
         grow = ((0, 0), (0, 0), (0, n_bucket), (0, 0))
-        caches = [(jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))
-                  for i in range(model.config.num_hidden_layers)]
+        caches: Any = [(jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))
+                       for i in range(model.config.num_hidden_layers)]
         weights = layer_weights(model, merge_lora)
 
         def decode(tok, pos, kv_mask, caches, slot):
@@ -407,8 +408,8 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         def stacked(caches):
             return (jnp.stack([k for k, _ in caches]), jnp.stack([v for _, v in caches]))
     else:
-        grow = ((0, 0), (0, 0), (0, 0), (0, n_bucket), (0, 0))
-        caches = KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
+        grow_stacked = ((0, 0), (0, 0), (0, 0), (0, n_bucket), (0, 0))
+        caches = KVCache(jnp.pad(cache.k, grow_stacked), jnp.pad(cache.v, grow_stacked))
 
         def decode(tok, pos, kv_mask, caches, slot):
             hidden, caches = model.forward_with_cache(tok[:, None], pos[:, None], kv_mask,

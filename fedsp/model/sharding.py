@@ -66,7 +66,8 @@ def logical_to_spec(
     table = dict(rules)
     if len(names) != len(shape):
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
-    spec, used = [], set()
+    spec: list[str | None] = []
+    used: set[str] = set()
     for name, size in zip(names, shape):
         if name is None:
             spec.append(None)

@@ -24,7 +24,7 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tokenizers
@@ -215,13 +215,13 @@ class Tokenizer:
                     "conversations: expected a prompt string, a list of {'role', 'content'} "
                     "dicts, or a list of those."
                 )
-            formatted.append(
-                self.hf.apply_chat_template(
-                    [dict(m) for m in messages],
-                    tokenize=False,
-                    add_generation_prompt=add_generation_prompt,
-                )
+            checked = cast(Sequence[Mapping[str, str]], messages)  # validated just above
+            text = self.hf.apply_chat_template(
+                [dict(m) for m in checked],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
+            formatted.append(cast(str, text))  # tokenize=False returns the text
         return formatted[0] if single else formatted
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -271,9 +271,10 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of a 1-D id sequence."""
-        return self.hf.decode(
+        text = self.hf.decode(
             [int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens
         )
+        return cast(str, text)  # one id sequence decodes to one string
 
     def batch_decode(
         self,

@@ -23,7 +23,7 @@ G = H // K query heads per KV head, hd head dim, F MLP width, V vocab, L layers.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from flax import nnx
 
 from fedsp.model.config import ModelConfig
 from fedsp.model.layers import apply_rope, attend, linear, rms_norm, rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:  # fedsp.model.lora imports this module
+    from fedsp.model.lora import LoRA, LoRAConfig
 
 _INIT = nnx.initializers.normal(0.02)  # HF's initializer_range for the Llama family.
 
@@ -99,7 +102,7 @@ class Linear(nnx.Module):
         self.axes = axes
         self.kernel = _param(_INIT(rngs.params(), (in_features, out_features), param_dtype), axes)
         self.bias = _param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
-        self.lora = nnx.data(None)
+        self.lora: LoRA | None = nnx.data(None)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,6 +124,8 @@ def merged_kernel(linear: Linear) -> jax.Array:
     The sum is formed in float32 and cast back to the kernel's dtype.
     """
     lora = linear.lora
+    if lora is None:
+        raise ValueError("merged_kernel needs a Linear with a LoRA adapter attached")
     kernel = linear.kernel[...]
     delta = jnp.einsum("lir,lro->lio", lora.lora_a[...].astype(jnp.float32),
                        lora.lora_b[...].astype(jnp.float32))
@@ -163,6 +168,8 @@ class Attention(nnx.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
         new = None
         if cache is not None:
+            if cache_index is None:
+                raise ValueError("cache_index is required with a cache")
             new = KVCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache.k, new.k, start)
@@ -243,7 +250,7 @@ class Transformer(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
-        self.lora_config = None  # set by fedsp.model.lora.apply_lora
+        self.lora_config: LoRAConfig | None = None  # set by fedsp.model.lora.apply_lora
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs,
                                   param_dtype=param_dtype)
 
@@ -256,7 +263,7 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
         if config.tie_word_embeddings:
-            self.lm_head = None
+            self.lm_head: Linear | None = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"),
                                   use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
