@@ -36,7 +36,9 @@ def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:
 
 
 def save_client_state(
-    directory: os.PathLike | str, round: int, arrays: Mapping[str, np.ndarray]  # noqa: A002
+    directory: os.PathLike | str,
+    round: int,
+    arrays: Mapping[str, np.ndarray],  # noqa: A002
 ) -> pathlib.Path:
     """Writes ``arrays`` as round ``round``'s client state (replacing an older file).
 

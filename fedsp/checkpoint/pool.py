@@ -169,10 +169,7 @@ class PlayerPool:
 
     def __repr__(self) -> str:
         where = None if self.directory is None else str(self.directory)
-        return (
-            f"PlayerPool({where!r}, max_players={self._max_players}, "
-            f"rounds={list(self.rounds)})"
-        )
+        return f"PlayerPool({where!r}, max_players={self._max_players}, rounds={list(self.rounds)})"
 
     # ------------------------------------------------------------------ index I/O
 
@@ -288,7 +285,7 @@ class PlayerPool:
         if self._memory is not None:
             self._memory[round_] = jax.tree.map(lambda x: x, adapters)
             self._entries = (self._entries + [entry])[-self._max_players :]
-            keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped):])
+            keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped) :])
             self._memory = {r: a for r, a in self._memory.items() if r in keep}
             return entry
         for stale_round, path in self._entry_dirs().items():
@@ -350,7 +347,8 @@ class PlayerPool:
         if self._memory is not None:
             if entry.round not in self._memory:
                 raise CorruptCheckpointError(
-                    f"player pool entry for round {entry.round}: not in this in-memory pool")
+                    f"player pool entry for round {entry.round}: not in this in-memory pool"
+                )
             return self._memory[entry.round]
         try:
             adapters, _ = load_tree(entry.path, template)
@@ -426,8 +424,10 @@ class PlayerPool:
                 f"got {state!r}"
             )
         if directory is None:
-            raise ValueError("an in-memory pool holds its players only while it lives; "
-                             "restoring one from a state dict needs its directory")
+            raise ValueError(
+                "an in-memory pool holds its players only while it lives; "
+                "restoring one from a state dict needs its directory"
+            )
         pool = cls(directory, state["max_players"], keep_dropped=keep_dropped)
         try:
             entries = [

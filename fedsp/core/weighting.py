@@ -32,9 +32,7 @@ SPEAR_CONFIDENCE_REVISED = 1.0
 SPEAR_CONFIDENCE_UNREVISED = 0.5
 
 
-def implicit_rewards(
-    policy_logps: jax.Array, player_logps: jax.Array, lam: float
-) -> jax.Array:
+def implicit_rewards(policy_logps: jax.Array, player_logps: jax.Array, lam: float) -> jax.Array:
     """TPAW/SPIN implicit rewards P_j(y) = lam·(log π_θ(y|x) − log π_j(y|x)).
 
     Args:

@@ -50,6 +50,7 @@ from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
 from fedsp.model.tokenizer import Tokenizer
 
+
 class Policy(NamedTuple):
     """What rollouts need; built once per run: ``graphdef, _, base_state = split_lora(model)``."""
 

@@ -94,7 +94,7 @@ def pack(
             if len(trace.completion) == 0:
                 raise ValueError(f"client {ci} trace {si} has an empty completion")
             completion = list(trace.completion)[: max_len - 1]
-            prompt = list(trace.prompt)[-(max_len - len(completion)):]
+            prompt = list(trace.prompt)[-(max_len - len(completion)) :]
             n_prompt, n = len(prompt), len(prompt) + len(completion)
             tokens[ci, si, :n] = prompt + completion
             attention[ci, si, :n] = True
@@ -138,8 +138,11 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int:
     after = tokenizer.encode(text.split(marker, 1)[1]) if marker in text else []
     if after and after[0] in tokenizer.eos_token_ids:
         return int(after[0])
-    return int(tokenizer.hf.eos_token_id if tokenizer.hf.eos_token_id is not None
-               else tokenizer.eos_token_ids[0])
+    return int(
+        tokenizer.hf.eos_token_id
+        if tokenizer.hf.eos_token_id is not None
+        else tokenizer.eos_token_ids[0]
+    )
 
 
 def gold_completion(task: Task, example: Example) -> str:

@@ -77,9 +77,14 @@ class SamplingParams:
     def from_config(cls, config: Any) -> SamplingParams:
         """``config.rollout`` of a validated `fedsp.config.default_config` config."""
         r = config.rollout
-        return cls(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
-                   top_p=float(r.top_p), batch_size=int(r.batch_size),
-                   split_by_length=bool(r.split_by_length), reuse_cache=bool(r.reuse_cache))
+        return cls(
+            max_new_tokens=int(r.max_new_tokens),
+            temperature=float(r.temperature),
+            top_p=float(r.top_p),
+            batch_size=int(r.batch_size),
+            split_by_length=bool(r.split_by_length),
+            reuse_cache=bool(r.reuse_cache),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,8 +239,9 @@ def sample_completions(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if continue_from is not None and len(continue_from) != n:
-        raise ValueError(f"continue_from needs one entry per prompt ({n}), got "
-                         f"{len(continue_from)}")
+        raise ValueError(
+            f"continue_from needs one entry per prompt ({n}), got {len(continue_from)}"
+        )
     tokenizer = policy.tokenizer
     pad = tokenizer.pad_token_id
     # Per row, how its prompt starts: from a cached row (the tokens it shares with it),
@@ -265,7 +271,7 @@ def sample_completions(
     for (cached, head_width, _), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: -suffix[r])
         for start in range(0, len(rows), params.batch_size):
-            chunk = rows[start:start + params.batch_size]
+            chunk = rows[start : start + params.batch_size]
             width = max(suffix[r] for r in chunk)
             # Repeating the last row up to a power of two keeps the set of compiled
             # batch sizes small; the copies are dropped below.
@@ -273,13 +279,16 @@ def sample_completions(
             ids = np.full((len(padded), width), pad, np.int32)
             mask = np.zeros((len(padded), width), np.int32)
             for i, row in enumerate(padded):
-                tail = prompts[row][cuts[row]:]
-                ids[i, width - len(tail):] = tail
-                mask[i, width - len(tail):] = 1
+                tail = prompts[row][cuts[row] :]
+                ids[i, width - len(tail) :] = tail
+                mask[i, width - len(tail) :] = 1
             shared = {}
             if cached:
-                shared = dict(prefix_cache=sampling.gather_prefix(
-                    [sources[r] for r in padded], [cuts[r] for r in padded]))
+                shared = dict(
+                    prefix_cache=sampling.gather_prefix(
+                        [sources[r] for r in padded], [cuts[r] for r in padded]
+                    )
+                )
             elif head_width:
                 # Each distinct head once (their count rounded up to a power of two too).
                 distinct = list(dict.fromkeys(heads[r] for r in padded))
@@ -287,11 +296,14 @@ def sample_completions(
                 head_ids = np.full((len(distinct), head_width), pad, np.int32)
                 head_mask = np.zeros((len(distinct), head_width), np.int32)
                 for i, head in enumerate(distinct):
-                    head_ids[i, head_width - len(head):] = head
-                    head_mask[i, head_width - len(head):] = 1
+                    head_ids[i, head_width - len(head) :] = head
+                    head_mask[i, head_width - len(head) :] = 1
                 slot = {head: i for i, head in enumerate(distinct)}
-                shared = dict(prefix_ids=head_ids, prefix_mask=head_mask,
-                              prefix_index=[slot[heads[r]] for r in padded])
+                shared = dict(
+                    prefix_ids=head_ids,
+                    prefix_mask=head_mask,
+                    prefix_index=[slot[heads[r]] for r in padded],
+                )
             result = sampling.generate(
                 policy.graphdef,
                 (lora_state, policy.base_state),
@@ -316,9 +328,15 @@ def sample_completions(
                     tokens=reply,
                     logprobs=np.asarray(logprobs[i, :k], np.float32),
                     text=tokenizer.decode(tokens[i, :k]),
-                    cache=(CachedRow(kv, i, tuple(int(t) for t in prompts[row])
-                                     + tuple(int(t) for t in reply[:-1]))
-                           if keep_cache else None),
+                    cache=(
+                        CachedRow(
+                            kv,
+                            i,
+                            tuple(int(t) for t in prompts[row]) + tuple(int(t) for t in reply[:-1]),
+                        )
+                        if keep_cache
+                        else None
+                    ),
                 )
     return out  # type: ignore[return-value]
 

@@ -352,7 +352,9 @@ def test_bad_arguments(tmp_path):
         bad = _make_state(0, round_=1)
         with pytest.raises(ValueError, match=r"state\.metrics_history\[0\]\['x'\] must be JSON"):
             ckpt.save(
-                RoundState(1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},))
+                RoundState(
+                    1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},)
+                )
             )
         with pytest.raises(
             ValueError, match=r"leaf \['baselines'\]\['f'\] has unsupported type str"

@@ -23,8 +23,9 @@ class Scripted:
         self.revisions = revisions  # False: repeated calls are group samples (GRPO)
         self.end = end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
-                 continue_from=None):
+    def __call__(
+        self, policy, lora_state, prompts, keys, params, *, keep_cache=False, continue_from=None
+    ):
         assert keys.shape == (len(prompts),)
         self.options.append({"keep_cache": keep_cache, "continue_from": continue_from})
         out = []
