@@ -31,8 +31,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from benchmarks import common
 from fedsp import hostalloc
 

@@ -10,6 +10,7 @@ model loading and compilation; where the reset is not allowed, the phase peak is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -49,10 +50,8 @@ def reset_peak_rss() -> bool:
     allocator kept after compilation.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

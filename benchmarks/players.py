@@ -43,10 +43,10 @@ import numpy as np
 from flax import nnx
 
 from fedsp import hostalloc
+from fedsp.config import default_config
 from fedsp.model.config import ModelConfig
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.transformer import Transformer
-from fedsp.config import default_config
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.base import PackedSequences, PlayerLogps, client_batch
 from fedsp.selfplay.pairs import PairHParams, PairwiseSelfPlay, pair_loss
@@ -139,7 +139,7 @@ def naive_minibatch_loss(graphdef, hp, base, players, player_mask, lora, batch_c
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def naive_local_train(graphdef, hp, base, players, player_mask, lora, batch_c, key):
     loss_fn = functools.partial(naive_minibatch_loss, graphdef, hp, base, players, player_mask)
-    return tr.fit(lambda l, k: loss_fn(l, batch_c, k), lora, key, batch_c.lr, hp.train)
+    return tr.fit(lambda params, k: loss_fn(params, batch_c, k), lora, key, batch_c.lr, hp.train)
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ class Sampler:
         # One entry per sampler call: rows, prompt tokens, longest prompt, seconds.
         self.log: list[dict[str, float]] = []
 
-    def rollout_keys(self, key, round, attempt, clients, prompts, samples=None):  # noqa: A002
+    def rollout_keys(self, key, round, attempt, clients, prompts, samples=None):
         self.row_clients = [int(c) for c in clients]
         return self.real_row_keys(key, round, attempt, clients, prompts, samples)
 
@@ -148,8 +148,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedsp import data as data_lib
     from fedsp.core.aggregation import server_optimizer
-    from fedsp.federated.round import client_prompts
     from fedsp.federated.mapping import map_clients
+    from fedsp.federated.round import client_prompts
     from fedsp.federated.server import server_step, tree_bytes
     from fedsp.selfplay.base import Policy
     from fedsp.selfplay.spear import Spear

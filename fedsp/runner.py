@@ -46,9 +46,9 @@ from fedsp.checkpoint import (
 from fedsp.config import validate
 from fedsp.federated.mapping import map_clients
 from fedsp.federated.round import (
+    RoundHooks,
     Run,
     RunState,
-    RoundHooks,
     default_optimizer,
     evaluate,
     run_round,

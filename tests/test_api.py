@@ -98,7 +98,7 @@ def test_run_round_gives_the_rounds_of_run_bit_for_bit(model_dir, tmp_path, monk
     assert all(r["collect/rollout/wins"] > 0 and r["client/trained"] > 0 for r in logged[1:])
     assert summary["final_accuracy"] == logged[2]["eval/accuracy"]
     assert not np.array_equal(_leaves(outputs.params[0])[0], _leaves(outputs.params[1])[0])
-    with pytest.raises(ValueError, match="fl.rounds = 2 rounds"):
+    with pytest.raises(ValueError, match=r"fl\.rounds = 2 rounds"):
         fedsp.run_round(state)
 
 
@@ -143,15 +143,16 @@ def test_a_replaced_server_step_and_the_uploads_hook(model_dir):
 
 
 def test_in_memory_model_must_match_the_config(model_dir):
-    from fedsp.model.lora import LoRAConfig, apply_lora
     from flax import nnx
+
+    from fedsp.model.lora import LoRAConfig, apply_lora
 
     config = fixtures.tiny_config(model_dir, fl__rounds=1)
     model, tokenizer = from_pretrained(model_dir)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         fedsp.init_run(config, model=model)
     apply_lora(model, LoRAConfig(rank=3, alpha=6.0), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="differ from config.model.lora"):
+    with pytest.raises(ValueError, match=r"differ from config\.model\.lora"):
         fedsp.init_run(config, model=model, tokenizer=tokenizer)
 
 
@@ -242,6 +243,7 @@ def test_stateful_runs_accept_only_their_newest_state(model_dir):
 
 
 def test_top_level_exports_resolve():
+    assert fedsp.__all__ == sorted(fedsp._EXPORTS)
     for name in fedsp.__all__:
         assert getattr(fedsp, name) is not None, name
     assert fedsp.run is fedsp.runner.run and fedsp.validate_config is fedsp.config.validate
@@ -285,9 +287,11 @@ def test_layers_import_only_downwards():
                 if isinstance(node, ast.ImportFrom) and node.module
                 else []
             )
-            for name in names:
-                if name.startswith("fedsp.") and _layer(name) > own:
-                    bad.append(f"{module} imports {name}")
+            bad.extend(
+                f"{module} imports {name}"
+                for name in names
+                if name.startswith("fedsp.") and _layer(name) > own
+            )
     assert not bad, bad
 
 

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from fedsp.config import default_config
 from fedsp import config as config_lib
 from fedsp import data, runner
+from fedsp.config import default_config
 
 
 def _error(**changes) -> str:

@@ -111,10 +111,8 @@ class ServerAudit:
         for leaf in jax.tree.leaves(inputs):
             name = type(leaf).__name__
             self.leaf_types[name] = self.leaf_types.get(name, 0) + 1
-            if (
-                isinstance(leaf, (str, bytes))
-                or not hasattr(leaf, "dtype")
-                and not isinstance(leaf, (int, float))
+            if isinstance(leaf, (str, bytes)) or (
+                not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float))
             ):
                 self.text_leaves += 1
 

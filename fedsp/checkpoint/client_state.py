@@ -30,7 +30,7 @@ __all__ = ["client_state_path", "load_client_state", "prune_client_state", "save
 _NAME_RE = re.compile(r"round_(\d+)\.npz")
 
 
-def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:  # noqa: A002
+def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:
     """``<directory>/round_<round:06d>.npz``."""
     return pathlib.Path(directory) / f"round_{int(round):06d}.npz"
 
@@ -38,7 +38,7 @@ def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:
 def save_client_state(
     directory: os.PathLike | str,
     round: int,
-    arrays: Mapping[str, np.ndarray],  # noqa: A002
+    arrays: Mapping[str, np.ndarray],
 ) -> pathlib.Path:
     """Writes ``arrays`` as round ``round``'s client state (replacing an older file).
 
@@ -63,7 +63,7 @@ def save_client_state(
     return path
 
 
-def load_client_state(directory: os.PathLike | str, round: int) -> dict[str, np.ndarray]:  # noqa: A002
+def load_client_state(directory: os.PathLike | str, round: int) -> dict[str, np.ndarray]:
     """Round ``round``'s client state.
 
     Raises:

@@ -63,7 +63,7 @@ _INDEX = "index.json"
 _ENTRY_RE = re.compile(r"round_(\d+)")
 
 
-def _entry_name(round: int) -> str:  # noqa: A002 - the papers' word
+def _entry_name(round: int) -> str:  # `round` (shadowing the builtin) is the papers' word
     return f"round_{round:06d}"
 
 
@@ -173,10 +173,10 @@ class PlayerPool:
 
     # ------------------------------------------------------------------ index I/O
 
-    def _path(self, round: int) -> epath.Path | None:  # noqa: A002
+    def _path(self, round: int) -> epath.Path | None:
         return None if self._memory is not None else self._directory / _entry_name(round)
 
-    def _entry(self, round: int, score: Any, metadata: Any) -> PoolEntry:  # noqa: A002
+    def _entry(self, round: int, score: Any, metadata: Any) -> PoolEntry:
         return PoolEntry(
             round=int(round),
             score=None if score is None else float(score),
@@ -248,7 +248,7 @@ class PlayerPool:
     def push(
         self,
         adapters: PyTree,
-        round: int,  # noqa: A002
+        round: int,
         score: float | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> PoolEntry:
@@ -284,7 +284,7 @@ class PlayerPool:
         entry = self._entry(round_, score, metadata)
         if self._memory is not None:
             self._memory[round_] = jax.tree.map(lambda x: x, adapters)
-            self._entries = (self._entries + [entry])[-self._max_players :]
+            self._entries = [*self._entries, entry][-self._max_players :]
             keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped) :])
             self._memory = {r: a for r, a in self._memory.items() if r in keep}
             return entry
@@ -300,12 +300,12 @@ class PlayerPool:
             )
         except ValueError as e:
             raise ValueError(f"cannot push round {round_}: {e}") from e
-        self._entries = (self._entries + [entry])[-self._max_players :]
+        self._entries = [*self._entries, entry][-self._max_players :]
         self._write_index()
         self._collect_garbage()
         return entry
 
-    def drop(self, round: int) -> None:  # noqa: A002
+    def drop(self, round: int) -> None:
         """Removes round ``round``'s player; its files (if any) move to ``round_N.corrupt``."""
         if round not in self.rounds:
             raise ValueError(
@@ -449,7 +449,7 @@ class PlayerPool:
 def with_adapters(
     model: nnx.Module,
     adapters: PyTree,
-    filter: Any = nnx.LoRAParam,  # noqa: A002 - nnx's own name for it
+    filter: Any = nnx.LoRAParam,  # `filter` (shadowing the builtin) is nnx's own name for it
 ) -> nnx.Module:
     """A new module: ``model``'s frozen base with ``adapters`` in place of its own.
 

@@ -220,7 +220,7 @@ def read_meta(load: Loader, where: str) -> dict[str, Any]:
     """The JSON side of a step (raises `CorruptCheckpointError` naming ``where``)."""
     try:
         body = load({_META: None})[_META]
-    except Exception as e:  # noqa: BLE001 - any failure to read means a damaged step
+    except Exception as e:  # any failure to read means a damaged step
         raise CorruptCheckpointError(f"{where} is corrupt or incomplete: {_root_cause(e)}") from e
     if not isinstance(body, dict) or body.get("format") != _FORMAT or "signature" not in body:
         raise CorruptCheckpointError(
@@ -238,7 +238,7 @@ def read_tree(load: Loader, where: str, template: PyTree, body: Mapping[str, Any
         return _decode(template, encoded)
     try:
         restored = load({_TREE: abstract})[_TREE]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CorruptCheckpointError(f"{where} is corrupt or incomplete: {_root_cause(e)}") from e
     return _decode(template, restored)
 

@@ -103,7 +103,7 @@ def key_partition(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
     return {key: np.asarray(groups[key], dtype=np.int64) for key in sorted(groups)}
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:  # noqa: A002
+def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:
     """The clients taking part in round ``round``: ``per_round`` distinct ids, sorted.
 
     A function of ``(seed, round)`` alone (a `numpy.random.SeedSequence` over both), so a

@@ -30,7 +30,7 @@ from fedsp.data.base import Example, Task
 from fedsp.model.sampling import bucket_length, generate
 from fedsp.model.tokenizer import Tokenizer
 
-__all__ = ["evaluate", "generation_accuracy", "loglik_accuracy", "EVAL_MODES"]
+__all__ = ["EVAL_MODES", "evaluate", "generation_accuracy", "loglik_accuracy"]
 
 EVAL_MODES = ("loglik", "generate")
 

@@ -194,7 +194,7 @@ def client_prompts(
     count: int,
     seed: int,
     round: int,
-    client: int,  # noqa: A002
+    client: int,
 ) -> np.ndarray:
     """Indices of the ``count`` prompts client ``client`` plays in round ``round``.
 

@@ -139,6 +139,7 @@ def round_lr_schedule(
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), cosine], [warmup])
 
 
-def round_lr(hp: HParams, round: int) -> float:  # noqa: A002 - the papers' word
+# `round` (shadowing the builtin) is the papers' word.
+def round_lr(hp: HParams, round: int) -> float:
     """`round_lr_schedule` of ``hp`` at ``round``."""
     return float(round_lr_schedule(hp.rounds, hp.lr, hp.lr_min, hp.warmup_ratio)(round))

@@ -40,13 +40,13 @@ class OpponentHistory:
         rounds = [(r, p) for r, p in self._data.get(int(client), []) if r < before_round]
         return [pair for _, pairs in sorted(rounds, key=lambda x: -x[0]) for pair in pairs]
 
-    def record(self, client: int, round: int, pairs: Sequence[Pair]) -> None:  # noqa: A002
+    def record(self, client: int, round: int, pairs: Sequence[Pair]) -> None:
         """Keeps ``pairs`` as the client's data of ``round`` (replacing an earlier record
         of the same round), dropping rounds beyond ``rounds_kept``."""
         if self.rounds_kept == 0:
             return
         kept = [(r, p) for r, p in self._data.get(int(client), []) if r != round]
-        kept = sorted(kept + [(int(round), list(pairs))], key=lambda x: x[0])
+        kept = sorted([*kept, (int(round), list(pairs))], key=lambda x: x[0])
         self._data[int(client)] = kept[-self.rounds_kept :]
 
     def num_pairs(self) -> int:

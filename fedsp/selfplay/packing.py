@@ -87,8 +87,8 @@ def pack(
     loss_mask = np.zeros((c, rows, width), np.float32)
     weight = np.zeros((c, rows), np.float32)
     valid = np.zeros((c, rows), bool)
-    end = np.asarray(sorted(set(int(i) for i in end_ids)), np.int64)
-    protected = np.asarray(sorted(set(int(i) for i in protected_ids)), np.int64)
+    end = np.asarray(sorted({int(i) for i in end_ids}), np.int64)
+    protected = np.asarray(sorted({int(i) for i in protected_ids}), np.int64)
     for ci, client in enumerate(traces):
         for si, trace in enumerate(client):
             if len(trace.completion) == 0:

@@ -183,7 +183,7 @@ class PairwiseSelfPlay(tr.LocalTraining):
         task: Task,
         feedback: FeedbackProvider,
         key: jax.Array,
-        round: int,  # noqa: A002
+        round: int,
         *,
         baselines: Sequence[float] | np.ndarray | None = None,
         context: RoundContext | None = None,
@@ -231,10 +231,10 @@ class PairwiseSelfPlay(tr.LocalTraining):
                 correct[c] += ok
                 wrong[c] += not ok
             else:
-                neg, ok = tok.encode(self.rejected_text(ex)) + [end], None
+                neg, ok = [*tok.encode(self.rejected_text(ex)), end], None
             if not self.keep_pair(ok):
                 continue
-            pos = tok.encode(self.chosen_text(task, ex)) + [end]
+            pos = [*tok.encode(self.chosen_text(task, ex)), end]
             this_round[c].append(
                 Pair(
                     np.asarray(prompts[j], np.int32),

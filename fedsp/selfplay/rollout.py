@@ -358,7 +358,7 @@ def split_head(prompt: Sequence[int], eos_ids: Sequence[int]) -> int:
     on the row's own tokens only, so a row is computed the same way whichever rows
     share its call (batched or per-client rollouts give the same samples).
     """
-    stops = set(int(e) for e in eos_ids)
+    stops = {int(e) for e in eos_ids}
     for i, token in enumerate(prompt[:-1]):
         if int(token) in stops:
             return i + 1

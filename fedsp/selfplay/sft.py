@@ -55,7 +55,7 @@ class Sft(tr.LocalTraining):
             [
                 packing.Trace(
                     rollout.prompt_ids(tok, task, ex),
-                    tok.encode(packing.gold_completion(task, ex)) + [end],
+                    [*tok.encode(packing.gold_completion(task, ex)), end],
                 )
                 for ex in exs
             ]

@@ -221,8 +221,8 @@ def test_spear_loss_check_grads():
     with jax.enable_x64(True):
         check_grads(
             jax.jit(
-                lambda w, l: losses.spear_loss(
-                    w, jnp.asarray(mask), l, jnp.ones((1, 3)), jnp.ones(1), 1.0, 0.5, 0.1
+                lambda win, lose: losses.spear_loss(
+                    win, jnp.asarray(mask), lose, jnp.ones((1, 3)), jnp.ones(1), 1.0, 0.5, 0.1
                 )[0]
             ),
             (jnp.asarray(logps, jnp.float64), jnp.asarray(lose, jnp.float64)),
@@ -345,7 +345,7 @@ class TpawLossTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_tpaw_reward_exactly_zero_takes_eta(self):
         team = _team()
-        pol_pos, pol_neg, players_pos, players_neg = team
+        _, pol_neg, _, players_neg = team
         args = tuple(jnp.asarray(x[:1, :1] if x.ndim == 2 else x[:1]) for x in team)
         loss, metrics = self.variant(losses.tpaw_loss)(*args, jnp.ones(1), 0.5, 3.0, 1.0)
         rn = 0.5 * (pol_neg[0] - players_neg[0, 0])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import experiments.tables
-from experiments.tables import cli, cost, grids, render, running
 import fedsp
+from experiments.tables import cli, cost, grids, render, running
 from tests.federated import fixtures
 
 
@@ -231,7 +231,7 @@ def _result(run, seed, accuracy, *, sent=100, saved=0, num_clients=8, text_leave
         "curves": {
             "accuracy": accuracy,
             "bytes_sent": {r: (0 if r == "0" else sent) for r in rounds},
-            "bytes_saved": {r: saved for r in rounds},
+            "bytes_saved": dict.fromkeys(rounds, saved),
         },
         "summary": {"bytes_sent": sent * (len(rounds) - 1), "bytes_saved": saved},
         "audit": {"server_calls": len(rounds) - 1, "text_leaves": text_leaves},
@@ -345,7 +345,7 @@ def test_dry_run_prints_cells_and_configs(capsys):
 
 
 def test_full_scale_configs_for_every_row(capsys):
-    for name, table in grids.TABLES.items():
+    for table in grids.TABLES.values():
         for cell in grids.cells(table, seeds=[0], scale="full"):
             assert cell.config.model.path in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-1.5B")
             assert cell.config.model.dtype == "bfloat16"
@@ -441,8 +441,8 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert cli.main(argv) == 0
     assert (results / "settings.md").read_text() == md
     # A finished cell whose config changed is refused, naming the field.
-    with pytest.raises(ValueError, match="local.lr"):
-        cli.main(argv + ["--set", "local.lr=0.001"])
+    with pytest.raises(ValueError, match=r"local\.lr"):
+        cli.main([*argv, "--set", "local.lr=0.001"])
 
 
 def test_speedup_line_reports_what_was_measured():

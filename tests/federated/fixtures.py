@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedsp.config import default_config
 from fedsp import data as data_lib
 from fedsp.assets import default_model_path
+from fedsp.config import default_config
 from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 from tests.model import tiny
 

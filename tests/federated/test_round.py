@@ -3,6 +3,7 @@ model with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -224,7 +225,7 @@ def test_resume_after_kill_matches_uninterrupted_run_with_real_spear(
     assert any(a != 0.0 for a in full[2]["client_advantage"])
     # recorder.calls: round 1 of the killed run, round 2 of the resumed one.
     params = [recorder.calls[0][0][0]] + [out[0] for _, out in recorder.calls]
-    for before, after in zip(params, params[1:]):
+    for before, after in itertools.pairwise(params):
         assert any(not np.array_equal(a, b) for a, b in zip(_leaves(before), _leaves(after)))
 
 

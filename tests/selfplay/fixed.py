@@ -35,7 +35,7 @@ class FixedReplies:
                 n = self.seen.get(question, 0)
                 self.seen[question] = n + 1
                 reply = reply[n]
-            tokens = np.asarray(self.tokenizer.encode(reply) + [self.end], np.int32)
+            tokens = np.asarray([*self.tokenizer.encode(reply), self.end], np.int32)
             out.append(Completion(tokens, np.zeros(len(tokens), np.float32), reply))
         return out
 
@@ -49,7 +49,7 @@ def _seq_logps(graphdef, lora, base, tokens, attention, loss_mask):
 def sequence_logps(graphdef, lora, base, seqs) -> np.ndarray:
     """[C, S] sequence log-probs of packed rows under ``lora`` (0 on invalid rows), one
     row at a time: an oracle independent of the batched scorer."""
-    c, s, t = seqs.tokens.shape
+    c, s, _t = seqs.tokens.shape
     out = np.zeros((c, s), np.float64)
     for ci in range(c):
         for si in range(s):

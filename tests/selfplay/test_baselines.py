@@ -55,7 +55,7 @@ def test_sft_trains_on_gold_answer_lines(policy, split_model, task):
         policy, split_model[1], clients, task, BinaryVerdict(task), jax.random.key(0), 1
     )
     tok = policy.tokenizer
-    gold = tok.encode("Answer: 12") + [packing.end_of_turn_id(tok)]
+    gold = [*tok.encode("Answer: 12"), packing.end_of_turn_id(tok)]
     prompt = rollout.prompt_ids(tok, task, clients[0][0])
     n = len(prompt) + len(gold)
     np.testing.assert_array_equal(batch.train.tokens[0, 0, :n], prompt + gold)

@@ -91,13 +91,12 @@ def test_given_preference_pairs_need_no_generation(policy, split_model, task):
         context=RoundContext(clients=np.arange(1), reference=reference),
     )
     assert gen.calls == 0
-    done = lambda seqs: tok.decode(
-        np.asarray(seqs.tokens[0, 0])[  # noqa: E731
-            np.asarray(seqs.loss_mask[0, 0]) > 0
-        ]
-    )
+
+    def done(seqs):
+        return tok.decode(np.asarray(seqs.tokens[0, 0])[np.asarray(seqs.loss_mask[0, 0]) > 0])
+
     assert done(batch.train) == "2 + 2 = 4. Answer: 4" and done(batch.lose) == "Answer: 5"
-    with pytest.raises(ValueError, match="DPO needs its frozen reference.*context"):
+    with pytest.raises(ValueError, match=r"DPO needs its frozen reference.*context"):
         algo.collect(policy, reference, [[pref]], task, BinaryVerdict(task), jax.random.key(0), 1)
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedsp import config as config_lib
 from fedsp.data import Hint
 from fedsp.federated.mapping import map_clients
-from fedsp import config as config_lib
 from fedsp.selfplay import get_algorithm, packing, rollout
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, round_lr_schedule
@@ -84,7 +85,7 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
 
     def row(key, reply):
         prompt = rollout.prompt_ids(tok, task, example(f"What is q-{key}?", GOLD[key]))
-        completion = tok.encode(reply) + [end]
+        completion = [*tok.encode(reply), end]
         return prompt + completion, list(range(len(prompt), len(prompt) + len(completion)))
 
     # Wins: correct y0 first, then successful revisions, each on the ORIGINAL prompt.
@@ -249,7 +250,7 @@ def _check_map_clients(backend, policy, split_model, task):
     )
     adapters, stats = mapped(base, lora, batch, keys)
     alone = [
-        algo.local_train(graphdef, base, lora, jax.tree.map(lambda x: x[c], batch), keys[c])
+        algo.local_train(graphdef, base, lora, jax.tree.map(operator.itemgetter(c), batch), keys[c])
         for c in range(2)
     ]
     for c in range(2):
@@ -293,9 +294,9 @@ def test_bad_names_and_fields_raise():
     with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
         get_algorithm("ppo", make_config())
     # Fields are checked in one place, the config's validation.
-    with pytest.raises(ValueError, match="algorithm.margin"):
+    with pytest.raises(ValueError, match=r"algorithm\.margin"):
         config_lib.validate(make_config(**{"algorithm.margin": 1.5}))
-    with pytest.raises(ValueError, match="local.steps"):
+    with pytest.raises(ValueError, match=r"local\.steps"):
         config_lib.validate(make_config(**{"local.steps": 0}))
     assert get_algorithm("feedback_sft", make_config()).use_lose is False
 

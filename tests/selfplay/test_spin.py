@@ -13,8 +13,7 @@ import pytest
 import fedsp
 from fedsp.checkpoint import client_state_path, load_client_state, save_client_state
 from fedsp.data import BinaryVerdict
-from fedsp.selfplay import RoundContext, get_algorithm, rollout
-from fedsp.selfplay import packing
+from fedsp.selfplay import RoundContext, get_algorithm, packing, rollout
 from fedsp.selfplay.spin import Spin
 from tests.federated import fixtures
 from tests.selfplay.conftest import make_config
@@ -51,7 +50,7 @@ def test_pairs_gold_against_own_sample_scored_by_round_start_policy(policy, spli
     assert gen.calls == 1  # one batched generation for every client
     end = packing.end_of_turn_id(tok)
     prompt = rollout.prompt_ids(tok, task, clients[0][0])
-    gold, neg = tok.encode("Answer: 4") + [end], tok.encode("Answer: 5") + [end]
+    gold, neg = [*tok.encode("Answer: 4"), end], [*tok.encode("Answer: 5"), end]
     np.testing.assert_array_equal(
         batch.train.tokens[0, 0, : len(prompt) + len(gold)], prompt + gold
     )

@@ -49,7 +49,7 @@ def _clients():
     ]
 
 
-def _collect(algo, policy, lora, task, round=1, context=None):  # noqa: A002
+def _collect(algo, policy, lora, task, round=1, context=None):
     return algo.collect(
         policy,
         lora,
@@ -220,7 +220,7 @@ class Killed(Exception):
 class DiesAt:
     """The algorithm, except that ``collect`` of round ``round`` kills the run."""
 
-    def __init__(self, algorithm, round):  # noqa: A002
+    def __init__(self, algorithm, round):
         self._algorithm, self._round = algorithm, round
 
     def __getattr__(self, name):
