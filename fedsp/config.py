@@ -242,9 +242,9 @@ class _Errors:
             return
         bad = not math.isfinite(value)
         if low is not None:
-            bad |= value <= low if low_open else value < low
+            bad |= bool(value <= low if low_open else value < low)
         if high is not None:
-            bad |= value >= high if high_open else value > high
+            bad |= bool(value >= high if high_open else value > high)
         if bad:
             left = "(" if low_open else "["
             right = ")" if high_open or high is None else "]"

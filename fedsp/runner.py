@@ -24,7 +24,7 @@ import json
 import logging
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -193,7 +193,7 @@ def save_checkpoint(state: RunState) -> None:
       ValueError: the run has no workdir.
     """
     run = state.run
-    if run is None or run.checkpointer is None:
+    if run is None or run.checkpointer is None or run.workdir is None:
         raise ValueError(
             "this run has no workdir to save checkpoints in (fedsp.init_run(config, workdir=...))"
         )
@@ -368,7 +368,7 @@ class _Logger:
 
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
-    def rewrite(self, history: Sequence[dict[str, Any]]) -> None:
+    def rewrite(self, history: Sequence[Mapping[str, Any]]) -> None:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -385,7 +385,7 @@ class _Logger:
             self.writer.close()
 
 
-def _last(history: Sequence[dict[str, Any]], key: str) -> float | None:
+def _last(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
     for record in reversed(history):
         if key in record:
             return record[key]

@@ -58,7 +58,9 @@ def save_client_state(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        # numpy's stub: keyword arrays could bind savez's allow_pickle flag (a key named
+        # "allow_pickle" would), so a str-keyed dict is not accepted.
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     return path
 

@@ -292,6 +292,7 @@ class PlayerPool:
             # Written by a push whose round was never committed to the index.
             if stale_round >= round_:
                 path.rmtree()
+        assert entry.path is not None  # a pool with a directory gives every entry a path
         try:
             save_tree(
                 entry.path,
@@ -464,7 +465,8 @@ def with_adapters(
     Raises:
       ValueError: if ``adapters`` does not have the shapes of ``model``'s adapters.
     """
-    graphdef, current, base = nnx.split(model, filter, ...)
+    # flax types split() with two filters as (GraphDef, State, *States): two states here.
+    graphdef, current, base = nnx.split(model, filter, ...)  # type: ignore[misc]
     if not isinstance(adapters, nnx.State):
         pure = adapters
         adapters = jax.tree.map(lambda v: v, current)

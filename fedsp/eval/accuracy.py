@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from flax import nnx
 
 from fedsp.core.logprobs import token_logprobs
 from fedsp.data.base import Example, Task
-from fedsp.model.sampling import bucket_length, generate
+from fedsp.model.sampling import SampleOutput, bucket_length, generate
 from fedsp.model.tokenizer import Tokenizer
 
 __all__ = ["EVAL_MODES", "evaluate", "generation_accuracy", "loglik_accuracy"]
@@ -80,15 +81,19 @@ def generation_accuracy(
     for chunk, real in _batches(list(examples), batch_size):
         prompts = tokenizer.apply_chat_template([task.messages(ex) for ex in chunk])
         ids, mask = tokenizer.encode_batch(prompts)
-        out = generate(
-            graphdef,
-            tuple(states),
-            ids,
-            mask,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            eos_ids=tokenizer.eos_token_ids,
-            pad_id=tokenizer.pad_token_id,
+        # Without return_cache `generate` returns the SampleOutput alone (it has no overloads).
+        out = cast(
+            SampleOutput,
+            generate(
+                graphdef,
+                tuple(states),
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                eos_ids=tokenizer.eos_token_ids,
+                pad_id=tokenizer.pad_token_id,
+            ),
         )
         lengths = np.asarray(out.lengths)[:real]
         texts = tokenizer.batch_decode(np.asarray(out.tokens)[:real])

@@ -59,7 +59,11 @@ def _normalize_in_axes(in_axes: InAxes) -> int | Axes | None:
                 f"in_axes entries must be 0 (stacked over clients) or None (frozen, "
                 f"broadcast), got in_axes={in_axes!r}"
             )
-    return tuple(in_axes) if isinstance(in_axes, (tuple, list)) else in_axes
+    if isinstance(in_axes, (tuple, list)):
+        return tuple(in_axes)
+    # Any other sequence (a str, a range) failed the entry check above.
+    assert not isinstance(in_axes, Sequence)
+    return in_axes
 
 
 def _axes_for(in_axes: int | Axes | None, num_args: int) -> Axes:

@@ -54,7 +54,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
 from fedsp.core.aggregation import server_optimizer
 from fedsp.eval import evaluate as evaluate_examples
 from fedsp.federated.server import server_step
-from fedsp.selfplay.base import Algorithm, Policy, RoundContext
+from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
 
 __all__ = [
     "ClientUploads",
@@ -301,7 +301,10 @@ def run_round(
         players = player_mask = None
         if pool is not None:
             before = pool.rounds
-            players, player_mask = pool.stacked(state.params, on_error=algo.pool_on_error)
+            # A run has a pool only for an algorithm with uses_pool (`fedsp.runner`), and
+            # those carry pool_on_error: a link between two objects mypy cannot follow.
+            on_error = cast(PoolAlgorithm, algo).pool_on_error
+            players, player_mask = pool.stacked(state.params, on_error=on_error)
             pool_dropped = [r for r in before if r not in pool.rounds]
         extra["context"] = RoundContext(
             clients=np.asarray(clients),
@@ -404,6 +407,6 @@ def _scalars(tree: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _json_number(value: float) -> float | None:
+def _json_number(value: float | np.floating) -> float | None:
     """JSON has no NaN/inf: they are logged as null."""
     return float(value) if np.isfinite(value) else None

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from fedsp.core.aggregation import server_update
 from fedsp.core.weighting import client_weights
@@ -100,8 +101,8 @@ def server_step(
     server_params: PyTree,
     opt_state: optax.OptState,
     client_params: PyTree,
-    num_examples: jax.Array,
-    client_adv: jax.Array,
+    num_examples: ArrayLike,
+    client_adv: ArrayLike,
     *,
     optimizer: optax.GradientTransformation,
     mode: str = "examples",

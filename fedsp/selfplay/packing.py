@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ class Trace:
         without end-of-turn and protected tokens (`pack`).
     """
 
-    prompt: Sequence[int]
-    completion: Sequence[int]
+    prompt: Sequence[int] | np.ndarray
+    completion: Sequence[int] | np.ndarray
     weight: float = 1.0
     tail_only: bool = False
 
@@ -131,9 +132,13 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int:
     """The id the chat template writes right after an assistant reply (ChatML:
     ``<|im_end|>``); the tokenizer's EOS if the template shows none."""
     marker = "\x00fedsp\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-        add_generation_prompt=False,
+    # One conversation in, one string out (`Tokenizer.apply_chat_template` has no overloads).
+    text = cast(
+        str,
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+            add_generation_prompt=False,
+        ),
     )
     after = tokenizer.encode(text.split(marker, 1)[1]) if marker in text else []
     if after and after[0] in tokenizer.eos_token_ids:
@@ -156,7 +161,7 @@ def gold_completion(task: Task, example: Example) -> str:
 
 
 def advantage_stats(
-    rewards: Sequence[float], prev_baseline: float | None, decay: float
+    rewards: Sequence[float] | np.ndarray, prev_baseline: float | None, decay: float
 ) -> tuple[float, float, float]:
     """(reference baseline b, mean advantage, new baseline) of one client's round.
 
@@ -165,13 +170,13 @@ def advantage_stats(
     advantage 0. The new baseline is `ema_baseline(prev, rewards, decay)`; a client
     without rewards keeps its baseline.
     """
-    has_prev = prev_baseline is not None and math.isfinite(prev_baseline)
+    prev = prev_baseline if prev_baseline is not None and math.isfinite(prev_baseline) else None
     r = np.asarray(rewards, np.float32)
     if r.size == 0:
-        b = prev_baseline if has_prev else float("nan")
+        b = prev if prev is not None else float("nan")
         return b, 0.0, b
-    new = float(ema_baseline(prev_baseline if has_prev else None, jnp.asarray(r), decay))
-    b = float(prev_baseline) if has_prev else float(r.mean())
+    new = float(ema_baseline(prev, jnp.asarray(r), decay))
+    b = float(prev) if prev is not None else float(r.mean())
     return b, float(np.mean(r - b)), new
 
 

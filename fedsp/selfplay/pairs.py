@@ -231,7 +231,9 @@ class PairwiseSelfPlay(tr.LocalTraining):
                 correct[c] += ok
                 wrong[c] += not ok
             else:
-                neg, ok = [*tok.encode(self.rejected_text(ex)), end], None
+                rejected = self.rejected_text(ex)
+                assert rejected is not None  # rows without a rejected text were sampled
+                neg, ok = [*tok.encode(rejected), end], None
             if not self.keep_pair(ok):
                 continue
             pos = [*tok.encode(self.chosen_text(task, ex)), end]
@@ -247,23 +249,23 @@ class PairwiseSelfPlay(tr.LocalTraining):
             pairs.append(this_round[c] + self.history.past(ids[c], round))
             self.history.record(ids[c], round, this_round[c])
 
-        pos, neg = pack_pairs(pairs, hp.train.max_len, tok.pad_token_id)
+        pos_rows, neg_rows = pack_pairs(pairs, hp.train.max_len, tok.pad_token_id)
         start = time.perf_counter()
         player_logps = score_pairs(
             policy.graphdef,
             policy.base_state,
             players,
             player_mask,
-            pos,
-            neg,
+            pos_rows,
+            neg_rows,
             2 * hp.train.batch_size,
         )
         score_s = time.perf_counter() - start
         counts = np.asarray([len(p) for p in pairs], np.float32)
         lr = round_lr(hp.train, round)
         batch = client_batch(
-            pos,
-            lose=neg,
+            pos_rows,
+            lose=neg_rows,
             lr=lr,
             num_examples=counts,
             wins=correct,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -136,8 +136,13 @@ def prompt_ids(
     previous attempt as an assistant turn and the feedback as a user turn
     (`fedsp.data.base.Task.messages`).
     """
-    text = tokenizer.apply_chat_template(
-        task.messages(example, feedback=feedback, previous=previous), add_generation_prompt=True
+    # One conversation in, one string out (`Tokenizer.apply_chat_template` has no overloads).
+    text = cast(
+        str,
+        tokenizer.apply_chat_template(
+            task.messages(example, feedback=feedback, previous=previous),
+            add_generation_prompt=True,
+        ),
     )
     return tokenizer.encode(text)
 
@@ -246,7 +251,7 @@ def sample_completions(
     pad = tokenizer.pad_token_id
     # Per row, how its prompt starts: from a cached row (the tokens it shares with it),
     # or from a shared head, or neither; each call holds rows of one kind only.
-    sources: list[tuple[sampling.PrefixCache, int] | None] = [None] * n
+    sources: dict[int, tuple[sampling.PrefixCache, int]] = {}
     cuts = [0] * n
     for row, prompt in enumerate(prompts):
         previous = continue_from[row] if continue_from is not None else None
@@ -264,7 +269,7 @@ def sample_completions(
     groups: dict[tuple[bool, int, int], list[int]] = {}
     for row, cut in enumerate(cuts):
         width = suffix[row] if params.split_by_length else 0
-        cached = sources[row] is not None
+        cached = row in sources
         head_width = sampling.bucket_length(cut) if cut and not cached else 0
         groups.setdefault((cached, head_width, width), []).append(row)
     out: list[Completion | None] = [None] * n
@@ -282,9 +287,9 @@ def sample_completions(
                 tail = prompts[row][cuts[row] :]
                 ids[i, width - len(tail) :] = tail
                 mask[i, width - len(tail) :] = 1
-            shared = {}
+            prefix_args: dict[str, Any] = {}
             if cached:
-                shared = dict(
+                prefix_args = dict(
                     prefix_cache=sampling.gather_prefix(
                         [sources[r] for r in padded], [cuts[r] for r in padded]
                     )
@@ -299,7 +304,7 @@ def sample_completions(
                     head_ids[i, head_width - len(head) :] = head
                     head_mask[i, head_width - len(head) :] = 1
                 slot = {head: i for i, head in enumerate(distinct)}
-                shared = dict(
+                prefix_args = dict(
                     prefix_ids=head_ids,
                     prefix_mask=head_mask,
                     prefix_index=[slot[heads[r]] for r in padded],
@@ -316,10 +321,11 @@ def sample_completions(
                 eos_ids=tokenizer.eos_token_ids,
                 pad_id=pad,
                 return_cache=keep_cache,
-                **shared,
+                **prefix_args,
             )
             if keep_cache:
-                result, kv = result
+                # `sampling.generate` has no overloads on return_cache: with it, a pair.
+                result, kv = cast(tuple[sampling.SampleOutput, sampling.PrefixCache], result)
             tokens, lengths, logprobs = jax.device_get(result)
             for i, row in enumerate(chunk):
                 k = int(lengths[i])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,8 +220,15 @@ class LocalTraining:
     ``fit_hparams`` choose what the jitted step is keyed on and how it trains.
     """
 
-    minibatch_loss: ClassVar[MinibatchLoss]
     hp: Any
+
+    if TYPE_CHECKING:
+        # A `MinibatchLoss`, declared for type checkers only (the base class has no loss at
+        # run time). As a ClassVar[Callable] it would be bound like a method, losing ``ctx``.
+        @staticmethod
+        def minibatch_loss(
+            ctx: LossContext, lora_state: nnx.State, batch_c: ClientBatch, key: jax.Array, /
+        ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def static_hparams(self) -> Any:
         """The loss's hyper-parameters with host-only fields fixed (`HParams.static`)."""
