@@ -1,5 +1,7 @@
 """fedsp: federated self-play fine-tuning of LLMs in JAX/Flax NNX."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 # jax and flax move together: flax 0.12 needs jax >= 0.7; jax 0.10.x is the newest that
@@ -55,7 +57,7 @@ setup(
     name="fedsp",
     version="0.1.0",
     description="Federated self-play fine-tuning of LLMs (SPEAR, TPAW, advantage-weighted FL) in JAX/Flax NNX",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",

@@ -31,8 +31,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from benchmarks import common
 from fedsp import hostalloc
 
@@ -88,30 +86,45 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         client = jax.tree.map(lambda x: x[0], batch)
         _, stats = common.block(algo.local_train(graphdef, base_state, lora, client, train_key))
         t2 = time.perf_counter()
-        return {"generation_s": t1 - t0, "training_s": t2 - t1, "total_s": t2 - t0,
-                "generated_rows": int(metrics["rollout/generated"]),
-                "first_accuracy": metrics["rollout/first_accuracy"],
-                "wins": int(metrics["rollout/wins"]),
-                "loses_kept": int(metrics["rollout/loses_kept"]),
-                "trained": float(stats["trained"]),
-                "train_shape": list(batch.train.tokens.shape),
-                "lose_shape": list(batch.lose.tokens.shape)}
+        return {
+            "generation_s": t1 - t0,
+            "training_s": t2 - t1,
+            "total_s": t2 - t0,
+            "generated_rows": int(metrics["rollout/generated"]),
+            "first_accuracy": metrics["rollout/first_accuracy"],
+            "wins": int(metrics["rollout/wins"]),
+            "loses_kept": int(metrics["rollout/loses_kept"]),
+            "trained": float(stats["trained"]),
+            "train_shape": list(batch.train.tokens.shape),
+            "lose_shape": list(batch.lose.tokens.shape),
+        }
 
     warm = update()
     warm_peak = common.peak_rss_bytes()
     reset = common.reset_peak_rss()
     rss_after_warmup = common.current_rss_bytes()
     runs = [update() for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in runs) for k in ("generation_s", "training_s",
-                                                               "total_s")}
+    med = {
+        k: statistics.median(r[k] for r in runs) for k in ("generation_s", "training_s", "total_s")
+    }
     out = {
         **med,
         "runs_total_s": [r["total_s"] for r in runs],
         "warmup_total_s": warm["total_s"],
         "warmup_phases_s": [warm["generation_s"], warm["training_s"]],
         "rss_after_warmup_mib": common.mib(rss_after_warmup),
-        **{k: runs[0][k] for k in ("generated_rows", "first_accuracy", "wins", "loses_kept",
-                                   "trained", "train_shape", "lose_shape")},
+        **{
+            k: runs[0][k]
+            for k in (
+                "generated_rows",
+                "first_accuracy",
+                "wins",
+                "loses_kept",
+                "trained",
+                "train_shape",
+                "lose_shape",
+            )
+        },
         "load_s": load_s,
         "process_peak_rss_mib": common.mib(max(warm_peak, common.peak_rss_bytes())),
         "update_peak_rss_mib": common.mib(common.peak_rss_bytes()) if reset else None,
@@ -134,22 +147,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         common.emit(child(args))
         return
-    result = common.run_child("benchmarks.client_update",
-                              ["--child", "--repeats", str(args.repeats),
-                               "--prompts", str(args.prompts)])
+    result = common.run_child(
+        "benchmarks.client_update",
+        ["--child", "--repeats", str(args.repeats), "--prompts", str(args.prompts)],
+    )
     print(json.dumps(result))
     ref = REFERENCE
     peak_gb = result["process_peak_rss_mib"] * 2**20 / 1e9
     print(f"\nspear_client_update ({args.prompts} ARC prompts, median of {args.repeats}):")
     print("| | fedsp | SPEAR reference | ratio |\n|---|---:|---:|---:|")
-    for key, name in (("total_s", "client update"), ("generation_s", "generation"),
-                      ("training_s", "training")):
-        print(f"| {name} | {result[key]:.1f} s | {ref[key]:.1f} s | "
-              f"{ref[key] / result[key]:.2f}× |")
-    print(f"| peak RSS (process) | {peak_gb:.2f} GB | {ref['peak_rss_gb']:.1f} GB | "
-          f"{ref['peak_rss_gb'] / peak_gb:.2f}× |")
-    print(f"\ntargets: ≤ {TARGET['total_s']:.0f} s ({ref['total_s'] / TARGET['total_s']:.0f}×), "
-          f"≤ {TARGET['peak_rss_gb']} GB RSS")
+    for key, name in (
+        ("total_s", "client update"),
+        ("generation_s", "generation"),
+        ("training_s", "training"),
+    ):
+        print(
+            f"| {name} | {result[key]:.1f} s | {ref[key]:.1f} s | {ref[key] / result[key]:.2f}× |"
+        )
+    print(
+        f"| peak RSS (process) | {peak_gb:.2f} GB | {ref['peak_rss_gb']:.1f} GB | "
+        f"{ref['peak_rss_gb'] / peak_gb:.2f}× |"
+    )
+    print(
+        f"\ntargets: ≤ {TARGET['total_s']:.0f} s ({ref['total_s'] / TARGET['total_s']:.0f}×), "
+        f"≤ {TARGET['peak_rss_gb']} GB RSS"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "result": result, "reference": ref}, f, indent=2)

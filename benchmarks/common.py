@@ -10,6 +10,7 @@ model loading and compilation; where the reset is not allowed, the phase peak is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -49,10 +50,8 @@ def reset_peak_rss() -> bool:
     allocator kept after compilation.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -77,8 +76,7 @@ def load_policy(rank: int = 16, alpha: float = 32.0, seed: int = 0):
     from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 
     model, tokenizer = from_pretrained(default_model_path())
-    apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=LORA_TARGETS),
-               rngs=nnx.Rngs(seed))
+    apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=LORA_TARGETS), rngs=nnx.Rngs(seed))
     graphdef, lora_state, base_state = split_lora(model)
     return graphdef, lora_state, base_state, tokenizer
 
@@ -99,10 +97,16 @@ def run_child(module: str, args: Sequence[str], timeout: float | None = None) ->
     dict it `emit`-ted; raises with the child's stderr tail if it failed."""
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{module} {' '.join(args)} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+        raise RuntimeError(
+            f"{module} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])

@@ -43,10 +43,10 @@ import numpy as np
 from flax import nnx
 
 from fedsp import hostalloc
+from fedsp.config import default_config
 from fedsp.model.config import ModelConfig
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.transformer import Transformer
-from fedsp.config import default_config
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.base import PackedSequences, PlayerLogps, client_batch
 from fedsp.selfplay.pairs import PairHParams, PairwiseSelfPlay, pair_loss
@@ -73,12 +73,22 @@ def build_model(args) -> tuple[nnx.GraphDef, nnx.State, nnx.State, int]:
 
         model, _ = from_pretrained(default_model_path())
     else:
-        hf = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                  intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                  num_attention_heads=max(1, args.hidden // 64),
-                  num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=2048,
-                  rms_norm_eps=1e-5, hidden_act="silu", rope_theta=1e5,
-                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        hf = dict(
+            model_type="llama",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=3 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=max(1, args.hidden // 64),
+            num_key_value_heads=max(1, args.hidden // 128),
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            rope_theta=1e5,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = Transformer(ModelConfig.from_hf(hf), rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=8, alpha=16.0), rngs=nnx.Rngs(1))
     graphdef, lora, base = split_lora(model)
@@ -95,12 +105,14 @@ def random_pairs(
     def rows():
         ids = np.concatenate([prompt, rng.integers(3, vocab, (num_pairs, tokens - tokens // 2))], 1)
         mask = np.zeros((num_pairs, tokens), np.float32)
-        mask[:, tokens // 2:] = 1.0
-        return PackedSequences(tokens=jnp.asarray(ids[None], jnp.int32),
-                         attention_mask=jnp.ones((1, num_pairs, tokens), bool),
-                         loss_mask=jnp.asarray(mask[None]),
-                         weight=jnp.ones((1, num_pairs), jnp.float32),
-                         valid=jnp.ones((1, num_pairs), bool))
+        mask[:, tokens // 2 :] = 1.0
+        return PackedSequences(
+            tokens=jnp.asarray(ids[None], jnp.int32),
+            attention_mask=jnp.ones((1, num_pairs, tokens), bool),
+            loss_mask=jnp.asarray(mask[None]),
+            weight=jnp.ones((1, num_pairs), jnp.float32),
+            valid=jnp.ones((1, num_pairs), bool),
+        )
 
     return rows(), rows()
 
@@ -127,7 +139,7 @@ def naive_minibatch_loss(graphdef, hp, base, players, player_mask, lora, batch_c
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def naive_local_train(graphdef, hp, base, players, player_mask, lora, batch_c, key):
     loss_fn = functools.partial(naive_minibatch_loss, graphdef, hp, base, players, player_mask)
-    return tr.fit(lambda l, k: loss_fn(l, batch_c, k), lora, key, batch_c.lr, hp.train)
+    return tr.fit(lambda params, k: loss_fn(params, batch_c, k), lora, key, batch_c.lr, hp.train)
 
 
 def main() -> None:
@@ -146,8 +158,10 @@ def main() -> None:
     args = parser.parse_args()
 
     graphdef, lora, base, vocab = build_model(args)
-    team = [jax.tree.map(lambda x, s=s: x + 0.02 * jax.random.normal(jax.random.key(s), x.shape),
-                         lora) for s in range(args.players)]
+    team = [
+        jax.tree.map(lambda x, s=s: x + 0.02 * jax.random.normal(jax.random.key(s), x.shape), lora)
+        for s in range(args.players)
+    ]
     players, mask = stack_players(*team)
     pos, neg = random_pairs(args.pairs, args.tokens, vocab)
     config = default_config()
@@ -156,47 +170,76 @@ def main() -> None:
     key = jax.random.key(0)
 
     def batch_with(player_logps):
-        return client_batch(pos, lose=neg, lr=1e-3, num_examples=[args.pairs], baseline=[0.0],
-                            wins=[0.0], players=player_logps)
+        return client_batch(
+            pos,
+            lose=neg,
+            lr=1e-3,
+            num_examples=[args.pairs],
+            baseline=[0.0],
+            wins=[0.0],
+            players=player_logps,
+        )
 
     one = lambda b: jax.tree.map(lambda x: x[0], b)  # noqa: E731
 
     score_first, score_s, logps = timed(
         lambda: score_pairs(graphdef, base, players, mask, pos, neg, 2 * args.batch).pos,
-        args.repeats)
+        args.repeats,
+    )
     logps = score_pairs(graphdef, base, players, mask, pos, neg, 2 * args.batch)
     batch_c = one(batch_with(logps))
     train_first, train_s, (once_lora, _) = timed(
-        lambda: tr.local_train(PairwiseSelfPlay.minibatch_loss, graphdef, hp, hp.train, base,
-                               lora, batch_c, key), args.repeats)
+        lambda: tr.local_train(
+            PairwiseSelfPlay.minibatch_loss, graphdef, hp, hp.train, base, lora, batch_c, key
+        ),
+        args.repeats,
+    )
     naive_batch = one(batch_with(None))
     naive_first, naive_s, (naive_lora, _) = timed(
-        lambda: naive_local_train(graphdef, hp, base, players, jnp.asarray(mask), lora,
-                                  naive_batch, key), args.repeats)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(once_lora), jax.tree.leaves(naive_lora)))
+        lambda: naive_local_train(
+            graphdef, hp, base, players, jnp.asarray(mask), lora, naive_batch, key
+        ),
+        args.repeats,
+    )
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(once_lora), jax.tree.leaves(naive_lora))
+    )
 
     rows_2s, rows_step = 2 * args.pairs, 2 * args.batch
     result = {
-        "model": args.model if args.model == "smollm2" else
-        f"tiny ({args.layers} layers, d={args.hidden}, vocab {args.vocab})",
-        "players": args.players, "pairs": args.pairs, "tokens": args.tokens,
-        "batch": args.batch, "steps": args.steps,
+        "model": args.model
+        if args.model == "smollm2"
+        else f"tiny ({args.layers} layers, d={args.hidden}, vocab {args.vocab})",
+        "players": args.players,
+        "pairs": args.pairs,
+        "tokens": args.tokens,
+        "batch": args.batch,
+        "steps": args.steps,
         "once_player_forward_rows": args.players * rows_2s,
         "naive_player_forward_rows": args.players * rows_step * args.steps,
-        "once_score_s": score_s, "once_train_s": train_s, "once_round_s": score_s + train_s,
-        "naive_round_s": naive_s, "speedup": naive_s / (score_s + train_s),
+        "once_score_s": score_s,
+        "once_train_s": train_s,
+        "once_round_s": score_s + train_s,
+        "naive_round_s": naive_s,
+        "speedup": naive_s / (score_s + train_s),
         "first_call_s": {"score": score_first, "train": train_first, "naive": naive_first},
         "max_abs_adapter_diff": diff,
     }
-    print(f"model {result['model']}, J={args.players}, S={args.pairs} pairs × 2 × "
-          f"T={args.tokens}, {args.steps} steps of {args.batch} pairs")
+    print(
+        f"model {result['model']}, J={args.players}, S={args.pairs} pairs × 2 × "
+        f"T={args.tokens}, {args.steps} steps of {args.batch} pairs"
+    )
     print("| | player forwards (rows) | score (s) | local steps (s) | round (s) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| once per round | {result['once_player_forward_rows']} | {score_s:.2f} | "
-          f"{train_s:.2f} | {score_s + train_s:.2f} |")
-    print(f"| naive (in the loss) | {result['naive_player_forward_rows']} | — | {naive_s:.2f} | "
-          f"{naive_s:.2f} |")
+    print(
+        f"| once per round | {result['once_player_forward_rows']} | {score_s:.2f} | "
+        f"{train_s:.2f} | {score_s + train_s:.2f} |"
+    )
+    print(
+        f"| naive (in the loss) | {result['naive_player_forward_rows']} | — | {naive_s:.2f} | "
+        f"{naive_s:.2f} |"
+    )
     print(f"speedup {result['speedup']:.2f}×; max |adapter difference| {diff:.2e}")
     if args.json:
         with open(args.json, "w") as f:

@@ -44,41 +44,57 @@ def main(argv: list[str] | None = None) -> None:
     graphdef, lora, base_state, tokenizer = load_policy(rank=8, alpha=16.0)
     policy = Policy(graphdef, base_state, tokenizer)
     task = get_task(args.task)
-    examples = task.load(args.split, os.environ.get("FEDSP_DATA_DIR"), limit=4 * args.prompts,
-                         seed=0)[:args.prompts]
+    examples = task.load(
+        args.split, os.environ.get("FEDSP_DATA_DIR"), limit=4 * args.prompts, seed=0
+    )[: args.prompts]
     prompts = [rollout.prompt_ids(tokenizer, task, ex) for ex in examples]
     cuts = [rollout.split_head(p, tokenizer.eos_token_ids) for p in prompts]
     buckets = sorted({sampling.bucket_length(len(p) - c) for p, c in zip(prompts, cuts)})
-    keys = rollout.rollout_keys(jax.random.key(0), 1, 0, list(range(len(prompts))),
-                                [0] * len(prompts))
+    keys = rollout.rollout_keys(
+        jax.random.key(0), 1, 0, list(range(len(prompts))), [0] * len(prompts)
+    )
 
     times: dict[str, dict[str, list[float]]] = {}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
         for arm in ("split", "merged"):
-            params = rollout.SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8,
-                                            top_p=0.95, batch_size=64,
-                                            split_by_length=arm == "split", reuse_cache=True)
+            params = rollout.SamplingParams(
+                max_new_tokens=args.new_tokens,
+                temperature=0.8,
+                top_p=0.95,
+                batch_size=64,
+                split_by_length=arm == "split",
+                reuse_cache=True,
+            )
             for phase in ("first", "second"):
                 start = time.perf_counter()
                 out = rollout.sample_completions(policy, lora, prompts, keys, params)
-                times.setdefault(arm, {}).setdefault(phase, []).append(
-                    time.perf_counter() - start)
+                times.setdefault(arm, {}).setdefault(phase, []).append(time.perf_counter() - start)
             tokens[arm] = [c.tokens.tolist() for c in out]
     if tokens["split"] != tokens["merged"]:
         raise SystemExit("the two arms generated different tokens")
     result = {
-        "task": args.task, "prompts": len(prompts), "new_tokens": args.new_tokens,
-        "suffix_buckets": buckets, "generated_tokens": sum(map(len, tokens["merged"])),
+        "task": args.task,
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+        "suffix_buckets": buckets,
+        "generated_tokens": sum(map(len, tokens["merged"])),
         "seconds": times,
         "second_call_ratio": statistics.median(times["split"]["second"])
         / statistics.median(times["merged"]["second"]),
     }
-    print(f"{args.task}: {len(prompts)} prompts, suffix length buckets {buckets}, "
-          f"{result['generated_tokens']} tokens generated (same in both arms)")
+    print(
+        f"{args.task}: {len(prompts)} prompts, suffix length buckets {buckets}, "
+        f"{result['generated_tokens']} tokens generated (same in both arms)"
+    )
     for arm, phases in times.items():
-        print(f"  {arm:6s} first calls " + ", ".join(f"{t:.1f}" for t in phases["first"])
-              + " s; second calls " + ", ".join(f"{t:.1f}" for t in phases["second"]) + " s")
+        print(
+            f"  {arm:6s} first calls "
+            + ", ".join(f"{t:.1f}" for t in phases["first"])
+            + " s; second calls "
+            + ", ".join(f"{t:.1f}" for t in phases["second"])
+            + " s"
+        )
     print(f"  split / merged, median second call: {result['second_call_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:

@@ -94,15 +94,16 @@ class Sampler:
         # One entry per sampler call: rows, prompt tokens, longest prompt, seconds.
         self.log: list[dict[str, float]] = []
 
-    def rollout_keys(self, key, round, attempt, clients, prompts, samples=None):  # noqa: A002
+    def rollout_keys(self, key, round, attempt, clients, prompts, samples=None):
         self.row_clients = [int(c) for c in clients]
         return self.real_row_keys(key, round, attempt, clients, prompts, samples)
 
     def collecting(self):
         return mock.patch.object(self.rollout, "rollout_keys", self.rollout_keys)
 
-    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
-                 continue_from=None):
+    def __call__(
+        self, policy, lora_state, prompts, keys, params, *, keep_cache=False, continue_from=None
+    ):
         if not self.per_client:
             groups = [list(range(len(prompts)))]
         else:
@@ -116,13 +117,23 @@ class Sampler:
         for rows in groups:
             start = time.perf_counter()
             done = self.rollout.sample_completions(
-                policy, lora_state, [prompts[r] for r in rows], keys[np.asarray(rows)], params,
+                policy,
+                lora_state,
+                [prompts[r] for r in rows],
+                keys[np.asarray(rows)],
+                params,
                 keep_cache=keep_cache,
-                continue_from=None if continue_from is None else [continue_from[r] for r in rows])
+                continue_from=None if continue_from is None else [continue_from[r] for r in rows],
+            )
             lengths = [len(prompts[r]) for r in rows]
-            self.log.append({"rows": len(rows), "prompt_tokens": sum(lengths),
-                             "longest_prompt": max(lengths),
-                             "s": time.perf_counter() - start})
+            self.log.append(
+                {
+                    "rows": len(rows),
+                    "prompt_tokens": sum(lengths),
+                    "longest_prompt": max(lengths),
+                    "s": time.perf_counter() - start,
+                }
+            )
             self.calls += 1
             for r, completion in zip(rows, done):
                 out[r] = completion
@@ -137,8 +148,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedsp import data as data_lib
     from fedsp.core.aggregation import server_optimizer
-    from fedsp.federated.round import client_prompts
     from fedsp.federated.mapping import map_clients
+    from fedsp.federated.round import client_prompts
     from fedsp.federated.server import server_step, tree_bytes
     from fedsp.selfplay.base import Policy
     from fedsp.selfplay.spear import Spear
@@ -147,7 +158,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     config = round_config(args, c)
     start = time.perf_counter()
     graphdef, lora, base_state, tokenizer = common.load_policy(
-        config.model.lora.rank, config.model.lora.alpha)
+        config.model.lora.rank, config.model.lora.alpha
+    )
     load_s = time.perf_counter() - start
     loaded_rss = common.current_rss_bytes()
 
@@ -155,14 +167,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     train = task.load("train", limit=50 * config.data.num_clients, seed=0)
     shards = data_lib.iid_partition(len(train), config.data.num_clients, seed=0)
     clients = list(range(c))
-    examples = [[train[i] for i in client_prompts(shards[k], args.prompts, 0, 1, k)]
-                for k in clients]
+    examples = [
+        [train[i] for i in client_prompts(shards[k], args.prompts, 0, 1, k)] for k in clients
+    ]
     feedback = data_lib.get_feedback("hint", task)
     sampler = Sampler(per_client=args.rollout == "per_client")
     algo = Spear("spear", config, generate_fn=sampler)
     policy = Policy(graphdef, base_state, tokenizer)
-    train_clients = map_clients(functools.partial(algo.local_train, graphdef), args.backend,
-                                in_axes=(None, None, 0, 0))
+    train_clients = map_clients(
+        functools.partial(algo.local_train, graphdef), args.backend, in_axes=(None, None, 0, 0)
+    )
     optimizer = server_optimizer("fedavg", 1.0)
     opt_state = optimizer.init(lora)
     collect_key, train_key = jax.random.split(jax.random.key(0))
@@ -175,24 +189,39 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         sampler.calls = sampler.tokens = 0
         t0 = time.perf_counter()
         with sampler.collecting():
-            batch, metrics = algo.collect(policy, lora, examples, task, feedback, collect_key, 1,
-                                          baselines=baselines)
+            batch, metrics = algo.collect(
+                policy, lora, examples, task, feedback, collect_key, 1, baselines=baselines
+            )
         common.block(batch)
         batch_for_analysis[:] = [batch]
         t1 = time.perf_counter()
         client_lora, stats = common.block(train_clients(base_state, lora, batch, keys))
         t2 = time.perf_counter()
-        new_lora, _, _ = common.block(server_step(
-            lora, opt_state, client_lora, np.asarray(stats["num_examples"], np.float32),
-            np.asarray(stats["mean_advantage"], np.float32), optimizer=optimizer))
+        new_lora, _, _ = common.block(
+            server_step(
+                lora,
+                opt_state,
+                client_lora,
+                np.asarray(stats["num_examples"], np.float32),
+                np.asarray(stats["mean_advantage"], np.float32),
+                optimizer=optimizer,
+            )
+        )
         t3 = time.perf_counter()
-        return {"rollout_s": t1 - t0, "train_s": t2 - t1, "server_s": t3 - t2,
-                "round_s": t3 - t0, "sampler_calls": sampler.calls,
-                "generated_tokens": sampler.tokens,
-                "rows": int(metrics["rollout/generated"]), "wins": int(metrics["rollout/wins"]),
-                "train_shape": list(batch.train.tokens.shape),
-                "fingerprint": float(sum(np.abs(np.asarray(x, np.float64)).sum()
-                                         for x in jax.tree.leaves(new_lora)))}
+        return {
+            "rollout_s": t1 - t0,
+            "train_s": t2 - t1,
+            "server_s": t3 - t2,
+            "round_s": t3 - t0,
+            "sampler_calls": sampler.calls,
+            "generated_tokens": sampler.tokens,
+            "rows": int(metrics["rollout/generated"]),
+            "wins": int(metrics["rollout/wins"]),
+            "train_shape": list(batch.train.tokens.shape),
+            "fingerprint": float(
+                sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(new_lora))
+            ),
+        }
 
     warm = one_round()
     warm_peak = common.peak_rss_bytes()
@@ -201,8 +230,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     timed = [one_round() for _ in range(args.repeats)]
     round_peak = common.peak_rss_bytes() if reset else None
     process_peak = max(warm_peak, common.peak_rss_bytes())
-    med = {k: statistics.median(t[k] for t in timed)
-           for k in ("rollout_s", "train_s", "server_s", "round_s")}
+    med = {
+        k: statistics.median(t[k] for t in timed)
+        for k in ("rollout_s", "train_s", "server_s", "round_s")
+    }
     side_by_side: dict[str, Any] = {}
     if args.rollout == "batched" and args.side_by_side and c > 1:
         # The per-client rollout of the same round in this process, alternating with the
@@ -213,8 +244,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         def collect(a, s):
             t0 = time.perf_counter()
             with s.collecting():
-                out = common.block(a.collect(policy, lora, examples, task, feedback, collect_key,
-                                             1, baselines=baselines)[0])
+                out = common.block(
+                    a.collect(
+                        policy, lora, examples, task, feedback, collect_key, 1, baselines=baselines
+                    )[0]
+                )
             return out, time.perf_counter() - t0
 
         ref, _ = collect(algo_pc, other)  # warm-up: compiles the per-client shapes
@@ -229,8 +263,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "sbs_batched_rollout_s": statistics.median(p[0] for p in pairs),
             "sbs_per_client_rollout_s": statistics.median(p[1] for p in pairs),
             "sbs_pairs_s": pairs,
-            "sbs_same_batch": all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
-                                  zip(jax.tree.leaves(ref), jax.tree.leaves(batched_batch))),
+            "sbs_same_batch": all(
+                np.array_equal(np.asarray(x), np.asarray(y))
+                for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(batched_batch))
+            ),
         }
     xla: dict[str, Any] = {}
     if args.rollout == "batched" and args.train_memory:
@@ -245,8 +281,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_round_s": warm["round_s"],
         "warmup_phases_s": [warm[k] for k in ("rollout_s", "train_s", "server_s")],
         "rss_after_warmup_mib": common.mib(rss_after_warmup),
-        **{k: timed[0][k] for k in ("sampler_calls", "generated_tokens", "rows", "wins",
-                                    "train_shape", "fingerprint")},
+        **{
+            k: timed[0][k]
+            for k in (
+                "sampler_calls",
+                "generated_tokens",
+                "rows",
+                "wins",
+                "train_shape",
+                "fingerprint",
+            )
+        },
         "load_s": load_s,
         "loaded_rss_mib": common.mib(loaded_rss),
         "process_peak_rss_mib": common.mib(process_peak),
@@ -270,10 +315,12 @@ def train_memory(train_clients, base_state, lora, batch, keys, clients: int) -> 
     base_shapes = {tuple(x.shape) for x in jax.tree.leaves(base_state) if x.ndim >= 2}
     candidates = {f"f32[{clients},{','.join(map(str, s))}]" for s in base_shapes}
     stacked = sorted(c for c in candidates if c in hlo)
-    return {"train_xla_temp_mib": common.mib(stats.temp_size_in_bytes),
-            "train_xla_argument_mib": common.mib(stats.argument_size_in_bytes),
-            "train_xla_output_mib": common.mib(stats.output_size_in_bytes),
-            "train_stacked_base_buffers": stacked}
+    return {
+        "train_xla_temp_mib": common.mib(stats.temp_size_in_bytes),
+        "train_xla_argument_mib": common.mib(stats.argument_size_in_bytes),
+        "train_xla_output_mib": common.mib(stats.output_size_in_bytes),
+        "train_stacked_base_buffers": stacked,
+    }
 
 
 def sbs(row: dict[str, Any]) -> str:
@@ -304,29 +351,46 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{b['train_s']:.1f} / {p['train_s']:.1f} s | {b['sampler_calls']} / "
             f"{p['sampler_calls']} | {fmt(b['round_peak_rss_mib'])} / "
             f"{fmt(p['round_peak_rss_mib'])} | {fmt(b['process_peak_rss_mib'])} / "
-            f"{fmt(p['process_peak_rss_mib'])} |")
+            f"{fmt(p['process_peak_rss_mib'])} |"
+        )
     return "\n".join(lines)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=ints, default=[1, 2, 4, 8],
-                   help="clients per round to measure (comma-separated)")
+    p.add_argument(
+        "--clients",
+        type=ints,
+        default=[1, 2, 4, 8],
+        help="clients per round to measure (comma-separated)",
+    )
     p.add_argument("--rollouts", type=lambda s: s.split(","), default=list(ROLLOUTS))
     p.add_argument("--prompts", type=int, default=4, help="prompts per client")
     p.add_argument("--new-tokens", type=int, default=16, help="rollout.max_new_tokens")
     p.add_argument("--revisions", type=int, default=1, help="algorithm.max_revisions")
     p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--local-batch", type=int, default=1,
-                   help="local.batch_size: wins (and as many loses) per step")
+    p.add_argument(
+        "--local-batch",
+        type=int,
+        default=1,
+        help="local.batch_size: wins (and as many loses) per step",
+    )
     p.add_argument("--max-len", type=int, default=128, help="local.max_len")
     p.add_argument("--backend", default="vmap", help="fl.backend of local training")
     p.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up")
-    p.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
-                   help="skip timing the per-client rollout inside the batched child")
-    p.add_argument("--no-train-memory", dest="train_memory", action="store_false",
-                   help="skip XLA's memory analysis of the training program (batched child)")
+    p.add_argument(
+        "--no-side-by-side",
+        dest="side_by_side",
+        action="store_false",
+        help="skip timing the per-client rollout inside the batched child",
+    )
+    p.add_argument(
+        "--no-train-memory",
+        dest="train_memory",
+        action="store_false",
+        help="skip XLA's memory analysis of the training program (batched child)",
+    )
     p.add_argument("--json", help="also write every configuration's figures here")
     # Internal: run one configuration in this process.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -340,12 +404,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         common.emit(child(args))
         return
-    shared = ["--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
-              "--revisions", str(args.revisions), "--local-steps", str(args.local_steps),
-              "--local-batch", str(args.local_batch), "--max-len", str(args.max_len),
-              "--backend", args.backend, "--repeats", str(args.repeats),
-              *([] if args.side_by_side else ["--no-side-by-side"]),
-              *([] if args.train_memory else ["--no-train-memory"])]
+    shared = [
+        "--prompts",
+        str(args.prompts),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--revisions",
+        str(args.revisions),
+        "--local-steps",
+        str(args.local_steps),
+        "--local-batch",
+        str(args.local_batch),
+        "--max-len",
+        str(args.max_len),
+        "--backend",
+        args.backend,
+        "--repeats",
+        str(args.repeats),
+        *([] if args.side_by_side else ["--no-side-by-side"]),
+        *([] if args.train_memory else ["--no-train-memory"]),
+    ]
     rows = []
     start = time.perf_counter()
     for c in args.clients:
@@ -354,38 +432,48 @@ def main(argv: Sequence[str] | None = None) -> None:
                 # One client: one sampler call either way, the same computation.
                 rows.append(dict(rows[-1], rollout="per_client", same_as_batched=True))
                 continue
-            row = common.run_child("benchmarks.round", ["--child", "--clients-per-round", str(c),
-                                                        "--rollout", rollout, *shared])
+            row = common.run_child(
+                "benchmarks.round",
+                ["--child", "--clients-per-round", str(c), "--rollout", rollout, *shared],
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     for c in args.clients:
         same = {r["fingerprint"] for r in rows if r["clients"] == c}
         if len(same) > 1:
             print(f"WARNING: C={c}: the rollouts gave different adapters {sorted(same)}")
-    print(f"\nworkload: {args.prompts} prompts/client, {args.new_tokens} new tokens, "
-          f"{args.revisions} revision(s), {args.local_steps} local step(s) of batch "
-          f"{args.local_batch}, max_len {args.max_len}, backend {args.backend}; "
-          f"{args.repeats} timed round(s) after a warm-up; total "
-          f"{time.perf_counter() - start:.0f} s\n")
+    print(
+        f"\nworkload: {args.prompts} prompts/client, {args.new_tokens} new tokens, "
+        f"{args.revisions} revision(s), {args.local_steps} local step(s) of batch "
+        f"{args.local_batch}, max_len {args.max_len}, backend {args.backend}; "
+        f"{args.repeats} timed round(s) after a warm-up; total "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print(table(rows))
     for r in rows:
         if r["rollout"] == "batched" and "train_xla_temp_mib" in r:
-            print(f"C={r['clients']}: training program temp {r['train_xla_temp_mib']:.0f} MiB "
-                  f"({r['train_xla_temp_mib'] / r['clients']:.0f} MiB per client), arguments "
-                  f"{r['train_xla_argument_mib']:.0f} MiB, outputs {r['train_xla_output_mib']:.0f} "
-                  f"MiB; base weights stacked over clients: "
-                  f"{r['train_stacked_base_buffers'] or 'none'}")
+            print(
+                f"C={r['clients']}: training program temp {r['train_xla_temp_mib']:.0f} MiB "
+                f"({r['train_xla_temp_mib'] / r['clients']:.0f} MiB per client), arguments "
+                f"{r['train_xla_argument_mib']:.0f} MiB, outputs {r['train_xla_output_mib']:.0f} "
+                f"MiB; base weights stacked over clients: "
+                f"{r['train_stacked_base_buffers'] or 'none'}"
+            )
     for r in rows:
         for arm, log in r.get("sbs_calls", {}).items():
             # Spear.collect calls the sampler once per attempt (batched) or once per client
             # and attempt (per-client): attempt k's calls are the k-th run of calls.
-            print(f"C={r['clients']} side by side, {arm} sampler calls (rows, prompt tokens, s): "
-                  + ", ".join(f"({e['rows']}, {e['prompt_tokens']}, {e['s']:.2f})" for e in log)
-                  + f"; total {sum(e['s'] for e in log):.2f} s")
+            print(
+                f"C={r['clients']} side by side, {arm} sampler calls (rows, prompt tokens, s): "
+                + ", ".join(f"({e['rows']}, {e['prompt_tokens']}, {e['s']:.2f})" for e in log)
+                + f"; total {sum(e['s'] for e in log):.2f} s"
+            )
     if rows:
-        print(f"\nper-client state (analytic): adapters {rows[0]['adapter_mib']:.1f} MiB, "
-              f"+ AdamW moments {rows[0]['client_state_mib']:.1f} MiB, + gradients "
-              f"{rows[0]['client_state_with_grads_mib']:.1f} MiB")
+        print(
+            f"\nper-client state (analytic): adapters {rows[0]['adapter_mib']:.1f} MiB, "
+            f"+ AdamW moments {rows[0]['client_state_mib']:.1f} MiB, + gradients "
+            f"{rows[0]['client_state_with_grads_mib']:.1f} MiB"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

@@ -16,8 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if present)")
 
 
@@ -38,8 +39,14 @@ def main(argv: list[str]) -> None:
 
     summary = fedsp.run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
     print(accuracy_table(summary))
-    print(json.dumps({k: summary[k] for k in ("initial_accuracy", "final_accuracy",
-                                              "best_accuracy", "wall_time_s")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("initial_accuracy", "final_accuracy", "best_accuracy", "wall_time_s")
+            }
+        )
+    )
     print(f"run directory: {summary['workdir']}")
     sys.stdout.flush()
 

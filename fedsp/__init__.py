@@ -46,7 +46,27 @@ _EXPORTS = {
 }
 _RENAMED = {"validate_config": "validate"}
 
-__all__ = sorted(_EXPORTS)
+# Spelled out (not sorted(_EXPORTS)) so linters see the re-exports; tests/test_api.py
+# checks the two agree.
+__all__ = [
+    "ClientUploads",
+    "RoundHooks",
+    "RunState",
+    "algorithm_names",
+    "default_config",
+    "evaluate",
+    "from_pretrained",
+    "get_algorithm",
+    "get_task",
+    "init_run",
+    "register_algorithm",
+    "register_task",
+    "run",
+    "run_round",
+    "save_checkpoint",
+    "task_names",
+    "validate_config",
+]
 
 if TYPE_CHECKING:
     from fedsp.config import default_config

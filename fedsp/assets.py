@@ -30,8 +30,8 @@ import tempfile
 import zipfile
 
 __all__ = [
-    "AssetError",
     "SMOLLM2_135M_INSTRUCT",
+    "AssetError",
     "WheelAsset",
     "cache_dir",
     "default_model_path",

@@ -242,9 +242,9 @@ class _Errors:
             return
         bad = not math.isfinite(value)
         if low is not None:
-            bad |= value <= low if low_open else value < low
+            bad |= bool(value <= low if low_open else value < low)
         if high is not None:
-            bad |= value >= high if high_open else value > high
+            bad |= bool(value >= high if high_open else value > high)
         if bad:
             left = "(" if low_open else "["
             right = ")" if high_open or high is None else "]"
@@ -267,8 +267,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     missing = _missing_fields(config, default_config())
     if missing:
-        raise ValueError(f"config lacks the field(s) {missing}; start from "
-                         "fedsp.default_config() (experiment files change only what differs)")
+        raise ValueError(
+            f"config lacks the field(s) {missing}; start from "
+            "fedsp.default_config() (experiment files change only what differs)"
+        )
     e = _Errors(config)
     e.integer("seed", 0)
     _check_model(e)
@@ -321,8 +323,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.choice("eval.multiple_choice", MULTIPLE_CHOICE_EVALS)
     e.integer("checkpoint.every", 1)
     e.integer("checkpoint.keep", 1)
-    for field in ("rollout.reuse_cache", "rollout.split_by_length", "log.tensorboard",
-                  "log.progress"):
+    for field in (
+        "rollout.reuse_cache",
+        "rollout.split_by_length",
+        "log.tensorboard",
+        "log.progress",
+    ):
         e.boolean(field)
     if e.messages:
         raise ValueError("invalid config:\n  " + "\n  ".join(e.messages))
@@ -361,23 +367,28 @@ def _check_eval_task(e: _Errors) -> None:
         if split and e.get("task.name") in task_names():
             task = get_task(e.get("task.name"), **dict(e.get("task.options")))
             if not task.has_split(split):
-                e.add("eval.split",
-                      f"got {split!r}; task {task.name!r} has splits {task.splits_help()}")
+                e.add(
+                    "eval.split",
+                    f"got {split!r}; task {task.name!r} has splits {task.splits_help()}",
+                )
         return
     if name not in task_names():
-        e.add("eval.task", f"got {name!r}; choose one of {task_names()} (or \"\": task.name)")
+        e.add("eval.task", f'got {name!r}; choose one of {task_names()} (or "": task.name)')
         return
     task = get_task(name)
     if not task.has_split(split or e.get("task.eval_split")):
         field = "eval.split" if split else "task.eval_split"
-        e.add(field, f"got {split or e.get('task.eval_split')!r}; eval.task {name!r} has "
-                     f"splits {task.splits_help()}")
+        e.add(
+            field,
+            f"got {split or e.get('task.eval_split')!r}; eval.task {name!r} has "
+            f"splits {task.splits_help()}",
+        )
 
 
 def _check_model(e: _Errors) -> None:
     path = e.get("model.path")
     if path and not pathlib.Path(path).expanduser().exists():
-        e.add("model.path", f"{path} does not exist (\"\" uses the default SmolLM2 asset)")
+        e.add("model.path", f'{path} does not exist ("" uses the default SmolLM2 asset)')
     e.choice("model.dtype", DTYPES)
     e.integer("model.lora.rank", 1)
     e.number("model.lora.alpha", 0.0, low_open=True)
@@ -442,8 +453,11 @@ def _check_data_files(e: _Errors, task: FileTask) -> None:
             return
         if (relpath is None or not (root / relpath).is_file()) and not hub_ok:
             where = root / relpath if relpath else f"{root} (no local file for this split)"
-            e.add(field, f"split {split!r} of {task.name!r} is not on disk: {where} (data "
-                         f"directory from {origin}); pip install 'fedsp[data]' to read the hub")
+            e.add(
+                field,
+                f"split {split!r} of {task.name!r} is not on disk: {where} (data "
+                f"directory from {origin}); pip install 'fedsp[data]' to read the hub",
+            )
 
 
 def _check_data(e: _Errors) -> None:
@@ -470,8 +484,10 @@ def _check_fl(e: _Errors) -> None:
     if e.get("fl.backend") == "pmap" and isinstance(per_round, int) and per_round >= 1:
         devices = jax.local_device_count()
         if per_round > devices and per_round % devices:
-            e.add("fl.clients_per_round", f"{per_round} clients cannot be split over "
-                                          f"{devices} devices by the pmap backend")
+            e.add(
+                "fl.clients_per_round",
+                f"{per_round} clients cannot be split over {devices} devices by the pmap backend",
+            )
     e.choice("fl.server_optimizer", SERVER_OPTIMIZERS)
     e.number("fl.server_lr", 0.0, low_open=True)
     e.number("fl.b1", 0.0, 1.0)

@@ -24,7 +24,7 @@ import json
 import logging
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,9 +46,9 @@ from fedsp.checkpoint import (
 from fedsp.config import validate
 from fedsp.federated.mapping import map_clients
 from fedsp.federated.round import (
+    RoundHooks,
     Run,
     RunState,
-    RoundHooks,
     default_optimizer,
     evaluate,
     run_round,
@@ -104,25 +104,36 @@ def init_run(
     (graphdef, lora_state, base_state), tokenizer = _model(config, model, tokenizer)
     task = data_lib.get_task(config.task.name, **dict(config.task.options))
     data_dir = config.task.data_dir or None
-    train = task.load(config.task.train_split, data_dir, limit=config.data.limit or None,
-                      seed=config.seed)
+    train = task.load(
+        config.task.train_split, data_dir, limit=config.data.limit or None, seed=config.seed
+    )
     # eval.task (optional) scores on another benchmark, e.g. chat SFT data evaluated on
     # ARC as in SPIN / TPAW.
     eval_task = data_lib.get_task(config.eval.task) if config.eval.task else task
-    eval_set = eval_task.load(config.eval.split or config.task.eval_split, data_dir,
-                              limit=config.eval.examples, seed=config.seed)
+    eval_set = eval_task.load(
+        config.eval.split or config.task.eval_split,
+        data_dir,
+        limit=config.eval.examples,
+        seed=config.seed,
+    )
     algo = algorithm if algorithm is not None else get_algorithm(config.algorithm.name, config)
     fl = config.fl
     optimizer = default_optimizer(fl)
     base_key = jax.random.key(config.seed)
-    state = RoundState(round=0, params=lora_state, opt_state=optimizer.init(lora_state),
-                       rng=base_key,
-                       baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32))
+    state = RoundState(
+        round=0,
+        params=lora_state,
+        opt_state=optimizer.init(lora_state),
+        rng=base_key,
+        baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32),
+    )
     checkpointer = None
     if workdir is not None:
         checkpointer = RunCheckpointer(
-            workdir / "checkpoints", keep=config.checkpoint.keep,
-            fingerprint=config_fingerprint(config, ignore=_RESUMABLE_CHANGES))
+            workdir / "checkpoints",
+            keep=config.checkpoint.keep,
+            fingerprint=config_fingerprint(config, ignore=_RESUMABLE_CHANGES),
+        )
         if checkpointer.latest_round() is not None:
             state = checkpointer.restore_latest_valid(state)
             _log.info("resumed %s after round %d", workdir, state.round)
@@ -134,14 +145,19 @@ def init_run(
             # A fresh run starts from an empty index: entries of an earlier attempt that
             # never reached a checkpoint are deleted.
             pool = PlayerPool.from_state_dict(
-                workdir / "pool", state.pool or {"max_players": algo.max_players, "entries": []},
-                keep_dropped=config.checkpoint.keep)
+                workdir / "pool",
+                state.pool or {"max_players": algo.max_players, "entries": []},
+                keep_dropped=config.checkpoint.keep,
+            )
         if state.round == 0 and not pool.rounds:
             pool.push(lora_state, round=0, metadata={"initial": True})
         state = dataclasses.replace(state, pool=pool.state_dict())
     if hasattr(algo, "client_state"):
-        algo.load_client_state(load_client_state(workdir / "client_state", state.round)
-                               if state.round and workdir is not None else None)
+        algo.load_client_state(
+            load_client_state(workdir / "client_state", state.round)
+            if state.round and workdir is not None
+            else None
+        )
     context = Run(
         config=config,
         policy=Policy(graphdef, base_state, tokenizer),
@@ -154,8 +170,9 @@ def init_run(
         algorithm=algo,
         optimizer=optimizer,
         server_step=server_step_from_config(fl, optimizer),
-        train_clients=map_clients(functools.partial(algo.local_train, graphdef), fl.backend,
-                                  in_axes=(None, None, 0, 0)),
+        train_clients=map_clients(
+            functools.partial(algo.local_train, graphdef), fl.backend, in_axes=(None, None, 0, 0)
+        ),
         initial_params=lora_state,
         adapter_bytes=tree_bytes(lora_state),
         pool=pool,
@@ -163,8 +180,9 @@ def init_run(
         checkpointer=checkpointer,
         newest_round=[state.round],
     )
-    return RunState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
-                    run=context)
+    return RunState(
+        **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, run=context
+    )
 
 
 def save_checkpoint(state: RunState) -> None:
@@ -175,9 +193,10 @@ def save_checkpoint(state: RunState) -> None:
       ValueError: the run has no workdir.
     """
     run = state.run
-    if run is None or run.checkpointer is None:
-        raise ValueError("this run has no workdir to save checkpoints in "
-                         "(fedsp.init_run(config, workdir=...))")
+    if run is None or run.checkpointer is None or run.workdir is None:
+        raise ValueError(
+            "this run has no workdir to save checkpoints in (fedsp.init_run(config, workdir=...))"
+        )
     algo, client_dir = run.algorithm, run.workdir / "client_state"
     if hasattr(algo, "client_state"):
         save_client_state(client_dir, state.round, algo.client_state())
@@ -220,8 +239,7 @@ def run(
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    state = init_run(config, model=model, tokenizer=tokenizer, workdir=workdir,
-                     algorithm=algorithm)
+    state = init_run(config, model=model, tokenizer=tokenizer, workdir=workdir, algorithm=algorithm)
     context = state.run
     assert context is not None
     logger = _Logger(workdir, config.log.tensorboard)
@@ -235,15 +253,21 @@ def run(
     from tqdm.auto import tqdm
 
     fl = config.fl
-    bar = tqdm(range(state.round + 1, fl.rounds + 1), initial=state.round, total=fl.rounds,
-               desc="rounds", disable=not config.log.progress)
+    bar = tqdm(
+        range(state.round + 1, fl.rounds + 1),
+        initial=state.round,
+        total=fl.rounds,
+        desc="rounds",
+        disable=not config.log.progress,
+    )
     for rnd in bar:
         state, record = run_round(state, hooks=hooks)
         logger.write(record)
         if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
             save_checkpoint(state)
-        bar.set_postfix(round=rnd, acc=_last(state.metrics_history, "eval/accuracy"),
-                        loss=record["loss"])
+        bar.set_postfix(
+            round=rnd, acc=_last(state.metrics_history, "eval/accuracy"), loss=record["loss"]
+        )
     bar.close()
     context.close()
     logger.close()
@@ -279,12 +303,15 @@ def client_shards(
     if config.data.partition == "iid":
         shards = data_lib.iid_partition(len(train), num_clients, config.seed)
     else:
-        shards = data_lib.dirichlet_partition([ex.label for ex in train], num_clients,
-                                              config.data.alpha, config.seed)
+        shards = data_lib.dirichlet_partition(
+            [ex.label for ex in train], num_clients, config.data.alpha, config.seed
+        )
     cap = config.data.examples_per_client
     if cap:
-        shards = [np.sort(np.random.default_rng([config.seed, k]).permutation(s)[:cap])
-                  for k, s in enumerate(shards)]
+        shards = [
+            np.sort(np.random.default_rng([config.seed, k]).permutation(s)[:cap])
+            for k, s in enumerate(shards)
+        ]
     empty = [i for i, shard in enumerate(shards) if len(shard) == 0]
     if empty:
         raise ValueError(
@@ -300,8 +327,9 @@ def lora_config(config: ml_collections.ConfigDict, num_layers: int) -> LoRAConfi
     indices count from the last)."""
     lora = config.model.lora
     layers = tuple(sorted({i % num_layers for i in lora.layers})) or None
-    return LoRAConfig(rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets),
-                      layers=layers)
+    return LoRAConfig(
+        rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets), layers=layers
+    )
 
 
 def _model(config, model, tokenizer):
@@ -322,8 +350,10 @@ def _model(config, model, tokenizer):
     if model.lora_config is None:
         apply_lora(model, wanted, rngs=nnx.Rngs(config.seed))
     elif model.lora_config != wanted:
-        raise ValueError(f"the model's adapters {model.lora_config} differ from config.model.lora "
-                         f"{wanted}; pass a model without adapters or match the config")
+        raise ValueError(
+            f"the model's adapters {model.lora_config} differ from config.model.lora "
+            f"{wanted}; pass a model without adapters or match the config"
+        )
     return split_lora(model), tokenizer
 
 
@@ -338,7 +368,7 @@ class _Logger:
 
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
-    def rewrite(self, history: Sequence[dict[str, Any]]) -> None:
+    def rewrite(self, history: Sequence[Mapping[str, Any]]) -> None:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -355,7 +385,7 @@ class _Logger:
             self.writer.close()
 
 
-def _last(history: Sequence[dict[str, Any]], key: str) -> float | None:
+def _last(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
     for record in reversed(history):
         if key in record:
             return record[key]

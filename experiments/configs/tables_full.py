@@ -42,8 +42,9 @@ TPAW_CLIENTS = 8
 
 def _spear(dataset: str, algorithm: str, seed: int) -> ml_collections.ConfigDict:
     if dataset not in _SPEAR_SETTING:
-        raise ValueError(f"dataset={dataset!r}: no full-scale setting; choose one of "
-                         f"{tuple(_SPEAR_SETTING)}")
+        raise ValueError(
+            f"dataset={dataset!r}: no full-scale setting; choose one of {tuple(_SPEAR_SETTING)}"
+        )
     setting, train_split, eval_split = _SPEAR_SETTING[dataset]
     config = reference.spear_config(setting, SPEAR_MODEL, algorithm=algorithm)
     config.task.name = dataset
@@ -61,8 +62,9 @@ def _tpaw(algorithm: str, seed: int) -> ml_collections.ConfigDict:
     config.fl.clients_per_round = TPAW_CLIENTS
     config.rollout.prompts_per_client = prompts
     opponent_rounds = selfplay_reference.OPPONENT_ROUNDS[algorithm]
-    config.local.steps = (selfplay_reference.SPIN_EPOCHS * prompts * opponent_rounds
-                          // selfplay_reference.SPIN_BATCH)
+    config.local.steps = (
+        selfplay_reference.SPIN_EPOCHS * prompts * opponent_rounds // selfplay_reference.SPIN_BATCH
+    )
     config.seed = seed
     return config
 

@@ -56,23 +56,45 @@ RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", required=True, choices=[*sorted(TABLES), "all"],
-                   help="a table, or all four in turn")
-    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                   help="comma-separated seeds (default 0,1,2)")
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.tables",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--table",
+        required=True,
+        choices=[*sorted(TABLES), "all"],
+        help="a table, or all four in turn",
+    )
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, DEFAULT_SEEDS)),
+        help="comma-separated seeds (default 0,1,2)",
+    )
     p.add_argument("--workdir", default="runs/tables", help="root of the cells' run directories")
-    p.add_argument("--results-dir", default=None,
-                   help="where NAME.md/json/png go (default: experiments/results at cpu "
-                        "scale, experiments/results/full at full scale, "
-                        "<workdir>/tiny/results at tiny scale)")
+    p.add_argument(
+        "--results-dir",
+        default=None,
+        help="where NAME.md/json/png go (default: experiments/results at cpu "
+        "scale, experiments/results/full at full scale, "
+        "<workdir>/tiny/results at tiny scale)",
+    )
     p.add_argument("--scale", default="cpu", choices=SCALES)
     p.add_argument("--cells", default="", help="comma-separated substrings of cell names to keep")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of every cell (repeatable), e.g. fl.rounds=2")
-    p.add_argument("--target", type=float, default=None,
-                   help="absolute target accuracy (aggregation, settings)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field of every cell (repeatable), e.g. fl.rounds=2",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="absolute target accuracy (aggregation, settings)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the cells and configs only")
     return p
 
@@ -98,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table == "all":
         argv = list(sys.argv[1:] if argv is None else argv)
         at = max(i for i, a in enumerate(argv) if a == "--table" or a.startswith("--table="))
-        del argv[at:at + (1 if "=" in argv[at] else 2)]
+        del argv[at : at + (1 if "=" in argv[at] else 2)]
         for name in TABLES:
             if main([*argv, "--table", name]):
                 return 1
@@ -107,10 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = pathlib.Path(args.workdir) / args.scale
     tiny_path = ""
     if args.scale == "tiny":
-        tiny_path = str(overrides.get("model.path") or tiny_model(
-            pathlib.Path(args.workdir).absolute() / "tiny" / "_model"))
-    grid_kwargs = dict(seeds=seeds, scale=args.scale, overrides=overrides,
-                       tiny_model_path=tiny_path)
+        tiny_path = str(
+            overrides.get("model.path")
+            or tiny_model(pathlib.Path(args.workdir).absolute() / "tiny" / "_model")
+        )
+    grid_kwargs = dict(
+        seeds=seeds, scale=args.scale, overrides=overrides, tiny_model_path=tiny_path
+    )
     try:
         grid = cells(table, only=[s for s in args.cells.split(",") if s], **grid_kwargs)
         dirs = cell_dirs(grid, root, **grid_kwargs)
@@ -121,13 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     estimated = sum(estimate_seconds(c.config) for c in grid)
     problems = validation_problems(grid)
     if args.dry_run:
-        print(f"table {table.name}: {len(grid)} cells, scale {args.scale}, "
-              f"estimated {estimated / 3600:.2f} h on 2 CPU cores"
-              + (" (the cost model is for CPU scale)" if args.scale != "cpu" else "")
-              + f"; stated CPU budget {table.cpu_budget_h:g} h")
+        print(
+            f"table {table.name}: {len(grid)} cells, scale {args.scale}, "
+            f"estimated {estimated / 3600:.2f} h on 2 CPU cores"
+            + (" (the cost model is for CPU scale)" if args.scale != "cpu" else "")
+            + f"; stated CPU budget {table.cpu_budget_h:g} h"
+        )
         for cell, workdir in zip(grid, dirs):
-            print(f"\n== {cell.name}  ->  {workdir}  "
-                  f"(~{estimate_seconds(cell.config) / 60:.1f} min)")
+            print(
+                f"\n== {cell.name}  ->  {workdir}  (~{estimate_seconds(cell.config) / 60:.1f} min)"
+            )
             print(cell.config.to_json_best_effort(indent=1))
         if problems:
             print("\ninvalid cells (fix before running):\n  " + "\n  ".join(problems))
@@ -136,8 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("invalid cell config(s):\n  " + "\n  ".join(problems))
 
     started_at = _git_commit()
-    shared = {c.name: f"{d.parent.name}/{d.name}" for c, d in zip(grid, dirs)
-              if d != root / table.name / c.name}
+    shared = {
+        c.name: f"{d.parent.name}/{d.name}"
+        for c, d in zip(grid, dirs)
+        if d != root / table.name / c.name
+    }
     results, measured = [], 0.0
     for i, (cell, workdir) in enumerate(zip(grid, dirs)):
         note = " (shared)" if cell.name in shared else ""
@@ -146,30 +177,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_cell(cell, workdir)
         measured += summary.get("wall_time_s", time.perf_counter() - start)
         audit_path = workdir / "server_audit.json"
-        results.append({
-            "run": cell.run, "dataset": cell.dataset, "seed": cell.seed,
-            "workdir": str(workdir), "summary": summary, "curves": read_curves(workdir),
-            "audit": json.loads(audit_path.read_text()) if audit_path.is_file() else None,
-            "config": json.loads(cell.config.to_json_best_effort()),
-            "estimated_s": estimate_seconds(cell.config),
-            "commits": cell_commits(workdir),
-        })
+        results.append(
+            {
+                "run": cell.run,
+                "dataset": cell.dataset,
+                "seed": cell.seed,
+                "workdir": str(workdir),
+                "summary": summary,
+                "curves": read_curves(workdir),
+                "audit": json.loads(audit_path.read_text()) if audit_path.is_file() else None,
+                "config": json.loads(cell.config.to_json_best_effort()),
+                "estimated_s": estimate_seconds(cell.config),
+                "commits": cell_commits(workdir),
+            }
+        )
     numbers = collect(table, results, target=args.target)
     command = "python -m experiments.tables " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    meta = {"scale": args.scale, "estimated_s": estimated, "measured_s": measured,
-            "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
-            "command": command, "cpu_budget_h": table.cpu_budget_h, "commit": started_at,
-            "shared_cells": shared,
-            "cell_commits": {c.name: r["commits"] for c, r in zip(grid, results)}}
-    out_dir = pathlib.Path(args.results_dir) if args.results_dir else {
-        "cpu": RESULTS, "full": RESULTS / "full",
-        "tiny": pathlib.Path(args.workdir) / "tiny" / "results"}[args.scale]
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    meta = {
+        "scale": args.scale,
+        "estimated_s": estimated,
+        "measured_s": measured,
+        "rounds_s": sum(sum(r["curves"]["time_s"].values()) for r in results),
+        "command": command,
+        "cpu_budget_h": table.cpu_budget_h,
+        "commit": started_at,
+        "shared_cells": shared,
+        "cell_commits": {c.name: r["commits"] for c, r in zip(grid, results)},
+    }
+    out_dir = (
+        pathlib.Path(args.results_dir)
+        if args.results_dir
+        else {
+            "cpu": RESULTS,
+            "full": RESULTS / "full",
+            "tiny": pathlib.Path(args.workdir) / "tiny" / "results",
+        }[args.scale]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{table.name}.md").write_text(render_markdown(table, numbers, meta))
-    (out_dir / f"{table.name}.json").write_text(json.dumps(_jsonable(
-        {"table": table.name, "meta": meta, "numbers": numbers, "cells": results}),
-        indent=1, allow_nan=False) + "\n")
+    (out_dir / f"{table.name}.json").write_text(
+        json.dumps(
+            _jsonable({"table": table.name, "meta": meta, "numbers": numbers, "cells": results}),
+            indent=1,
+            allow_nan=False,
+        )
+        + "\n"
+    )
     plot_curves(table, results, out_dir / f"{table.name}.png")
     print(f"wrote {out_dir / table.name}.{{md,json,png}}")
     return 0

@@ -36,15 +36,20 @@ def estimate_seconds(config: ml_collections.ConfigDict) -> float:
     elif algo in _PAIRWISE:
         rollout_tokens = c * p * config.rollout.max_new_tokens
     else:  # spear / feedback_sft: about 3 in 4 first answers are wrong and revised
-        rollout_tokens = c * p * config.rollout.max_new_tokens * (
-            1 + 0.75 * config.algorithm.max_revisions)
+        rollout_tokens = (
+            c * p * config.rollout.max_new_tokens * (1 + 0.75 * config.algorithm.max_revisions)
+        )
     rows = config.local.batch_size * (2 if algo in _PAIRWISE else 1)
     train_tokens = c * config.local.steps * rows * config.local.max_len
     forward_tokens = 0.0
     if algo == "tpaw":  # every pair scored once a round under each of N_max players
         forward_tokens = c * p * 3 * 2 * config.local.max_len * config.algorithm.n_max
-    round_s = (rollout_tokens / DECODE_TOKENS_S + train_tokens / TRAIN_TOKENS_S
-               + forward_tokens / FORWARD_TOKENS_S + ROUND_OVERHEAD_S)
+    round_s = (
+        rollout_tokens / DECODE_TOKENS_S
+        + train_tokens / TRAIN_TOKENS_S
+        + forward_tokens / FORWARD_TOKENS_S
+        + ROUND_OVERHEAD_S
+    )
     rounds, every = config.fl.rounds, config.eval.every
     # The loop evaluates round 0, every ``every``-th round and the last one.
     evals = 1 + len({r for r in range(1, rounds + 1) if r == rounds or (every and r % every == 0)})
@@ -55,4 +60,3 @@ def estimate_seconds(config: ml_collections.ConfigDict) -> float:
     else:
         eval_s = config.eval.examples * config.eval.max_new_tokens / DECODE_TOKENS_S
     return STARTUP_S + rounds * round_s + evals * eval_s
-

@@ -89,12 +89,16 @@ _MAX_LEN = {"arithmetic": 160, "gsm8k": 256, "arc_challenge": 320}
 # Train examples loaded before partitioning (0 = the whole split).
 _LIMIT = {"arithmetic": 400, "gsm8k": 800, "arc_challenge": 0}
 # (train, eval) splits: ARC's train split is hub-only, so its test file is cut in two.
-_SPLITS = {"arithmetic": ("train", "test"), "gsm8k": ("train", "test"),
-           "arc_challenge": ("test[:75%]", "test[75%:]")}
+_SPLITS = {
+    "arithmetic": ("train", "test"),
+    "gsm8k": ("train", "test"),
+    "arc_challenge": ("test[:75%]", "test[75%:]"),
+}
 
 
-def cpu_config(dataset: str, seed: int, algorithm: str = "spear", *,
-               rounds: int = 4) -> ml_collections.ConfigDict:
+def cpu_config(
+    dataset: str, seed: int, algorithm: str = "spear", *, rounds: int = 4
+) -> ml_collections.ConfigDict:
     """The shared CPU-scale cell: SmolLM2-135M-Instruct (the default asset), LoRA r8/α16,
     8 clients on a Dirichlet(α = 1) split over the task's label, 4 clients per round
     with 4 prompts each, 2 local AdamW steps of batch 4, FedAvg, evaluation every round
@@ -152,6 +156,7 @@ def _spear_run(algorithm: str) -> Callable[[str, int], ml_collections.ConfigDict
         if algorithm == "grpo":
             config.algorithm.group_size = 4
         return config
+
     return build
 
 
@@ -172,6 +177,7 @@ def _selfplay_run(algorithm: str) -> Callable[[str, int], ml_collections.ConfigD
         config.eval.max_new_tokens = _EVAL_TOKENS[dataset]
         config.log.tensorboard = False
         return config
+
     return build
 
 
@@ -182,6 +188,7 @@ def _aggregation_run(weighting: str, prune: bool):
         # A client whose reward fell below its running baseline sends nothing.
         config.fl.prune_threshold = 0.0 if prune else None
         return config
+
     return build
 
 
@@ -196,6 +203,7 @@ def _settings_run(kind: str):
             config.rollout.prompts_per_client *= CLIENTS_PER_ROUND
             config.local.steps *= CLIENTS_PER_ROUND
         return config
+
     return build
 
 
@@ -221,34 +229,46 @@ TABLES: dict[str, Table] = {
     "spear": Table(
         name="spear",
         title="SPEAR vs baselines (accuracy after the last round)",
-        runs=(Run("spear", "SPEAR", _spear_run("spear")),
-              Run("feedback_sft", "feedback-SFT", _spear_run("feedback_sft")),
-              Run("grpo", "GRPO", _spear_run("grpo")),
-              Run("sft", "gold-SFT FedAvg", _spear_run("sft"))),
-        rows=(Row("start", "starting model", "spear", 0),
-              Row("sft", "gold-SFT FedAvg", "sft"),
-              Row("feedback_sft", "feedback-SFT", "feedback_sft"),
-              Row("grpo", "GRPO", "grpo"),
-              Row("spear", "SPEAR", "spear")),
+        runs=(
+            Run("spear", "SPEAR", _spear_run("spear")),
+            Run("feedback_sft", "feedback-SFT", _spear_run("feedback_sft")),
+            Run("grpo", "GRPO", _spear_run("grpo")),
+            Run("sft", "gold-SFT FedAvg", _spear_run("sft")),
+        ),
+        rows=(
+            Row("start", "starting model", "spear", 0),
+            Row("sft", "gold-SFT FedAvg", "sft"),
+            Row("feedback_sft", "feedback-SFT", "feedback_sft"),
+            Row("grpo", "GRPO", "grpo"),
+            Row("spear", "SPEAR", "spear"),
+        ),
         datasets=("arithmetic", "gsm8k", "arc_challenge"),
         cpu_budget_h=3.9,
-        notes=("The starting model is round 0 of the SPEAR cell (same model, same "
-               "evaluation set). The offline data has no ARC train split: arc_challenge "
-               "trains on the first 75% of the ARC-Challenge test file and is evaluated on "
-               "the disjoint last 25%."),
+        notes=(
+            "The starting model is round 0 of the SPEAR cell (same model, same "
+            "evaluation set). The offline data has no ARC train split: arc_challenge "
+            "trains on the first 75% of the ARC-Challenge test file and is evaluated on "
+            "the disjoint last 25%."
+        ),
     ),
     "tpaw": Table(
         name="tpaw",
         title="SPIN vs TPAW iterations on gsm8k",
-        runs=(Run("spin", "SPIN", _selfplay_run("spin")),
-              Run("tpaw", "TPAW", _selfplay_run("tpaw"))),
-        rows=(Row("sft", "SFT start", "spin", 0),
-              *(Row(f"spin_{k}", f"SPIN iter {k}", "spin", k) for k in (1, 2, 3)),
-              *(Row(f"tpaw_{k}", f"TPAW iter {k}", "tpaw", k) for k in (1, 2, 3))),
+        runs=(
+            Run("spin", "SPIN", _selfplay_run("spin")),
+            Run("tpaw", "TPAW", _selfplay_run("tpaw")),
+        ),
+        rows=(
+            Row("sft", "SFT start", "spin", 0),
+            *(Row(f"spin_{k}", f"SPIN iter {k}", "spin", k) for k in (1, 2, 3)),
+            *(Row(f"tpaw_{k}", f"TPAW iter {k}", "tpaw", k) for k in (1, 2, 3)),
+        ),
         datasets=("gsm8k",),
         cpu_budget_h=1.9,
-        notes=("Iteration k is the global model after federated round k; the SFT start "
-               "is SmolLM2-135M-Instruct (round 0 of the SPIN cell)."),
+        notes=(
+            "Iteration k is the global model after federated round k; the SFT start "
+            "is SmolLM2-135M-Instruct (round 0 of the SPIN cell)."
+        ),
     ),
     "aggregation": Table(
         name="aggregation",
@@ -259,8 +279,10 @@ TABLES: dict[str, Table] = {
         cpu_budget_h=1.6,
         kind="aggregation",
         target_run="fedavg",
-        notes=("Claim tested: advantage weighting reaches the target about 40% faster "
-               "than FedAvg. Pruned clients send nothing; bytes are adapter bytes."),
+        notes=(
+            "Claim tested: advantage weighting reaches the target about 40% faster "
+            "than FedAvg. Pruned clients send nothing; bytes are adapter bytes."
+        ),
     ),
     "settings": Table(
         name="settings",
@@ -271,9 +293,11 @@ TABLES: dict[str, Table] = {
         cpu_budget_h=0.7,
         kind="settings",
         target_run="centralized",
-        notes=("'Raw text left a client' is measured: the server step of every cell is "
-               "wrapped and every leaf that reached it is typed; a centralized cell pools "
-               "the clients' text by construction."),
+        notes=(
+            "'Raw text left a client' is measured: the server step of every cell is "
+            "wrapped and every leaf that reached it is typed; a centralized cell pools "
+            "the clients' text by construction."
+        ),
     ),
 }
 
@@ -309,10 +333,22 @@ def tiny_model(directory: pathlib.Path) -> pathlib.Path:
     from fedsp.assets import default_model_path
     from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 
-    hf = dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=96,
-              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-              max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu",
-              bos_token_id=1, eos_token_id=2, rope_theta=1e5, tie_word_embeddings=True)
+    hf = dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+    )
     model = Transformer(ModelConfig.from_hf(hf), rngs=nnx.Rngs(0))
     return save_pretrained(model, directory, tokenizer=Tokenizer.from_gguf(default_model_path()))
 
@@ -324,7 +360,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f"--set {key}: config has no field {'.'.join(parts[:i + 1])!r}")
+                raise ValueError(f"--set {key}: config has no field {'.'.join(parts[: i + 1])!r}")
             if i < len(parts) - 1:
                 node = node[part]
         try:
@@ -393,9 +429,15 @@ def cell_dirs(grid: Sequence[Cell], root: pathlib.Path, **grid_kwargs: Any) -> l
     return [owner.get(_config_key(c.config), root / c.table / c.name) for c in grid]
 
 
-def cells(table: Table, *, seeds: Sequence[int] = DEFAULT_SEEDS, scale: str = "cpu",
-          overrides: dict[str, Any] | None = None, only: Sequence[str] = (),
-          tiny_model_path: str = "") -> list[Cell]:
+def cells(
+    table: Table,
+    *,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    scale: str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    only: Sequence[str] = (),
+    tiny_model_path: str = "",
+) -> list[Cell]:
     """Every (run, dataset, seed) cell of ``table``, with its config at ``scale``
     (``tiny`` needs ``tiny_model_path``), then ``overrides`` (dotted field → value).
 

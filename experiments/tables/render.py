@@ -47,8 +47,9 @@ def accuracy_at(curve: dict[str, float], rnd: int | None) -> float | None:
     return curve.get(str(rnd))
 
 
-def collect(table: Table, results: list[dict[str, Any]], *,
-            target: float | None = None) -> dict[str, Any]:
+def collect(
+    table: Table, results: list[dict[str, Any]], *, target: float | None = None
+) -> dict[str, Any]:
     """The table's numbers from its cells' results (dicts with ``run``, ``dataset``,
     ``seed``, ``summary``, ``curves``, ``audit``, ``config``): per-seed values and
     mean/std per (row, dataset)."""
@@ -58,25 +59,31 @@ def collect(table: Table, results: list[dict[str, Any]], *,
     for row in table.rows:
         out["rows"][row.key] = {}
         for dataset in table.datasets:
-            per_seed = {s: accuracy_at(by[(row.run, dataset, s)]["curves"]["accuracy"], row.round)
-                        for s in seeds if (row.run, dataset, s) in by}
+            per_seed = {
+                s: accuracy_at(by[(row.run, dataset, s)]["curves"]["accuracy"], row.round)
+                for s in seeds
+                if (row.run, dataset, s) in by
+            }
             mean, std, n = mean_std(list(per_seed.values()))
-            out["rows"][row.key][dataset] = {"per_seed": per_seed, "mean": mean, "std": std,
-                                             "n": n}
+            out["rows"][row.key][dataset] = {"per_seed": per_seed, "mean": mean, "std": std, "n": n}
     if table.kind in ("aggregation", "settings"):
         out["targets"] = {}
         for dataset in table.datasets:
             if target is not None:
                 goal, rule = float(target), "absolute (--target)"
             else:
-                ref = [r for r in results if r["run"] == table.target_run
-                       and r["dataset"] == dataset]
+                ref = [
+                    r for r in results if r["run"] == table.target_run and r["dataset"] == dataset
+                ]
                 start = mean_std([accuracy_at(r["curves"]["accuracy"], 0) for r in ref])[0]
                 best = mean_std([max(r["curves"]["accuracy"].values()) for r in ref])[0]
                 goal = start + table.target_fraction * (best - start)
-                rule = (f"round-0 accuracy + {table.target_fraction:g} × (best − round-0) of "
-                        f"{table.target_run}, means over seeds" if ref else
-                        f"undefined: no {table.target_run} cell ran; pass --target")
+                rule = (
+                    f"round-0 accuracy + {table.target_fraction:g} × (best − round-0) of "
+                    f"{table.target_run}, means over seeds"
+                    if ref
+                    else f"undefined: no {table.target_run} cell ran; pass --target"
+                )
             out["targets"][dataset] = {"target": goal, "rule": rule}
             for row in table.rows:
                 cell = out["rows"][row.key][dataset]
@@ -87,18 +94,21 @@ def collect(table: Table, results: list[dict[str, Any]], *,
                         continue
                     rtt = rounds_to_target(r["curves"]["accuracy"], goal)
                     reached[s] = rtt
-                    sent[s] = (None if rtt is None
-                               else bytes_until(r["curves"]["bytes_sent"], rtt))
+                    sent[s] = None if rtt is None else bytes_until(r["curves"]["bytes_sent"], rtt)
                     total_sent[s] = r["summary"]["bytes_sent"]
                     total_saved[s] = r["summary"]["bytes_saved"]
                     text[s] = raw_text_left_client(r)
-                cell.update(rounds_to_target=reached, bytes_to_target=sent,
-                            bytes_sent=total_sent, bytes_saved=total_saved,
-                            raw_text_left_client=text,
-                            rounds_to_target_stat=mean_std(list(reached.values())),
-                            bytes_sent_stat=mean_std(list(total_sent.values())),
-                            bytes_to_target_stat=mean_std(list(sent.values())),
-                            bytes_saved_stat=mean_std(list(total_saved.values())))
+                cell.update(
+                    rounds_to_target=reached,
+                    bytes_to_target=sent,
+                    bytes_sent=total_sent,
+                    bytes_saved=total_saved,
+                    raw_text_left_client=text,
+                    rounds_to_target_stat=mean_std(list(reached.values())),
+                    bytes_sent_stat=mean_std(list(total_sent.values())),
+                    bytes_to_target_stat=mean_std(list(sent.values())),
+                    bytes_saved_stat=mean_std(list(total_saved.values())),
+                )
     return out
 
 
@@ -128,61 +138,107 @@ def _fmt(stat: tuple[float, float, int], digits: int = 3, total: int | None = No
 
 def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any]) -> str:
     total = len(numbers["seeds"])
-    lines = [f"# {table.title}", "",
-             f"Scale: **{meta['scale']}**; seeds {numbers['seeds']}; mean ± sample std "
-             f"(ddof = 1) over seeds; `(k/n)`: only k of n seeds have the value.", ""]
+    lines = [
+        f"# {table.title}",
+        "",
+        f"Scale: **{meta['scale']}**; seeds {numbers['seeds']}; mean ± sample std "
+        f"(ddof = 1) over seeds; `(k/n)`: only k of n seeds have the value.",
+        "",
+    ]
     if table.kind == "accuracy":
-        lines += ["| method | " + " | ".join(table.datasets) + " |",
-                  "|---|" + "---|" * len(table.datasets)]
+        lines += [
+            "| method | " + " | ".join(table.datasets) + " |",
+            "|---|" + "---|" * len(table.datasets),
+        ]
         for row in table.rows:
-            cells_ = [_fmt((v["mean"], v["std"], v["n"]), total=total)
-                      for v in (numbers["rows"][row.key][d] for d in table.datasets)]
+            cells_ = [
+                _fmt((v["mean"], v["std"], v["n"]), total=total)
+                for v in (numbers["rows"][row.key][d] for d in table.datasets)
+            ]
             lines.append(f"| {row.label} | " + " | ".join(cells_) + " |")
     else:
         for dataset in table.datasets:
             goal = numbers["targets"][dataset]
             lines += [f"{dataset}: target accuracy {goal['target']:.3f} ({goal['rule']}).", ""]
             if table.kind == "aggregation":
-                lines += ["| method | final accuracy | rounds to target | MB sent to target "
-                          "| MB sent (all rounds) | MB not sent (pruned or empty clients) |",
-                          "|---|---|---|---|---|---|"]
+                lines += [
+                    "| method | final accuracy | rounds to target | MB sent to target "
+                    "| MB sent (all rounds) | MB not sent (pruned or empty clients) |",
+                    "|---|---|---|---|---|---|",
+                ]
             else:
-                lines += ["| setting | final accuracy | rounds to target "
-                          "| raw text left a client |", "|---|---|---|---|"]
+                lines += [
+                    "| setting | final accuracy | rounds to target | raw text left a client |",
+                    "|---|---|---|---|",
+                ]
             for row in table.rows:
                 v = numbers["rows"][row.key][dataset]
                 acc = _fmt((v["mean"], v["std"], v["n"]), total=total)
                 rtt = _fmt(v["rounds_to_target_stat"], 1, total)
                 if table.kind == "aggregation":
-                    mb = [_fmt((v[k][0] / 1e6, v[k][1] / 1e6, v[k][2]), 2, total)
-                          for k in ("bytes_to_target_stat", "bytes_sent_stat", "bytes_saved_stat")]
+                    mb = [
+                        _fmt((v[k][0] / 1e6, v[k][1] / 1e6, v[k][2]), 2, total)
+                        for k in ("bytes_to_target_stat", "bytes_sent_stat", "bytes_saved_stat")
+                    ]
                     lines.append(f"| {row.label} | {acc} | {rtt} | " + " | ".join(mb) + " |")
                 else:
                     flags = set(v["raw_text_left_client"].values())
-                    text = ("unknown" if None in flags or not flags else "yes" if flags == {True}
-                            else "no" if flags == {False} else "mixed")
+                    text = (
+                        "unknown"
+                        if None in flags or not flags
+                        else "yes"
+                        if flags == {True}
+                        else "no"
+                        if flags == {False}
+                        else "mixed"
+                    )
                     lines.append(f"| {row.label} | {acc} | {rtt} | {text} |")
             if table.kind == "aggregation":
                 lines += [_speedup(numbers["rows"], dataset), ""]
             lines.append("")
     shared = [f"{name} = {where}" for name, where in meta.get("shared_cells", {}).items()]
     commits = meta.get("cell_commits", {})
-    lines += ["", f"Notes: {table.notes}" if table.notes else "", "",
-              "## Budget", "",
-              f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h"
-              + (f" for the cells it runs itself; {len(shared)} of its cells are another "
-                 f"table's (same config, run once): {', '.join(shared)}. " if shared else ". ")
-              + (f"Cost-model estimate for all its cells: {meta['estimated_s'] / 3600:.2f} h; "
-                 if meta["scale"] == "cpu" else "")
-              + f"measured wall time of the cells in this invocation: "
-              f"{meta['measured_s'] / 3600:.2f} h (finished cells it skipped count as their "
-              f"saved summaries say)"
-              + (f"; their rounds alone, over every process that ran them: "
-                 f"{meta['rounds_s'] / 3600:.2f} h" if "rounds_s" in meta else "")
-              + (f". Table written by a process started at commit {meta['commit']}"
-                 if meta.get("commit") else "")
-              + (f"; its cells ran at {_commit_summary(commits)}." if commits else "."), "",
-              "## Command", "", "```", meta["command"], "```", ""]
+    lines += [
+        "",
+        f"Notes: {table.notes}" if table.notes else "",
+        "",
+        "## Budget",
+        "",
+        f"Stated CPU budget (2 cores, CPU scale, 3 seeds): {table.cpu_budget_h:g} h"
+        + (
+            f" for the cells it runs itself; {len(shared)} of its cells are another "
+            f"table's (same config, run once): {', '.join(shared)}. "
+            if shared
+            else ". "
+        )
+        + (
+            f"Cost-model estimate for all its cells: {meta['estimated_s'] / 3600:.2f} h; "
+            if meta["scale"] == "cpu"
+            else ""
+        )
+        + f"measured wall time of the cells in this invocation: "
+        f"{meta['measured_s'] / 3600:.2f} h (finished cells it skipped count as their "
+        f"saved summaries say)"
+        + (
+            f"; their rounds alone, over every process that ran them: "
+            f"{meta['rounds_s'] / 3600:.2f} h"
+            if "rounds_s" in meta
+            else ""
+        )
+        + (
+            f". Table written by a process started at commit {meta['commit']}"
+            if meta.get("commit")
+            else ""
+        )
+        + (f"; its cells ran at {_commit_summary(commits)}." if commits else "."),
+        "",
+        "## Command",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -190,16 +246,20 @@ def _speedup(rows: dict[str, Any], dataset: str) -> str:
     """Advantage weighting vs FedAvg in mean rounds to the target, as measured."""
     fed, adv = (rows[k][dataset]["rounds_to_target_stat"] for k in ("fedavg", "advantage"))
     if fed[2] == 0 or adv[2] == 0 or fed[0] == 0:
-        return ("Rounds to target, advantage-weighted vs FedAvg: not comparable (a run did "
-                "not reach the target, or FedAvg started at it).")
+        return (
+            "Rounds to target, advantage-weighted vs FedAvg: not comparable (a run did "
+            "not reach the target, or FedAvg started at it)."
+        )
     fewer = 1 - adv[0] / fed[0]
-    return (f"Rounds to target, advantage-weighted vs FedAvg: {adv[0]:.2f} vs {fed[0]:.2f} "
-            f"(means over the seeds that reached it): {abs(fewer):.0%} "
-            f"{'fewer' if fewer >= 0 else 'more'} rounds (the claim: about 40% fewer).")
+    return (
+        f"Rounds to target, advantage-weighted vs FedAvg: {adv[0]:.2f} vs {fed[0]:.2f} "
+        f"(means over the seeds that reached it): {abs(fewer):.0%} "
+        f"{'fewer' if fewer >= 0 else 'more'} rounds (the claim: about 40% fewer)."
+    )
 
 
 def _commit_summary(cell_commits: dict[str, list[str]]) -> str:
-    """"commit X (all 6 cells)" or "commits X (4 cells), Y (2 cells), unrecorded (1 cell)":
+    """ "commit X (all 6 cells)" or "commits X (4 cells), Y (2 cells), unrecorded (1 cell)":
     how many cells ran (in part) at each commit; a cell resumed across commits counts
     under each."""
     counts: dict[str, int] = {}
@@ -207,11 +267,13 @@ def _commit_summary(cell_commits: dict[str, list[str]]) -> str:
         for commit in dict.fromkeys(commits or ["unrecorded"]):
             counts[commit] = counts.get(commit, 0) + 1
     if len(counts) == 1:
-        (commit, n), = counts.items()
-        return f"commit {commit} (all {n} cells)" if commit != "unrecorded" else \
-            f"commits that were not recorded (all {n} cells)"
-    return "commits " + ", ".join(
-        f"{c} ({n} cell{'s' * (n != 1)})" for c, n in counts.items())
+        ((commit, n),) = counts.items()
+        return (
+            f"commit {commit} (all {n} cells)"
+            if commit != "unrecorded"
+            else f"commits that were not recorded (all {n} cells)"
+        )
+    return "commits " + ", ".join(f"{c} ({n} cell{'s' * (n != 1)})" for c, n in counts.items())
 
 
 # --------------------------------------------------------------------------- plot
@@ -231,8 +293,7 @@ def plot_curves(table: Table, results: list[dict[str, Any]], path: pathlib.Path)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (dataset, x_axis) in zip(axes[0], panels):
         for run in table.runs:
-            runs = [r["curves"] for r in results
-                    if r["run"] == run.key and r["dataset"] == dataset]
+            runs = [r["curves"] for r in results if r["run"] == run.key and r["dataset"] == dataset]
             if not runs:
                 continue
             rounds = sorted({int(k) for c in runs for k in c["accuracy"]})
@@ -241,8 +302,12 @@ def plot_curves(table: Table, results: list[dict[str, Any]], path: pathlib.Path)
             std = np.nan_to_num(np.array([s[1] for s in stats]))
             x = np.asarray(rounds, np.float64)
             if x_axis == "MB sent":
-                x = np.array([np.mean([bytes_until(c["bytes_sent"], k) for c in runs])
-                              for k in rounds]) / 1e6
+                x = (
+                    np.array(
+                        [np.mean([bytes_until(c["bytes_sent"], k) for c in runs]) for k in rounds]
+                    )
+                    / 1e6
+                )
             ax.plot(x, mean, marker="o", label=run.label)
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
         ax.set_title(dataset)

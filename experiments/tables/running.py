@@ -38,10 +38,16 @@ def _git_commit() -> str | None:
 
     here = pathlib.Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, check=True).stdout
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty.strip() else "")
@@ -105,14 +111,18 @@ class ServerAudit:
         for leaf in jax.tree.leaves(inputs):
             name = type(leaf).__name__
             self.leaf_types[name] = self.leaf_types.get(name, 0) + 1
-            if isinstance(leaf, (str, bytes)) or not hasattr(leaf, "dtype") and not isinstance(
-                    leaf, (int, float)):
+            if isinstance(leaf, (str, bytes)) or (
+                not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float))
+            ):
                 self.text_leaves += 1
 
     def merge(self, path: pathlib.Path) -> dict[str, Any]:
         """Adds this audit to the one saved at ``path`` (a resumed cell) and saves it."""
-        saved = json.loads(path.read_text()) if path.is_file() else {
-            "server_calls": 0, "leaf_types": {}, "text_leaves": 0}
+        saved = (
+            json.loads(path.read_text())
+            if path.is_file()
+            else {"server_calls": 0, "leaf_types": {}, "text_leaves": 0}
+        )
         saved["server_calls"] += self.calls
         saved["text_leaves"] += self.text_leaves
         for k, v in self.leaf_types.items():
@@ -144,8 +154,10 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
         want = json.loads(cell.config.to_json_best_effort())
         changed = _diff(_comparable(saved), _comparable(want))
         if changed:
-            raise ValueError(f"{workdir} finished with a different config (fields {changed}); "
-                             "use another --workdir or delete the cell")
+            raise ValueError(
+                f"{workdir} finished with a different config (fields {changed}); "
+                "use another --workdir or delete the cell"
+            )
         return json.loads(summary_path.read_text())
     import fedsp
 

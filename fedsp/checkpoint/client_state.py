@@ -30,13 +30,15 @@ __all__ = ["client_state_path", "load_client_state", "prune_client_state", "save
 _NAME_RE = re.compile(r"round_(\d+)\.npz")
 
 
-def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:  # noqa: A002
+def client_state_path(directory: os.PathLike | str, round: int) -> pathlib.Path:
     """``<directory>/round_<round:06d>.npz``."""
     return pathlib.Path(directory) / f"round_{int(round):06d}.npz"
 
 
 def save_client_state(
-    directory: os.PathLike | str, round: int, arrays: Mapping[str, np.ndarray]  # noqa: A002
+    directory: os.PathLike | str,
+    round: int,
+    arrays: Mapping[str, np.ndarray],
 ) -> pathlib.Path:
     """Writes ``arrays`` as round ``round``'s client state (replacing an older file).
 
@@ -56,12 +58,14 @@ def save_client_state(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        # numpy's stub: keyword arrays could bind savez's allow_pickle flag (a key named
+        # "allow_pickle" would), so a str-keyed dict is not accepted.
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     return path
 
 
-def load_client_state(directory: os.PathLike | str, round: int) -> dict[str, np.ndarray]:  # noqa: A002
+def load_client_state(directory: os.PathLike | str, round: int) -> dict[str, np.ndarray]:
     """Round ``round``'s client state.
 
     Raises:

@@ -63,7 +63,7 @@ _INDEX = "index.json"
 _ENTRY_RE = re.compile(r"round_(\d+)")
 
 
-def _entry_name(round: int) -> str:  # noqa: A002 - the papers' word
+def _entry_name(round: int) -> str:  # `round` (shadowing the builtin) is the papers' word
     return f"round_{round:06d}"
 
 
@@ -169,17 +169,14 @@ class PlayerPool:
 
     def __repr__(self) -> str:
         where = None if self.directory is None else str(self.directory)
-        return (
-            f"PlayerPool({where!r}, max_players={self._max_players}, "
-            f"rounds={list(self.rounds)})"
-        )
+        return f"PlayerPool({where!r}, max_players={self._max_players}, rounds={list(self.rounds)})"
 
     # ------------------------------------------------------------------ index I/O
 
-    def _path(self, round: int) -> epath.Path | None:  # noqa: A002
+    def _path(self, round: int) -> epath.Path | None:
         return None if self._memory is not None else self._directory / _entry_name(round)
 
-    def _entry(self, round: int, score: Any, metadata: Any) -> PoolEntry:  # noqa: A002
+    def _entry(self, round: int, score: Any, metadata: Any) -> PoolEntry:
         return PoolEntry(
             round=int(round),
             score=None if score is None else float(score),
@@ -251,7 +248,7 @@ class PlayerPool:
     def push(
         self,
         adapters: PyTree,
-        round: int,  # noqa: A002
+        round: int,
         score: float | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> PoolEntry:
@@ -287,14 +284,15 @@ class PlayerPool:
         entry = self._entry(round_, score, metadata)
         if self._memory is not None:
             self._memory[round_] = jax.tree.map(lambda x: x, adapters)
-            self._entries = (self._entries + [entry])[-self._max_players :]
-            keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped):])
+            self._entries = [*self._entries, entry][-self._max_players :]
+            keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped) :])
             self._memory = {r: a for r, a in self._memory.items() if r in keep}
             return entry
         for stale_round, path in self._entry_dirs().items():
             # Written by a push whose round was never committed to the index.
             if stale_round >= round_:
                 path.rmtree()
+        assert entry.path is not None  # a pool with a directory gives every entry a path
         try:
             save_tree(
                 entry.path,
@@ -303,12 +301,12 @@ class PlayerPool:
             )
         except ValueError as e:
             raise ValueError(f"cannot push round {round_}: {e}") from e
-        self._entries = (self._entries + [entry])[-self._max_players :]
+        self._entries = [*self._entries, entry][-self._max_players :]
         self._write_index()
         self._collect_garbage()
         return entry
 
-    def drop(self, round: int) -> None:  # noqa: A002
+    def drop(self, round: int) -> None:
         """Removes round ``round``'s player; its files (if any) move to ``round_N.corrupt``."""
         if round not in self.rounds:
             raise ValueError(
@@ -350,7 +348,8 @@ class PlayerPool:
         if self._memory is not None:
             if entry.round not in self._memory:
                 raise CorruptCheckpointError(
-                    f"player pool entry for round {entry.round}: not in this in-memory pool")
+                    f"player pool entry for round {entry.round}: not in this in-memory pool"
+                )
             return self._memory[entry.round]
         try:
             adapters, _ = load_tree(entry.path, template)
@@ -426,8 +425,10 @@ class PlayerPool:
                 f"got {state!r}"
             )
         if directory is None:
-            raise ValueError("an in-memory pool holds its players only while it lives; "
-                             "restoring one from a state dict needs its directory")
+            raise ValueError(
+                "an in-memory pool holds its players only while it lives; "
+                "restoring one from a state dict needs its directory"
+            )
         pool = cls(directory, state["max_players"], keep_dropped=keep_dropped)
         try:
             entries = [
@@ -449,7 +450,7 @@ class PlayerPool:
 def with_adapters(
     model: nnx.Module,
     adapters: PyTree,
-    filter: Any = nnx.LoRAParam,  # noqa: A002 - nnx's own name for it
+    filter: Any = nnx.LoRAParam,  # `filter` (shadowing the builtin) is nnx's own name for it
 ) -> nnx.Module:
     """A new module: ``model``'s frozen base with ``adapters`` in place of its own.
 
@@ -464,7 +465,8 @@ def with_adapters(
     Raises:
       ValueError: if ``adapters`` does not have the shapes of ``model``'s adapters.
     """
-    graphdef, current, base = nnx.split(model, filter, ...)
+    # flax types split() with two filters as (GraphDef, State, *States): two states here.
+    graphdef, current, base = nnx.split(model, filter, ...)  # type: ignore[misc]
     if not isinstance(adapters, nnx.State):
         pure = adapters
         adapters = jax.tree.map(lambda v: v, current)

@@ -200,7 +200,7 @@ class RunCheckpointer:
         latest = self._checkpointer.latest
         return None if latest is None else latest.step
 
-    def path(self, round: int) -> epath.Path:  # noqa: A002 - the papers' word
+    def path(self, round: int) -> epath.Path:  # `round` (shadowing the builtin) is the papers' word
         """The directory of round ``round``'s checkpoint."""
         return self.directory / str(round)
 
@@ -242,7 +242,7 @@ class RunCheckpointer:
     def _loader(self, step: int) -> Loader:
         return lambda abstract: self._checkpointer.load_checkpointables(step, abstract)
 
-    def restore(self, template: RoundState, round: int | None = None) -> RoundState:  # noqa: A002
+    def restore(self, template: RoundState, round: int | None = None) -> RoundState:
         """Restores round ``round`` (default: the newest) into the structure of ``template``.
 
         Args:

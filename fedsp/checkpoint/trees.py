@@ -66,7 +66,6 @@ def to_json(value: Any, name: str) -> JsonValue:
     )
 
 
-
 # --------------------------------------------------------------------------- tree codec
 
 
@@ -221,7 +220,7 @@ def read_meta(load: Loader, where: str) -> dict[str, Any]:
     """The JSON side of a step (raises `CorruptCheckpointError` naming ``where``)."""
     try:
         body = load({_META: None})[_META]
-    except Exception as e:  # noqa: BLE001 - any failure to read means a damaged step
+    except Exception as e:  # any failure to read means a damaged step
         raise CorruptCheckpointError(f"{where} is corrupt or incomplete: {_root_cause(e)}") from e
     if not isinstance(body, dict) or body.get("format") != _FORMAT or "signature" not in body:
         raise CorruptCheckpointError(
@@ -239,7 +238,7 @@ def read_tree(load: Loader, where: str, template: PyTree, body: Mapping[str, Any
         return _decode(template, encoded)
     try:
         restored = load({_TREE: abstract})[_TREE]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CorruptCheckpointError(f"{where} is corrupt or incomplete: {_root_cause(e)}") from e
     return _decode(template, restored)
 
@@ -253,12 +252,12 @@ def save_tree(
       ValueError: if ``path`` exists, a leaf has an unsupported type, or ``meta`` is not
         JSON-serializable.
     """
-    path = epath.Path(path)
-    if path.exists():
-        raise ValueError(f"path {path} already exists")
+    directory = epath.Path(path)
+    if directory.exists():
+        raise ValueError(f"path {directory} already exists")
     items = checkpointables(tree, meta)
     with orbax_context():
-        ocp.save_checkpointables(path, items)
+        ocp.save_checkpointables(directory, items)
 
 
 def load_tree(path: os.PathLike | str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
@@ -272,14 +271,14 @@ def load_tree(path: os.PathLike | str, template: PyTree) -> tuple[PyTree, dict[s
       CorruptCheckpointError: if ``path`` is missing or its files cannot be read.
       ValueError: if ``template`` does not match the saved leaves (named in the message).
     """
-    path = epath.Path(path)
-    where = f"checkpoint {path}"
-    if not path.exists():
+    directory = epath.Path(path)
+    where = f"checkpoint {directory}"
+    if not directory.exists():
         raise CorruptCheckpointError(f"{where} is missing")
 
     def load(abstract_checkpointables: dict[str, Any]) -> dict[str, Any]:
         with orbax_context():
-            return ocp.load_checkpointables(path, abstract_checkpointables)
+            return ocp.load_checkpointables(directory, abstract_checkpointables)
 
     body = read_meta(load, where)
     return read_tree(load, where, template, body), body["meta"]
@@ -287,21 +286,21 @@ def load_tree(path: os.PathLike | str, template: PyTree) -> tuple[PyTree, dict[s
 
 def load_meta(path: os.PathLike | str) -> dict[str, Any]:
     """The JSON meta of a `save_tree` checkpoint, without reading its arrays."""
-    path = epath.Path(path)
-    where = f"checkpoint {path}"
-    if not path.exists():
+    directory = epath.Path(path)
+    where = f"checkpoint {directory}"
+    if not directory.exists():
         raise CorruptCheckpointError(f"{where} is missing")
     with orbax_context():
-        return read_meta(lambda a: ocp.load_checkpointables(path, a), where)["meta"]
+        return read_meta(lambda a: ocp.load_checkpointables(directory, a), where)["meta"]
 
 
 def quarantine(path: os.PathLike | str) -> epath.Path:
     """Renames a damaged checkpoint to ``<name>.corrupt[.N]`` so listings skip it."""
-    path = epath.Path(path)
-    target = path.parent / f"{path.name}.corrupt"
+    directory = epath.Path(path)
+    target = directory.parent / f"{directory.name}.corrupt"
     n = 0
     while target.exists():
         n += 1
-        target = path.parent / f"{path.name}.corrupt.{n}"
-    path.rename(target)
+        target = directory.parent / f"{directory.name}.corrupt.{n}"
+    directory.rename(target)
     return target

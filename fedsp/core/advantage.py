@@ -43,9 +43,7 @@ def advantages(rewards: jax.Array, baseline: jax.Array | float) -> jax.Array:
     return checks.upcast_float(rewards) - checks.upcast_float(baseline)
 
 
-def group_advantages(
-    rewards: jax.Array, normalize: bool = True, eps: float = 1e-6
-) -> jax.Array:
+def group_advantages(rewards: jax.Array, normalize: bool = True, eps: float = 1e-6) -> jax.Array:
     """GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, §4.1.2).
 
     With G samples per prompt, Â_{b,g} = (r_{b,g} − mean_g r_b) / (std_g r_b + eps) when
@@ -86,9 +84,7 @@ def group_advantages(
     return centered / (std + eps)
 
 
-def ema_baseline(
-    prev: jax.Array | float | None, rewards: jax.Array, decay: float
-) -> jax.Array:
+def ema_baseline(prev: jax.Array | float | None, rewards: jax.Array, decay: float) -> jax.Array:
     """Exponential moving average of the mean reward: b ← decay·b + (1 − decay)·mean(r).
 
     First round: pass ``prev=None`` and the baseline starts at mean(rewards) (no bias

@@ -75,7 +75,9 @@ def _check_stacked_like(server_params: PyTree, client_params: PyTree) -> int:
     """Checks client_params = server_params with a leading [C] on every leaf; returns C."""
     server_def = jax.tree.structure(server_params)
     client_def = jax.tree.structure(client_params)
-    if server_def != client_def:
+    # jax annotates structure() with jaxlib's PyTreeDef, a C-extension type without stubs
+    # that mypy cannot resolve.
+    if server_def != client_def:  # type: ignore[operator]
         raise ValueError(
             "client_params must have the tree structure of server_params, got "
             f"{client_def} and {server_def}"

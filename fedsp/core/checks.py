@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 
@@ -93,8 +93,11 @@ def check_interval(
     """
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
+    # numbers.Real declares only < and <= (its stubs too); every concrete real type also
+    # has > and >=, which the upper bound needs.
+    number = cast(float, value)
+    bad_low = low is not None and (number <= low if low_open else number < low)
+    bad_high = high is not None and (number >= high if high_open else number > high)
     if bad_low or bad_high:
         lo = "-inf" if low is None else str(low)
         hi = "inf" if high is None else str(high)

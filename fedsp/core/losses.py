@@ -52,9 +52,7 @@ def _pair_mask(mask: jax.Array | None, batch: int) -> jax.Array:
     return checks.as_bool_mask("mask", mask)
 
 
-def _check_token_inputs(
-    logps_name: str, logps: jax.Array, mask_name: str, mask: jax.Array
-) -> None:
+def _check_token_inputs(logps_name: str, logps: jax.Array, mask_name: str, mask: jax.Array) -> None:
     checks.check_rank(logps_name, logps, 2, "B, T")
     checks.check_shape(mask_name, mask, "B, T", jnp.shape(logps))
 

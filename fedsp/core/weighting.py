@@ -32,9 +32,7 @@ SPEAR_CONFIDENCE_REVISED = 1.0
 SPEAR_CONFIDENCE_UNREVISED = 0.5
 
 
-def implicit_rewards(
-    policy_logps: jax.Array, player_logps: jax.Array, lam: float
-) -> jax.Array:
+def implicit_rewards(policy_logps: jax.Array, player_logps: jax.Array, lam: float) -> jax.Array:
     """TPAW/SPIN implicit rewards P_j(y) = lam·(log π_θ(y|x) − log π_j(y|x)).
 
     Args:
@@ -78,8 +76,8 @@ def response_weights(pos_rewards: jax.Array, eta: float) -> jax.Array:
     """
     checks.check_rank("pos_rewards", pos_rewards, 2, "J, B")
     pos_rewards = jax.lax.stop_gradient(checks.upcast_float(pos_rewards))
-    eta = jax.lax.stop_gradient(jnp.asarray(eta, pos_rewards.dtype))
-    return jnp.where(pos_rewards <= 0.0, eta, jnp.ones_like(pos_rewards))
+    eta_array = jax.lax.stop_gradient(jnp.asarray(eta, pos_rewards.dtype))
+    return jnp.where(pos_rewards <= 0.0, eta_array, jnp.ones_like(pos_rewards))
 
 
 def player_weights(margins: jax.Array, gamma: float, player_mask: jax.Array) -> jax.Array:
@@ -107,8 +105,8 @@ def player_weights(margins: jax.Array, gamma: float, player_mask: jax.Array) -> 
     checks.check_shape("player_mask", player_mask, "J", (num_players,))
     valid = checks.as_bool_mask("player_mask", player_mask)[:, None]
     margins = jax.lax.stop_gradient(checks.upcast_float(margins))
-    gamma = jax.lax.stop_gradient(jnp.asarray(gamma, margins.dtype))
-    logits = jnp.where(valid, -gamma * margins, -jnp.inf)
+    gamma_array = jax.lax.stop_gradient(jnp.asarray(gamma, margins.dtype))
+    logits = jnp.where(valid, -gamma_array * margins, -jnp.inf)
     shift = jnp.max(logits, axis=0, keepdims=True)
     # All players masked: the max is -inf, and exp(-inf - -inf) would be NaN.
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)

@@ -20,7 +20,7 @@ import numpy as np
 from fedsp.data.base import Example, Task, register_task
 from fedsp.data.numeric import NumericAnswers
 
-__all__ = ["Arithmetic", "OPERATIONS"]
+__all__ = ["OPERATIONS", "Arithmetic"]
 
 # name -> (symbol shown to the model, function)
 OPERATIONS = {"add": ("+", operator.add), "sub": ("-", operator.sub), "mul": ("*", operator.mul)}
@@ -83,7 +83,7 @@ class Arithmetic(NumericAnswers, Task):
         self.digits = {
             op: _digit_pair(op, digits.get(op, _DEFAULT_DIGITS[op])) for op in operations
         }
-        mix = dict(mix) if mix is not None else {op: 1.0 for op in operations}
+        mix = dict(mix) if mix is not None else dict.fromkeys(operations, 1.0)
         if (
             set(mix) != set(operations)
             or any(not np.isfinite(w) or w < 0 for w in mix.values())

@@ -215,8 +215,7 @@ class Task(abc.ABC):
     def _check_load_args(self, split: str, limit: int | None) -> None:
         if not isinstance(split, str) or not self.has_split(split):
             raise ValueError(
-                f"split must be one of {self.splits_help()} for task {self.name!r}, "
-                f"got {split!r}"
+                f"split must be one of {self.splits_help()} for task {self.name!r}, got {split!r}"
             )
         _check_limit(limit)
 

@@ -13,7 +13,7 @@ Answers are compared after a light LaTeX normalisation, or as numbers when both 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsp.data import answers, sources
 from fedsp.data.base import Example, FileTask, register_task
@@ -57,7 +57,7 @@ class MATH(FileTask):
     """
 
     splits = ("train", "test", "math500")
-    files = {
+    files: ClassVar[Mapping[str, str]] = {
         "train": "math/train.jsonl",
         "test": "math/test.jsonl",
         "math500": "math/math500_test.jsonl",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsp.data import answers, sources
 from fedsp.data.base import Example, FileTask, register_task
@@ -34,7 +34,7 @@ class GSM8K(NumericAnswers, FileTask):
     """
 
     splits = ("train", "test")
-    files = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+    files: ClassVar[Mapping[str, str]] = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
     hub_name = "openai/gsm8k (config main)"
     description = "Solve the math word problem step by step."
     generic_hint = "Re-read the question and re-check each step of your calculation."
@@ -61,7 +61,7 @@ class GSM8K(NumericAnswers, FileTask):
             question=record["question"],
             answer=gold_text,
             label=str(len(lines)),
-            gold_response="\n".join(lines + [f"Answer: {gold_text}"]),
+            gold_response="\n".join([*lines, f"Answer: {gold_text}"]),
             meta={
                 "solution": solution,
                 "steps": tuple(

@@ -157,7 +157,7 @@ class ArcChallenge(MultipleChoiceTask):
     """
 
     splits = ("train", "validation", "test")
-    files = {"test": "arc_challenge/ARC-Challenge-Test.jsonl"}
+    files: ClassVar[Mapping[str, str]] = {"test": "arc_challenge/ARC-Challenge-Test.jsonl"}
     hub_name = "allenai/ai2_arc (config ARC-Challenge)"
     description = "Answer the science question by choosing the correct option."
 
@@ -200,7 +200,7 @@ class HellaSwag(MultipleChoiceTask):
     """
 
     splits = ("train", "validation")
-    files = {"validation": "hellaswag/hellaswag_val.jsonl"}
+    files: ClassVar[Mapping[str, str]] = {"validation": "hellaswag/hellaswag_val.jsonl"}
     hub_name = "Rowan/hellaswag"
     description = "Choose the ending that best completes the text."
     options_heading = "Endings"

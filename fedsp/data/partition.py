@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 __all__ = ["dirichlet_partition", "iid_partition", "key_partition", "sample_clients"]
+
+
+class _Label(Hashable, Protocol):
+    """A `key_partition` label: hashable and ordered (e.g. a str)."""
+
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+_LabelT = TypeVar("_LabelT", bound=_Label)
 
 
 def iid_partition(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -85,7 +95,7 @@ def dirichlet_partition(
     return [np.sort(part).astype(np.int64) for part in _top_up(parts, min_size, rng)]
 
 
-def key_partition(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
+def key_partition(labels: Sequence[_LabelT]) -> dict[_LabelT, np.ndarray]:
     """One client per distinct label (e.g. one client per subject).
 
     Returns:
@@ -97,13 +107,13 @@ def key_partition(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
     """
     if len(labels) == 0:
         raise ValueError("labels is empty: key_partition needs at least one example")
-    groups: dict[Hashable, list[int]] = {}
+    groups: dict[_LabelT, list[int]] = {}
     for i, label in enumerate(labels):
         groups.setdefault(label, []).append(i)
     return {key: np.asarray(groups[key], dtype=np.int64) for key in sorted(groups)}
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:  # noqa: A002
+def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:
     """The clients taking part in round ``round``: ``per_round`` distinct ids, sorted.
 
     A function of ``(seed, round)`` alone (a `numpy.random.SeedSequence` over both), so a
@@ -146,12 +156,12 @@ def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) ->
     Terminates because the caller checked ``num_clients * min_size <= n``: while a client
     is short, the largest has more than ``min_size``.
     """
-    parts = [list(part) for part in parts]
-    for client in range(len(parts)):
-        while len(parts[client]) < min_size:
-            donor = max(range(len(parts)), key=lambda c: len(parts[c]))
-            parts[client].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
-    return [np.asarray(part, dtype=np.int64) for part in parts]
+    members = [list(part) for part in parts]
+    for client in range(len(members)):
+        while len(members[client]) < min_size:
+            donor = max(range(len(members)), key=lambda c: len(members[c]))
+            members[client].append(members[donor].pop(int(rng.integers(len(members[donor])))))
+    return [np.asarray(part, dtype=np.int64) for part in members]
 
 
 def _check_num_clients(num_clients: int, n: int, min_size: int) -> None:

@@ -40,7 +40,8 @@ def sft_pairs(task: Task, examples: Sequence[Example]) -> list[tuple[list[Messag
             f"{missing[0]!r}); SFT/SPIN/TPAW need (prompt, gold response) pairs such as "
             f"get_task('gsm8k').load('train')"
         )
-    return [(task.messages(ex), ex.gold_response) for ex in examples]
+    # Every example has a gold_response (checked above); the filter narrows its type.
+    return [(task.messages(ex), ex.gold_response) for ex in examples if ex.gold_response]
 
 
 def load_chat_prompts(

@@ -141,7 +141,7 @@ def load_records(
 
 def _import_datasets() -> Any:
     try:
-        import datasets  # noqa: PLC0415  (optional extra, imported on use)
+        import datasets  # optional extra, imported on use
     except ImportError as err:
         raise ImportError(
             "reading benchmarks from the Hugging Face hub needs the `datasets` "

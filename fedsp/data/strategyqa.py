@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsp.data import answers, sources
 from fedsp.data.base import Example, FileTask, register_task, stable_rng
@@ -57,7 +57,10 @@ class StrategyQA(FileTask):
     """
 
     splits = ("train", "dev")
-    files = {"train": "strategyqa/train.json", "dev": "strategyqa/dev.json"}
+    files: ClassVar[Mapping[str, str]] = {
+        "train": "strategyqa/train.json",
+        "dev": "strategyqa/dev.json",
+    }
     hub_name = f"github.com/eladsegal/strategyqa@{_COMMIT[:8]} (via datasets.DownloadManager)"
     description = "Answer the yes/no question. Think it through briefly first."
     format_reminder = "End your reply with 'Answer: yes' or 'Answer: no'."

@@ -14,7 +14,7 @@ UltraChat run on another task (``eval.task``, e.g. arc_challenge as SPIN/TPAW re
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsp.data import sources
 from fedsp.data.base import Example, FileTask, Message, register_task
@@ -27,7 +27,7 @@ class UltraChat(FileTask):
     """First turns of UltraChat 200k dialogues; label: the dialogue's number of turns."""
 
     splits = ("train_sft", "test_sft")
-    files: Mapping[str, str] = {}
+    files: ClassVar[Mapping[str, str]] = {}
     hub_name = "HuggingFaceH4/ultrachat_200k"
     description = "Reply to the user helpfully."
     format_reminder = ""

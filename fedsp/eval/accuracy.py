@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,10 @@ from flax import nnx
 
 from fedsp.core.logprobs import token_logprobs
 from fedsp.data.base import Example, Task
-from fedsp.model.sampling import bucket_length, generate
+from fedsp.model.sampling import SampleOutput, bucket_length, generate
 from fedsp.model.tokenizer import Tokenizer
 
-__all__ = ["evaluate", "generation_accuracy", "loglik_accuracy", "EVAL_MODES"]
+__all__ = ["EVAL_MODES", "evaluate", "generation_accuracy", "loglik_accuracy"]
 
 EVAL_MODES = ("loglik", "generate")
 
@@ -80,16 +81,31 @@ def generation_accuracy(
     for chunk, real in _batches(list(examples), batch_size):
         prompts = tokenizer.apply_chat_template([task.messages(ex) for ex in chunk])
         ids, mask = tokenizer.encode_batch(prompts)
-        out = generate(graphdef, tuple(states), ids, mask, max_new_tokens=max_new_tokens,
-                       temperature=0.0, eos_ids=tokenizer.eos_token_ids,
-                       pad_id=tokenizer.pad_token_id)
+        # Without return_cache `generate` returns the SampleOutput alone (it has no overloads).
+        out = cast(
+            SampleOutput,
+            generate(
+                graphdef,
+                tuple(states),
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                eos_ids=tokenizer.eos_token_ids,
+                pad_id=tokenizer.pad_token_id,
+            ),
+        )
         lengths = np.asarray(out.lengths)[:real]
         texts = tokenizer.batch_decode(np.asarray(out.tokens)[:real])
         correct += sum(task.is_correct(text, ex) for text, ex in zip(texts, chunk[:real]))
         tokens += int(lengths.sum())
     total = len(examples)
-    return {"accuracy": correct / total, "correct": float(correct), "total": float(total),
-            "mean_reply_tokens": tokens / total}
+    return {
+        "accuracy": correct / total,
+        "correct": float(correct),
+        "total": float(total),
+        "mean_reply_tokens": tokens / total,
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -159,8 +175,11 @@ def loglik_accuracy(
             ids[r, : len(row_ids)] = row_ids
             attention[r, : len(row_ids)] = 1
             target[r, start : len(row_ids)] = 1
-        scores.append(np.asarray(_continuation_logprobs(graphdef, tuple(states), ids, attention,
-                                                        target))[:real])
+        scores.append(
+            np.asarray(_continuation_logprobs(graphdef, tuple(states), ids, attention, target))[
+                :real
+            ]
+        )
     flat = np.concatenate(scores)
     owners_arr, lengths = np.asarray(owners), np.asarray(char_lengths, np.float64)
     correct = correct_norm = 0
@@ -169,8 +188,12 @@ def loglik_accuracy(
         correct += int(np.argmax(flat[rows_of]) == gold)
         correct_norm += int(np.argmax(flat[rows_of] / lengths[rows_of]) == gold)
     total = len(examples)
-    return {"accuracy": correct / total, "acc_norm": correct_norm / total,
-            "correct": float(correct), "total": float(total)}
+    return {
+        "accuracy": correct / total,
+        "acc_norm": correct_norm / total,
+        "correct": float(correct),
+        "total": float(total),
+    }
 
 
 def evaluate(
@@ -194,5 +217,12 @@ def evaluate(
         raise ValueError(f"multiple_choice must be one of {EVAL_MODES}, got {multiple_choice!r}")
     if multiple_choice == "loglik" and examples and examples[0].choices:
         return loglik_accuracy(graphdef, states, tokenizer, task, examples, batch_size=batch_size)
-    return generation_accuracy(graphdef, states, tokenizer, task, examples,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return generation_accuracy(
+        graphdef,
+        states,
+        tokenizer,
+        task,
+        examples,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )

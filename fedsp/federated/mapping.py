@@ -22,6 +22,7 @@ or a closure; positional arguments must be pytrees of arrays.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh((size,), (CLIENTS_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _normalize_in_axes(in_axes: InAxes) -> int | None | Axes:
+def _normalize_in_axes(in_axes: InAxes) -> int | Axes | None:
     entries = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,)
     for axis in entries:
         if axis is not None and (isinstance(axis, bool) or axis != 0):
@@ -58,10 +59,14 @@ def _normalize_in_axes(in_axes: InAxes) -> int | None | Axes:
                 f"in_axes entries must be 0 (stacked over clients) or None (frozen, "
                 f"broadcast), got in_axes={in_axes!r}"
             )
-    return tuple(in_axes) if isinstance(in_axes, (tuple, list)) else in_axes
+    if isinstance(in_axes, (tuple, list)):
+        return tuple(in_axes)
+    # Any other sequence (a str, a range) failed the entry check above.
+    assert not isinstance(in_axes, Sequence)
+    return in_axes
 
 
-def _axes_for(in_axes: int | None | Axes, num_args: int) -> Axes:
+def _axes_for(in_axes: int | Axes | None, num_args: int) -> Axes:
     if not isinstance(in_axes, tuple):
         axes = (in_axes,) * num_args
     elif len(in_axes) != num_args:
@@ -119,7 +124,7 @@ def _under_transformation(args: tuple[Any, ...]) -> bool:
 
 
 def _vmap_backend(
-    fn: Callable[..., Any], mesh: jax.sharding.Mesh, in_axes: int | None | Axes
+    fn: Callable[..., Any], mesh: jax.sharding.Mesh, in_axes: int | Axes | None
 ) -> Callable[..., Any]:
     @functools.cache
     def program_for(num_clients: int, axes: Axes) -> Callable[..., Any]:
@@ -149,7 +154,7 @@ def _vmap_backend(
     return mapped
 
 
-def _pmap_backend(fn: Callable[..., Any], in_axes: int | None | Axes) -> Callable[..., Any]:
+def _pmap_backend(fn: Callable[..., Any], in_axes: int | Axes | None) -> Callable[..., Any]:
     @functools.cache
     def pmapped_for(axes: Axes) -> Callable[..., Any]:
         # Clients form [devices, clients per device]: pmap over the first axis, vmap over
@@ -182,14 +187,14 @@ def _pmap_backend(fn: Callable[..., Any], in_axes: int | None | Axes) -> Callabl
     return mapped
 
 
-def _loop_backend(fn: Callable[..., Any], in_axes: int | None | Axes) -> Callable[..., Any]:
+def _loop_backend(fn: Callable[..., Any], in_axes: int | Axes | None) -> Callable[..., Any]:
     def mapped(*args: Any) -> Any:
         axes = _axes_for(in_axes, len(args))
         num_clients = _num_clients(args, axes)
         outputs = []
         for client in range(num_clients):
             sliced = [
-                jax.tree.map(lambda x: x[client], a) if axis == 0 else a
+                jax.tree.map(operator.itemgetter(client), a) if axis == 0 else a
                 for a, axis in zip(args, axes)
             ]
             outputs.append(fn(*sliced))

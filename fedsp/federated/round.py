@@ -54,7 +54,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
 from fedsp.core.aggregation import server_optimizer
 from fedsp.eval import evaluate as evaluate_examples
 from fedsp.federated.server import server_step
-from fedsp.selfplay.base import Algorithm, Policy, RoundContext
+from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
 
 __all__ = [
     "ClientUploads",
@@ -107,8 +107,9 @@ class ClientUploads:
 
 
 # (θ_r, opt_state, uploads) -> (θ_{r+1}, opt_state', diagnostics with SERVER_DIAGNOSTICS).
-ServerStep = Callable[[PyTree, optax.OptState, ClientUploads],
-                      tuple[PyTree, optax.OptState, dict[str, Any]]]
+ServerStep = Callable[
+    [PyTree, optax.OptState, ClientUploads], tuple[PyTree, optax.OptState, dict[str, Any]]
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,11 @@ class RunState(RoundState):
 
 
 def client_prompts(
-    shard: np.ndarray, count: int, seed: int, round: int, client: int  # noqa: A002
+    shard: np.ndarray,
+    count: int,
+    seed: int,
+    round: int,
+    client: int,
 ) -> np.ndarray:
     """Indices of the ``count`` prompts client ``client`` plays in round ``round``.
 
@@ -209,11 +214,16 @@ def server_step_from_config(
 
     def step(params: PyTree, opt_state: optax.OptState, uploads: ClientUploads):
         return server_step(
-            params, opt_state, uploads.params,
+            params,
+            opt_state,
+            uploads.params,
             np.asarray(uploads.stats["num_examples"]).astype(np.float32),
             np.asarray(uploads.stats["mean_advantage"]).astype(np.float32),
-            optimizer=optimizer, mode=fl.client_weighting, temperature=fl.weight_temperature,
-            threshold=fl.prune_threshold)
+            optimizer=optimizer,
+            mode=fl.client_weighting,
+            temperature=fl.weight_temperature,
+            threshold=fl.prune_threshold,
+        )
 
     return step
 
@@ -229,10 +239,15 @@ def evaluate(state: RunState, params: PyTree | None = None) -> dict[str, float]:
     run = _run_of(state)
     config, policy = run.config, run.policy
     result = evaluate_examples(
-        policy.graphdef, (state.params if params is None else params, policy.base_state),
-        policy.tokenizer, run.eval_task, run.eval_set,
-        multiple_choice=config.eval.multiple_choice, max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size)
+        policy.graphdef,
+        (state.params if params is None else params, policy.base_state),
+        policy.tokenizer,
+        run.eval_task,
+        run.eval_set,
+        multiple_choice=config.eval.multiple_choice,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+    )
     return {f"eval/{k}": v for k, v in result.items()}
 
 
@@ -263,13 +278,19 @@ def run_round(
         raise ValueError(
             f"this state is after round {state.round}, but its run has moved on to round "
             f"{run.newest_round[0]}: run_round consumes its state; continue from the state "
-            "it returned (or start again with fedsp.init_run)")
+            "it returned (or start again with fedsp.init_run)"
+        )
     round_start = time.perf_counter()
-    clients = data_lib.sample_clients(config.data.num_clients, fl.clients_per_round,
-                                      config.seed, rnd)
+    clients = data_lib.sample_clients(
+        config.data.num_clients, fl.clients_per_round, config.seed, rnd
+    )
     client_examples = [
-        [run.train[i] for i in client_prompts(run.shards[k], config.rollout.prompts_per_client,
-                                              config.seed, rnd, k)]
+        [
+            run.train[i]
+            for i in client_prompts(
+                run.shards[k], config.rollout.prompts_per_client, config.seed, rnd, k
+            )
+        ]
         for k in clients
     ]
     collect_key, train_key = jax.random.split(jax.random.fold_in(state.rng, rnd))
@@ -280,18 +301,36 @@ def run_round(
         players = player_mask = None
         if pool is not None:
             before = pool.rounds
-            players, player_mask = pool.stacked(state.params, on_error=algo.pool_on_error)
+            # A run has a pool only for an algorithm with uses_pool (`fedsp.runner`), and
+            # those carry pool_on_error: a link between two objects mypy cannot follow.
+            on_error = cast(PoolAlgorithm, algo).pool_on_error
+            players, player_mask = pool.stacked(state.params, on_error=on_error)
             pool_dropped = [r for r in before if r not in pool.rounds]
         extra["context"] = RoundContext(
-            clients=np.asarray(clients), reference=run.initial_params, players=players,
-            player_mask=player_mask, player_rounds=pool.rounds if pool else ())
-    batch, collect_metrics = algo.collect(run.policy, state.params, client_examples, run.task,
-                                          run.feedback, collect_key, rnd,
-                                          baselines=baselines[clients], **extra)
+            clients=np.asarray(clients),
+            reference=run.initial_params,
+            players=players,
+            player_mask=player_mask,
+            player_rounds=pool.rounds if pool else (),
+        )
+    batch, collect_metrics = algo.collect(
+        run.policy,
+        state.params,
+        client_examples,
+        run.task,
+        run.feedback,
+        collect_key,
+        rnd,
+        baselines=baselines[clients],
+        **extra,
+    )
     keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
     client_lora, stats = run.train_clients(run.policy.base_state, state.params, batch, keys)
-    uploads = ClientUploads(clients=np.asarray(clients), params=client_lora,
-                            stats={k: np.asarray(v) for k, v in stats.items()})
+    uploads = ClientUploads(
+        clients=np.asarray(clients),
+        params=client_lora,
+        stats={k: np.asarray(v) for k, v in stats.items()},
+    )
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
     step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
@@ -326,20 +365,27 @@ def run_round(
         "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
         "bytes_saved": run.adapter_bytes * len(pruned),
         "loss": _json_number(np.mean(kept_losses)) if kept_losses.size else None,
-        **{f"client/{k}": _json_number(np.nanmean(v)) if np.isfinite(v).any() else None
-           for k, v in stats.items()},
+        **{
+            f"client/{k}": _json_number(np.nanmean(v)) if np.isfinite(v).any() else None
+            for k, v in stats.items()
+        },
         **{f"server/{k}": float(np.asarray(v)) for k, v in server.items()},
         **{f"collect/{k}": _json_number(v) for k, v in _scalars(dict(collect_metrics)).items()},
     }
-    new = dataclasses.replace(state, round=rnd, params=new_lora, opt_state=opt_state,
-                              baselines=jnp.asarray(baselines))
+    new = dataclasses.replace(
+        state, round=rnd, params=new_lora, opt_state=opt_state, baselines=jnp.asarray(baselines)
+    )
     if rnd == fl.rounds or (config.eval.every and rnd % config.eval.every == 0):
         record.update(evaluate(new))
     if pool is not None:
         record["pool/rounds"] = list(pool.rounds)
         record["pool/dropped"] = pool_dropped
-        pool.push(new.params, round=rnd, score=record.get("eval/accuracy"),
-                  metadata={"loss": record["loss"]})
+        pool.push(
+            new.params,
+            round=rnd,
+            score=record.get("eval/accuracy"),
+            metadata={"loss": record["loss"]},
+        )
         new = dataclasses.replace(new, pool=pool.state_dict())
     record["time_s"] = time.perf_counter() - round_start
     run.newest_round[0] = rnd
@@ -354,10 +400,13 @@ def _run_of(state: RunState) -> Run:
 
 
 def _scalars(tree: dict[str, Any]) -> dict[str, float]:
-    return {k: float(np.mean(np.asarray(v))) for k, v in tree.items()
-            if np.size(np.asarray(v)) >= 1 and np.issubdtype(np.asarray(v).dtype, np.number)}
+    return {
+        k: float(np.mean(np.asarray(v)))
+        for k, v in tree.items()
+        if np.size(np.asarray(v)) >= 1 and np.issubdtype(np.asarray(v).dtype, np.number)
+    }
 
 
-def _json_number(value: float) -> float | None:
+def _json_number(value: float | np.floating) -> float | None:
     """JSON has no NaN/inf: they are logged as null."""
     return float(value) if np.isfinite(value) else None

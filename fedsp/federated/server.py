@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from fedsp.core.aggregation import server_update
 from fedsp.core.weighting import client_weights
@@ -52,28 +53,47 @@ def check_arrays_only(name: str, tree: PyTree) -> None:
 
 def tree_bytes(tree: PyTree) -> int:
     """Bytes of all array leaves of ``tree`` (what one client would transmit)."""
-    return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
-                   for leaf in jax.tree.leaves(tree)))
+    return int(
+        sum(
+            np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
+            for leaf in jax.tree.leaves(tree)
+        )
+    )
 
 
 def _finite_per_client(stacked: PyTree) -> jax.Array:
-    per_leaf = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-                for leaf in jax.tree.leaves(stacked)]
+    per_leaf = [
+        jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+        for leaf in jax.tree.leaves(stacked)
+    ]
     return functools.reduce(jnp.logical_and, per_leaf)
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold"))
-def _server_step(server_params, opt_state, client_params, num_examples, client_adv, *,
-                 optimizer, mode, temperature, threshold):
+def _server_step(
+    server_params,
+    opt_state,
+    client_params,
+    num_examples,
+    client_adv,
+    *,
+    optimizer,
+    mode,
+    temperature,
+    threshold,
+):
     finite = _finite_per_client(client_params) & jnp.isfinite(num_examples)
     sanitized = jax.tree.map(
         lambda c, s: jnp.where(finite.reshape((-1,) + (1,) * s.ndim), c, s[None]),
-        client_params, server_params)
+        client_params,
+        server_params,
+    )
     counts = jnp.where(finite, num_examples, 0.0)
     adv = jnp.where(finite & jnp.isfinite(client_adv), client_adv, 0.0)
     weights, keep = client_weights(counts, adv, mode, temperature, threshold)
-    new_params, new_state, metrics = server_update(server_params, opt_state, sanitized, weights,
-                                                   optimizer)
+    new_params, new_state, metrics = server_update(
+        server_params, opt_state, sanitized, weights, optimizer
+    )
     return new_params, new_state, dict(metrics, weights=weights, keep=keep, finite=finite)
 
 
@@ -81,8 +101,8 @@ def server_step(
     server_params: PyTree,
     opt_state: optax.OptState,
     client_params: PyTree,
-    num_examples: jax.Array,
-    client_adv: jax.Array,
+    num_examples: ArrayLike,
+    client_adv: ArrayLike,
     *,
     optimizer: optax.GradientTransformation,
     mode: str = "examples",
@@ -111,11 +131,22 @@ def server_step(
     Raises:
       TypeError: an argument holds a non-array leaf (e.g. text).
     """
-    for name, tree in (("server_params", server_params), ("opt_state", opt_state),
-                       ("client_params", client_params), ("num_examples", num_examples),
-                       ("client_adv", client_adv)):
+    for name, tree in (
+        ("server_params", server_params),
+        ("opt_state", opt_state),
+        ("client_params", client_params),
+        ("num_examples", num_examples),
+        ("client_adv", client_adv),
+    ):
         check_arrays_only(name, tree)
-    return _server_step(server_params, opt_state, client_params,
-                        jnp.asarray(num_examples, jnp.float32), jnp.asarray(client_adv, jnp.float32),
-                        optimizer=optimizer, mode=mode, temperature=float(temperature),
-                        threshold=None if threshold is None else float(threshold))
+    return _server_step(
+        server_params,
+        opt_state,
+        client_params,
+        jnp.asarray(num_examples, jnp.float32),
+        jnp.asarray(client_adv, jnp.float32),
+        optimizer=optimizer,
+        mode=mode,
+        temperature=float(temperature),
+        threshold=None if threshold is None else float(threshold),
+    )

@@ -22,9 +22,9 @@ DPO) and read by the round loop with ``getattr``:
 
 - ``uses_context = True``: ``collect`` also takes ``context=`` a `RoundContext` (the
   sampled clients' global ids, the run's round-0 adapters, the player pool's adapters).
-- ``uses_pool = True`` (with ``max_players`` and ``pool_on_error``): the loop keeps a
-  `fedsp.checkpoint.PlayerPool` of the global adapters (round 0, then after every round)
-  in the run state and hands its players to ``collect`` through the context.
+- ``uses_pool = True`` (with ``max_players`` and ``pool_on_error``; `PoolAlgorithm`): the
+  loop keeps a `fedsp.checkpoint.PlayerPool` of the global adapters (round 0, then after
+  every round) in the run state and hands its players to ``collect`` through the context.
 - ``client_state() -> dict[str, np.ndarray]`` / ``load_client_state(arrays | None)``:
   host-side client data that outlives a round (SPIN/TPAW keep their clients' opponent
   data of earlier rounds: token ids). The loop stores it beside each run checkpoint,
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,10 @@ from flax import nnx
 from fedsp.data.base import Example, Task
 from fedsp.data.feedback import FeedbackProvider
 from fedsp.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fedsp.checkpoint.pool import OnError
+
 
 class Policy(NamedTuple):
     """What rollouts need; built once per run: ``graphdef, _, base_state = split_lora(model)``."""
@@ -207,6 +211,14 @@ class Algorithm(Protocol):
         the client uploads besides its adapters.
         """
         ...
+
+
+class PoolAlgorithm(Algorithm, Protocol):
+    """An `Algorithm` with ``uses_pool = True`` (see the module docstring)."""
+
+    uses_pool: bool
+    max_players: int
+    pool_on_error: OnError
 
 
 def client_batch(

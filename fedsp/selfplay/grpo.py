@@ -75,16 +75,20 @@ class Grpo(tr.LocalTraining):
                 for s in range(g):
                     rows.append((c, i, s, ex))
                     prompts_by_row.append(ids)
-        keys = rollout.rollout_keys(key, round, 0, [r[0] for r in rows], [r[1] for r in rows],
-                                    [r[2] for r in rows])
+        keys = rollout.rollout_keys(
+            key, round, 0, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        )
         outs = self.generate_fn(policy, lora_state, prompts_by_row, keys, self.sampling)
         verdicts = [feedback(r[3], y.text) for r, y in zip(rows, outs)]
         rewards = np.asarray(
-            [v.score if hp.reward == "score" else float(v.correct) for v in verdicts], np.float32)
+            [v.score if hp.reward == "score" else float(v.correct) for v in verdicts], np.float32
+        )
 
         traces: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
-        stats = {k: np.zeros(num_clients, np.float32)
-                 for k in ("mean_advantage", "baseline", "wins", "wrong", "num_examples")}
+        stats = {
+            k: np.zeros(num_clients, np.float32)
+            for k in ("mean_advantage", "baseline", "wins", "wrong", "num_examples")
+        }
         for c in range(num_clients):
             own = [j for j, r in enumerate(rows) if r[0] == c]
             if not own:
@@ -95,15 +99,21 @@ class Grpo(tr.LocalTraining):
             for j, a in zip(own, adv):
                 traces[c].append(packing.Trace(prompts_by_row[j], outs[j].tokens, float(a)))
             _, stats["mean_advantage"][c], stats["baseline"][c] = packing.advantage_stats(
-                r_c, prev[c], hp.baseline_decay)
+                r_c, prev[c], hp.baseline_decay
+            )
             correct = np.asarray([verdicts[j].correct for j in own])
             stats["wins"][c], stats["wrong"][c] = correct.sum(), (~correct).sum()
             stats["num_examples"][c] = len(own)
         lr = round_lr(hp, round)
         batch = client_batch(
-            packing.pack(traces, hp.max_len, tok.pad_token_id), lr=lr,
-            num_examples=stats["num_examples"], mean_advantage=stats["mean_advantage"],
-            baseline=stats["baseline"], wins=stats["wins"], wrong=stats["wrong"])
+            packing.pack(traces, hp.max_len, tok.pad_token_id),
+            lr=lr,
+            num_examples=stats["num_examples"],
+            mean_advantage=stats["mean_advantage"],
+            baseline=stats["baseline"],
+            wins=stats["wins"],
+            wrong=stats["wrong"],
+        )
         metrics = {
             "rollout/accuracy": float(np.mean([v.correct for v in verdicts])) if rows else 0.0,
             "rollout/mean_reward": float(rewards.mean()) if rows else 0.0,
@@ -119,13 +129,22 @@ class Grpo(tr.LocalTraining):
         """`grpo_loss` on ``hp.batch_size`` samples of one client; old = ref = θ_r
         (``ctx.start_state``)."""
         hp = ctx.hp
-        rows = tr.gather_rows(batch_c.train, tr.sample_rows(key, batch_c.train.valid,
-                                                            hp.batch_size))
+        rows = tr.gather_rows(
+            batch_c.train, tr.sample_rows(key, batch_c.train.valid, hp.batch_size)
+        )
         logps = ctx.token_logps(lora_state, rows.tokens, rows.attention_mask)
         start_logps = jax.lax.stop_gradient(
-            ctx.token_logps(ctx.start_state, rows.tokens, rows.attention_mask))
-        return grpo_loss(logps, start_logps, start_logps, rows.weight, rows.loss_mask,
-                         clip_eps=hp.clip_eps, kl_coef=hp.kl_coef)
+            ctx.token_logps(ctx.start_state, rows.tokens, rows.attention_mask)
+        )
+        return grpo_loss(
+            logps,
+            start_logps,
+            start_logps,
+            rows.weight,
+            rows.loss_mask,
+            clip_eps=hp.clip_eps,
+            kl_coef=hp.kl_coef,
+        )
 
 
 register_algorithm("grpo", lambda config: Grpo("grpo", config))

@@ -16,8 +16,16 @@ import optax
 # right or wrong, must write it (spear.py, `_ul_format_protect_ids`). The default of
 # ``algorithm.protected_strings``.
 DEFAULT_PROTECTED_STRINGS = (
-    "Answer:", " Answer:", "Answer: ", " Answer: ", "Answer", " Answer",
-    "answer:", " answer:", "answer", " answer",
+    "Answer:",
+    " Answer:",
+    "Answer: ",
+    " Answer: ",
+    "Answer",
+    " Answer",
+    "answer:",
+    " answer:",
+    "answer",
+    " answer",
 )
 REWARDS = ("verdict", "score")
 
@@ -96,9 +104,20 @@ class HParams:
 
 # What `HParams.static` puts in the fields the jitted local step never reads.
 _HOST_ONLY: dict[str, Any] = dict(
-    max_revisions=0, rho=0.0, group_size=1, awr_temperature=0.0, awr_max_weight=1.0,
-    baseline_decay=0.0, reward=REWARDS[0], protected_strings=(), tail_tokens=0, lr=0.0,
-    lr_min=0.0, warmup_ratio=0.0, max_len=0, rounds=0,
+    max_revisions=0,
+    rho=0.0,
+    group_size=1,
+    awr_temperature=0.0,
+    awr_max_weight=1.0,
+    baseline_decay=0.0,
+    reward=REWARDS[0],
+    protected_strings=(),
+    tail_tokens=0,
+    lr=0.0,
+    lr_min=0.0,
+    warmup_ratio=0.0,
+    max_len=0,
+    rounds=0,
 )
 
 
@@ -120,6 +139,7 @@ def round_lr_schedule(
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), cosine], [warmup])
 
 
-def round_lr(hp: HParams, round: int) -> float:  # noqa: A002 - the papers' word
+# `round` (shadowing the builtin) is the papers' word.
+def round_lr(hp: HParams, round: int) -> float:
     """`round_lr_schedule` of ``hp`` at ``round``."""
     return float(round_lr_schedule(hp.rounds, hp.lr, hp.lr_min, hp.warmup_ratio)(round))

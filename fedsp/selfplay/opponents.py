@@ -40,14 +40,14 @@ class OpponentHistory:
         rounds = [(r, p) for r, p in self._data.get(int(client), []) if r < before_round]
         return [pair for _, pairs in sorted(rounds, key=lambda x: -x[0]) for pair in pairs]
 
-    def record(self, client: int, round: int, pairs: Sequence[Pair]) -> None:  # noqa: A002
+    def record(self, client: int, round: int, pairs: Sequence[Pair]) -> None:
         """Keeps ``pairs`` as the client's data of ``round`` (replacing an earlier record
         of the same round), dropping rounds beyond ``rounds_kept``."""
         if self.rounds_kept == 0:
             return
         kept = [(r, p) for r, p in self._data.get(int(client), []) if r != round]
-        kept = sorted(kept + [(int(round), list(pairs))], key=lambda x: x[0])
-        self._data[int(client)] = kept[-self.rounds_kept:]
+        kept = sorted([*kept, (int(round), list(pairs))], key=lambda x: x[0])
+        self._data[int(client)] = kept[-self.rounds_kept :]
 
     def num_pairs(self) -> int:
         return sum(len(p) for rounds in self._data.values() for _, p in rounds)
@@ -65,8 +65,9 @@ class OpponentHistory:
             "client": np.asarray(clients, np.int64),
             "round": np.asarray(rounds, np.int64),
             "lengths": np.asarray(lengths, np.int64).reshape(-1, 3),
-            "tokens": (np.concatenate(tokens).astype(np.int32) if tokens
-                       else np.zeros((0,), np.int32)),
+            "tokens": (
+                np.concatenate(tokens).astype(np.int32) if tokens else np.zeros((0,), np.int32)
+            ),
         }
 
     def load_state_dict(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -76,15 +77,18 @@ class OpponentHistory:
         lengths = np.asarray(arrays["lengths"]).reshape(-1, 3)
         tokens = np.asarray(arrays["tokens"], np.int32)
         if int(lengths.sum()) != tokens.size:
-            raise ValueError(f"opponent history: lengths sum to {int(lengths.sum())} but "
-                             f"tokens holds {tokens.size}")
+            raise ValueError(
+                f"opponent history: lengths sum to {int(lengths.sum())} but "
+                f"tokens holds {tokens.size}"
+            )
         data: dict[int, dict[int, list[Pair]]] = {}
         offset = 0
-        for client, round_, (n_p, n_pos, n_neg) in zip(arrays["client"], arrays["round"],
-                                                       lengths):
+        for client, round_, (n_p, n_pos, n_neg) in zip(arrays["client"], arrays["round"], lengths):
             cut = np.cumsum([offset, n_p, n_pos, n_neg])
-            pair = Pair(tokens[cut[0]:cut[1]], tokens[cut[1]:cut[2]], tokens[cut[2]:cut[3]])
+            pair = Pair(tokens[cut[0] : cut[1]], tokens[cut[1] : cut[2]], tokens[cut[2] : cut[3]])
             data.setdefault(int(client), {}).setdefault(int(round_), []).append(pair)
             offset = int(cut[3])
-        self._data = {c: sorted(rounds.items())[-self.rounds_kept:] if self.rounds_kept else []
-                      for c, rounds in data.items()}
+        self._data = {
+            c: sorted(rounds.items())[-self.rounds_kept :] if self.rounds_kept else []
+            for c, rounds in data.items()
+        }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ class Trace:
         without end-of-turn and protected tokens (`pack`).
     """
 
-    prompt: Sequence[int]
-    completion: Sequence[int]
+    prompt: Sequence[int] | np.ndarray
+    completion: Sequence[int] | np.ndarray
     weight: float = 1.0
     tail_only: bool = False
 
@@ -87,14 +88,14 @@ def pack(
     loss_mask = np.zeros((c, rows, width), np.float32)
     weight = np.zeros((c, rows), np.float32)
     valid = np.zeros((c, rows), bool)
-    end = np.asarray(sorted(set(int(i) for i in end_ids)), np.int64)
-    protected = np.asarray(sorted(set(int(i) for i in protected_ids)), np.int64)
+    end = np.asarray(sorted({int(i) for i in end_ids}), np.int64)
+    protected = np.asarray(sorted({int(i) for i in protected_ids}), np.int64)
     for ci, client in enumerate(traces):
         for si, trace in enumerate(client):
             if len(trace.completion) == 0:
                 raise ValueError(f"client {ci} trace {si} has an empty completion")
             completion = list(trace.completion)[: max_len - 1]
-            prompt = list(trace.prompt)[-(max_len - len(completion)):]
+            prompt = list(trace.prompt)[-(max_len - len(completion)) :]
             n_prompt, n = len(prompt), len(prompt) + len(completion)
             tokens[ci, si, :n] = prompt + completion
             attention[ci, si, :n] = True
@@ -131,15 +132,22 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int:
     """The id the chat template writes right after an assistant reply (ChatML:
     ``<|im_end|>``); the tokenizer's EOS if the template shows none."""
     marker = "\x00fedsp\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-        add_generation_prompt=False,
+    # One conversation in, one string out (`Tokenizer.apply_chat_template` has no overloads).
+    text = cast(
+        str,
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+            add_generation_prompt=False,
+        ),
     )
     after = tokenizer.encode(text.split(marker, 1)[1]) if marker in text else []
     if after and after[0] in tokenizer.eos_token_ids:
         return int(after[0])
-    return int(tokenizer.hf.eos_token_id if tokenizer.hf.eos_token_id is not None
-               else tokenizer.eos_token_ids[0])
+    return int(
+        tokenizer.hf.eos_token_id
+        if tokenizer.hf.eos_token_id is not None
+        else tokenizer.eos_token_ids[0]
+    )
 
 
 def gold_completion(task: Task, example: Example) -> str:
@@ -153,7 +161,7 @@ def gold_completion(task: Task, example: Example) -> str:
 
 
 def advantage_stats(
-    rewards: Sequence[float], prev_baseline: float | None, decay: float
+    rewards: Sequence[float] | np.ndarray, prev_baseline: float | None, decay: float
 ) -> tuple[float, float, float]:
     """(reference baseline b, mean advantage, new baseline) of one client's round.
 
@@ -162,13 +170,13 @@ def advantage_stats(
     advantage 0. The new baseline is `ema_baseline(prev, rewards, decay)`; a client
     without rewards keeps its baseline.
     """
-    has_prev = prev_baseline is not None and math.isfinite(prev_baseline)
+    prev = prev_baseline if prev_baseline is not None and math.isfinite(prev_baseline) else None
     r = np.asarray(rewards, np.float32)
     if r.size == 0:
-        b = prev_baseline if has_prev else float("nan")
+        b = prev if prev is not None else float("nan")
         return b, 0.0, b
-    new = float(ema_baseline(prev_baseline if has_prev else None, jnp.asarray(r), decay))
-    b = float(prev_baseline) if has_prev else float(r.mean())
+    new = float(ema_baseline(prev, jnp.asarray(r), decay))
+    b = float(prev) if prev is not None else float(r.mean())
     return b, float(np.mean(r - b)), new
 
 

@@ -108,8 +108,9 @@ class PairHParams:
             beta=float(a.beta),
             label_smoothing=float(a.label_smoothing),
             n_max=int(a.n_max),
-            opponent_rounds=int(opponent_rounds if a.opponent_rounds is None
-                                else a.opponent_rounds),
+            opponent_rounds=int(
+                opponent_rounds if a.opponent_rounds is None else a.opponent_rounds
+            ),
         )
 
 
@@ -182,7 +183,7 @@ class PairwiseSelfPlay(tr.LocalTraining):
         task: Task,
         feedback: FeedbackProvider,
         key: jax.Array,
-        round: int,  # noqa: A002
+        round: int,
         *,
         baselines: Sequence[float] | np.ndarray | None = None,
         context: RoundContext | None = None,
@@ -193,21 +194,31 @@ class PairwiseSelfPlay(tr.LocalTraining):
         del feedback
         hp, tok = self.hp, policy.tokenizer
         num_clients = check_clients(client_examples)
-        ids = (np.arange(num_clients) if context is None
-               else np.asarray(context.clients, np.int64))
+        ids = np.arange(num_clients) if context is None else np.asarray(context.clients, np.int64)
         if ids.shape != (num_clients,):
-            raise ValueError(f"context.clients must hold one id per client ({num_clients}), "
-                             f"got shape {ids.shape}")
+            raise ValueError(
+                f"context.clients must hold one id per client ({num_clients}), "
+                f"got shape {ids.shape}"
+            )
         players, player_mask = self.players(lora_state, context)
         end = packing.end_of_turn_id(tok)
         rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
         sampled = [j for j, (_, _, ex) in enumerate(rows) if self.rejected_text(ex) is None]
         start = time.perf_counter()
-        keys = rollout.rollout_keys(key, round, 0, [rows[j][0] for j in sampled],
-                                    [rows[j][1] for j in sampled])
-        outs = dict(zip(sampled, self.generate_fn(policy, lora_state, [prompts[j] for j in sampled],
-                                                   keys, self.sampling) if sampled else []))
+        keys = rollout.rollout_keys(
+            key, round, 0, [rows[j][0] for j in sampled], [rows[j][1] for j in sampled]
+        )
+        outs = dict(
+            zip(
+                sampled,
+                self.generate_fn(
+                    policy, lora_state, [prompts[j] for j in sampled], keys, self.sampling
+                )
+                if sampled
+                else [],
+            )
+        )
 
         generate_s = time.perf_counter() - start
         this_round: list[list[Pair]] = [[] for _ in range(num_clients)]
@@ -220,27 +231,48 @@ class PairwiseSelfPlay(tr.LocalTraining):
                 correct[c] += ok
                 wrong[c] += not ok
             else:
-                neg, ok = tok.encode(self.rejected_text(ex)) + [end], None
+                rejected = self.rejected_text(ex)
+                assert rejected is not None  # rows without a rejected text were sampled
+                neg, ok = [*tok.encode(rejected), end], None
             if not self.keep_pair(ok):
                 continue
-            pos = tok.encode(self.chosen_text(task, ex)) + [end]
-            this_round[c].append(Pair(np.asarray(prompts[j], np.int32), np.asarray(pos, np.int32),
-                                      np.asarray(neg, np.int32)))
+            pos = [*tok.encode(self.chosen_text(task, ex)), end]
+            this_round[c].append(
+                Pair(
+                    np.asarray(prompts[j], np.int32),
+                    np.asarray(pos, np.int32),
+                    np.asarray(neg, np.int32),
+                )
+            )
         pairs = []
         for c in range(num_clients):
             pairs.append(this_round[c] + self.history.past(ids[c], round))
             self.history.record(ids[c], round, this_round[c])
 
-        pos, neg = pack_pairs(pairs, hp.train.max_len, tok.pad_token_id)
+        pos_rows, neg_rows = pack_pairs(pairs, hp.train.max_len, tok.pad_token_id)
         start = time.perf_counter()
-        player_logps = score_pairs(policy.graphdef, policy.base_state, players, player_mask,
-                                   pos, neg, 2 * hp.train.batch_size)
+        player_logps = score_pairs(
+            policy.graphdef,
+            policy.base_state,
+            players,
+            player_mask,
+            pos_rows,
+            neg_rows,
+            2 * hp.train.batch_size,
+        )
         score_s = time.perf_counter() - start
         counts = np.asarray([len(p) for p in pairs], np.float32)
         lr = round_lr(hp.train, round)
-        batch = client_batch(pos, lose=neg, lr=lr, num_examples=counts, wins=correct,
-                             wrong=wrong, baseline=prev_baselines(baselines, num_clients),
-                             players=player_logps)
+        batch = client_batch(
+            pos_rows,
+            lose=neg_rows,
+            lr=lr,
+            num_examples=counts,
+            wins=correct,
+            wrong=wrong,
+            baseline=prev_baselines(baselines, num_clients),
+            players=player_logps,
+        )
         fresh = float(sum(len(p) for p in this_round))
         metrics = {
             "rollout/accuracy": float(correct.sum() / max(1, len(sampled))),
@@ -281,13 +313,14 @@ class PairwiseSelfPlay(tr.LocalTraining):
         players = batch_c.players
         if players is None:
             raise ValueError("a pairwise ClientBatch needs the players' log-probs (players)")
-        picked = PlayerLogps(pos=players.pos[:, idx], neg=players.neg[:, idx],
-                             mask=players.mask)
+        picked = PlayerLogps(pos=players.pos[:, idx], neg=players.neg[:, idx], mask=players.mask)
         loss, metrics = pair_loss(hp, pol_pos, pol_neg, picked, pos.valid)
         count = jnp.maximum(jnp.sum(pos.valid), 1).astype(jnp.float32)
-        metrics = {**metrics,
-                   "logp_pos": jnp.sum(jnp.where(pos.valid, pol_pos, 0.0)) / count,
-                   "logp_neg": jnp.sum(jnp.where(pos.valid, pol_neg, 0.0)) / count}
+        metrics = {
+            **metrics,
+            "logp_pos": jnp.sum(jnp.where(pos.valid, pol_pos, 0.0)) / count,
+            "logp_neg": jnp.sum(jnp.where(pos.valid, pol_neg, 0.0)) / count,
+        }
         return loss, metrics
 
 
@@ -300,12 +333,28 @@ def pair_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The ``hp.kind`` loss of [B] policy log-probs against players' [J, B] log-probs."""
     if hp.kind == "tpaw":
-        return tpaw_loss(pol_pos, pol_neg, players.pos, players.neg, players.mask,
-                         lam=hp.lam, eta=hp.eta, gamma=hp.gamma, mask=mask)
+        return tpaw_loss(
+            pol_pos,
+            pol_neg,
+            players.pos,
+            players.neg,
+            players.mask,
+            lam=hp.lam,
+            eta=hp.eta,
+            gamma=hp.gamma,
+            mask=mask,
+        )
     if hp.kind == "spin":
         return spin_loss(pol_pos, pol_neg, players.pos[0], players.neg[0], lam=hp.lam, mask=mask)
-    return dpo_loss(pol_pos, pol_neg, players.pos[0], players.neg[0], beta=hp.beta,
-                    label_smoothing=hp.label_smoothing, mask=mask)
+    return dpo_loss(
+        pol_pos,
+        pol_neg,
+        players.pos[0],
+        players.neg[0],
+        beta=hp.beta,
+        label_smoothing=hp.label_smoothing,
+        mask=mask,
+    )
 
 
 __all__ = [

@@ -43,8 +43,9 @@ def _score_chunk(graphdef, players, player_mask, base_state, tokens, attention_m
         adapters, real = slot
         return jax.lax.cond(
             real,
-            lambda: _sequence_logps(graphdef, adapters, base_state, tokens, attention_mask,
-                                    loss_mask),
+            lambda: _sequence_logps(
+                graphdef, adapters, base_state, tokens, attention_mask, loss_mask
+            ),
             lambda: jnp.zeros(tokens.shape[:1], jnp.float32),
         )
 
@@ -81,11 +82,15 @@ def score_sequences(
     chunk = min(batch_size, 1 << (n - 1).bit_length())
     padded = -(-n // chunk) * chunk
     fill = np.zeros(padded - n, np.int64)
-    rows = [np.concatenate([np.asarray(x), np.asarray(x)[fill]]) for x in
-            (tokens, attention_mask, loss_mask)]
+    rows = [
+        np.concatenate([np.asarray(x), np.asarray(x)[fill]])
+        for x in (tokens, attention_mask, loss_mask)
+    ]
     mask = jnp.asarray(player_mask)
-    parts = [_score_chunk(graphdef, players, mask, base_state, *(x[s:s + chunk] for x in rows))
-             for s in range(0, padded, chunk)]
+    parts = [
+        _score_chunk(graphdef, players, mask, base_state, *(x[s : s + chunk] for x in rows))
+        for s in range(0, padded, chunk)
+    ]
     return np.concatenate(jax.device_get(parts), axis=1)[:, :n]
 
 
@@ -107,8 +112,12 @@ def pack_pairs(
     pairs: Sequence[Sequence[Pair]], max_len: int, pad_id: int
 ) -> tuple[PackedSequences, PackedSequences]:
     """(y⁺ rows, y⁻ rows) as [C, S, T] with row s of one paired with row s of the other."""
-    pos = packing.pack([[packing.Trace(p.prompt, p.pos) for p in c] for c in pairs], max_len, pad_id)
-    neg = packing.pack([[packing.Trace(p.prompt, p.neg) for p in c] for c in pairs], max_len, pad_id)
+    pos = packing.pack(
+        [[packing.Trace(p.prompt, p.pos) for p in c] for c in pairs], max_len, pad_id
+    )
+    neg = packing.pack(
+        [[packing.Trace(p.prompt, p.neg) for p in c] for c in pairs], max_len, pad_id
+    )
     width = max(pos.tokens.shape[-1], neg.tokens.shape[-1])
     return _widen(pos, width, pad_id), _widen(neg, width, pad_id)
 
@@ -129,8 +138,9 @@ def score_pairs(
     tokens = np.concatenate([flat(pos.tokens), flat(neg.tokens)])
     attention = np.concatenate([flat(pos.attention_mask), flat(neg.attention_mask)])
     loss_mask = np.concatenate([flat(pos.loss_mask), flat(neg.loss_mask)])
-    scores = score_sequences(graphdef, base_state, players, player_mask, tokens, attention,
-                             loss_mask, batch_size)
+    scores = score_sequences(
+        graphdef, base_state, players, player_mask, tokens, attention, loss_mask, batch_size
+    )
     j = scores.shape[0]
     n = int(valid.sum())
     out_pos = np.zeros((j, c * s), np.float32)

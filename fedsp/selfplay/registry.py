@@ -53,12 +53,15 @@ def register_algorithm(
     if factory is None:
         return lambda f: register_algorithm(name, f, override=override)
     if not callable(factory):
-        raise TypeError(f"factory for {name!r} must be callable (config -> algorithm), "
-                        f"got {type(factory).__name__}")
+        raise TypeError(
+            f"factory for {name!r} must be callable (config -> algorithm), "
+            f"got {type(factory).__name__}"
+        )
     builtin = _BUILTIN.get(name)
     if builtin is not None and not override and getattr(factory, "__module__", None) != builtin:
-        raise ValueError(f"{name!r} is a built-in algorithm ({builtin}); pass override=True "
-                         "to replace it")
+        raise ValueError(
+            f"{name!r} is a built-in algorithm ({builtin}); pass override=True to replace it"
+        )
     _FACTORIES[name] = factory
     return factory
 
@@ -78,6 +81,7 @@ def get_algorithm(name: str, config: Any) -> Any:
     if name not in _FACTORIES and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _FACTORIES:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of: "
-                         f"{', '.join(algorithm_names())}")
+        raise ValueError(
+            f"unknown algorithm {name!r}; choose one of: {', '.join(algorithm_names())}"
+        )
     return _FACTORIES[name](config)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +77,14 @@ class SamplingParams:
     def from_config(cls, config: Any) -> SamplingParams:
         """``config.rollout`` of a validated `fedsp.config.default_config` config."""
         r = config.rollout
-        return cls(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
-                   top_p=float(r.top_p), batch_size=int(r.batch_size),
-                   split_by_length=bool(r.split_by_length), reuse_cache=bool(r.reuse_cache))
+        return cls(
+            max_new_tokens=int(r.max_new_tokens),
+            temperature=float(r.temperature),
+            top_p=float(r.top_p),
+            batch_size=int(r.batch_size),
+            split_by_length=bool(r.split_by_length),
+            reuse_cache=bool(r.reuse_cache),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +136,13 @@ def prompt_ids(
     previous attempt as an assistant turn and the feedback as a user turn
     (`fedsp.data.base.Task.messages`).
     """
-    text = tokenizer.apply_chat_template(
-        task.messages(example, feedback=feedback, previous=previous), add_generation_prompt=True
+    # One conversation in, one string out (`Tokenizer.apply_chat_template` has no overloads).
+    text = cast(
+        str,
+        tokenizer.apply_chat_template(
+            task.messages(example, feedback=feedback, previous=previous),
+            add_generation_prompt=True,
+        ),
     )
     return tokenizer.encode(text)
 
@@ -234,13 +244,14 @@ def sample_completions(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if continue_from is not None and len(continue_from) != n:
-        raise ValueError(f"continue_from needs one entry per prompt ({n}), got "
-                         f"{len(continue_from)}")
+        raise ValueError(
+            f"continue_from needs one entry per prompt ({n}), got {len(continue_from)}"
+        )
     tokenizer = policy.tokenizer
     pad = tokenizer.pad_token_id
     # Per row, how its prompt starts: from a cached row (the tokens it shares with it),
     # or from a shared head, or neither; each call holds rows of one kind only.
-    sources: list[tuple[sampling.PrefixCache, int] | None] = [None] * n
+    sources: dict[int, tuple[sampling.PrefixCache, int]] = {}
     cuts = [0] * n
     for row, prompt in enumerate(prompts):
         previous = continue_from[row] if continue_from is not None else None
@@ -258,14 +269,14 @@ def sample_completions(
     groups: dict[tuple[bool, int, int], list[int]] = {}
     for row, cut in enumerate(cuts):
         width = suffix[row] if params.split_by_length else 0
-        cached = sources[row] is not None
+        cached = row in sources
         head_width = sampling.bucket_length(cut) if cut and not cached else 0
         groups.setdefault((cached, head_width, width), []).append(row)
     out: list[Completion | None] = [None] * n
     for (cached, head_width, _), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: -suffix[r])
         for start in range(0, len(rows), params.batch_size):
-            chunk = rows[start:start + params.batch_size]
+            chunk = rows[start : start + params.batch_size]
             width = max(suffix[r] for r in chunk)
             # Repeating the last row up to a power of two keeps the set of compiled
             # batch sizes small; the copies are dropped below.
@@ -273,13 +284,16 @@ def sample_completions(
             ids = np.full((len(padded), width), pad, np.int32)
             mask = np.zeros((len(padded), width), np.int32)
             for i, row in enumerate(padded):
-                tail = prompts[row][cuts[row]:]
-                ids[i, width - len(tail):] = tail
-                mask[i, width - len(tail):] = 1
-            shared = {}
+                tail = prompts[row][cuts[row] :]
+                ids[i, width - len(tail) :] = tail
+                mask[i, width - len(tail) :] = 1
+            prefix_args: dict[str, Any] = {}
             if cached:
-                shared = dict(prefix_cache=sampling.gather_prefix(
-                    [sources[r] for r in padded], [cuts[r] for r in padded]))
+                prefix_args = dict(
+                    prefix_cache=sampling.gather_prefix(
+                        [sources[r] for r in padded], [cuts[r] for r in padded]
+                    )
+                )
             elif head_width:
                 # Each distinct head once (their count rounded up to a power of two too).
                 distinct = list(dict.fromkeys(heads[r] for r in padded))
@@ -287,11 +301,14 @@ def sample_completions(
                 head_ids = np.full((len(distinct), head_width), pad, np.int32)
                 head_mask = np.zeros((len(distinct), head_width), np.int32)
                 for i, head in enumerate(distinct):
-                    head_ids[i, head_width - len(head):] = head
-                    head_mask[i, head_width - len(head):] = 1
+                    head_ids[i, head_width - len(head) :] = head
+                    head_mask[i, head_width - len(head) :] = 1
                 slot = {head: i for i, head in enumerate(distinct)}
-                shared = dict(prefix_ids=head_ids, prefix_mask=head_mask,
-                              prefix_index=[slot[heads[r]] for r in padded])
+                prefix_args = dict(
+                    prefix_ids=head_ids,
+                    prefix_mask=head_mask,
+                    prefix_index=[slot[heads[r]] for r in padded],
+                )
             result = sampling.generate(
                 policy.graphdef,
                 (lora_state, policy.base_state),
@@ -304,10 +321,11 @@ def sample_completions(
                 eos_ids=tokenizer.eos_token_ids,
                 pad_id=pad,
                 return_cache=keep_cache,
-                **shared,
+                **prefix_args,
             )
             if keep_cache:
-                result, kv = result
+                # `sampling.generate` has no overloads on return_cache: with it, a pair.
+                result, kv = cast(tuple[sampling.SampleOutput, sampling.PrefixCache], result)
             tokens, lengths, logprobs = jax.device_get(result)
             for i, row in enumerate(chunk):
                 k = int(lengths[i])
@@ -316,9 +334,15 @@ def sample_completions(
                     tokens=reply,
                     logprobs=np.asarray(logprobs[i, :k], np.float32),
                     text=tokenizer.decode(tokens[i, :k]),
-                    cache=(CachedRow(kv, i, tuple(int(t) for t in prompts[row])
-                                     + tuple(int(t) for t in reply[:-1]))
-                           if keep_cache else None),
+                    cache=(
+                        CachedRow(
+                            kv,
+                            i,
+                            tuple(int(t) for t in prompts[row]) + tuple(int(t) for t in reply[:-1]),
+                        )
+                        if keep_cache
+                        else None
+                    ),
                 )
     return out  # type: ignore[return-value]
 
@@ -340,7 +364,7 @@ def split_head(prompt: Sequence[int], eos_ids: Sequence[int]) -> int:
     on the row's own tokens only, so a row is computed the same way whichever rows
     share its call (batched or per-client rollouts give the same samples).
     """
-    stops = set(int(e) for e in eos_ids)
+    stops = {int(e) for e in eos_ids}
     for i, token in enumerate(prompt[:-1]):
         if int(token) in stops:
             return i + 1

@@ -52,15 +52,24 @@ class Sft(tr.LocalTraining):
         num_clients = check_clients(client_examples)
         end = packing.end_of_turn_id(tok)
         traces = [
-            [packing.Trace(rollout.prompt_ids(tok, task, ex),
-                           tok.encode(packing.gold_completion(task, ex)) + [end]) for ex in exs]
+            [
+                packing.Trace(
+                    rollout.prompt_ids(tok, task, ex),
+                    [*tok.encode(packing.gold_completion(task, ex)), end],
+                )
+                for ex in exs
+            ]
             for exs in client_examples
         ]
         counts = np.asarray([len(t) for t in traces], np.float32)
         lr = round_lr(self.hp, round)
-        batch = client_batch(packing.pack(traces, self.hp.max_len, tok.pad_token_id), lr=lr,
-                             num_examples=counts, wins=counts,
-                             baseline=prev_baselines(baselines, num_clients))
+        batch = client_batch(
+            packing.pack(traces, self.hp.max_len, tok.pad_token_id),
+            lr=lr,
+            num_examples=counts,
+            wins=counts,
+            baseline=prev_baselines(baselines, num_clients),
+        )
         return batch, {"lr": lr, "sft/examples": float(counts.sum())}
 
     @staticmethod
@@ -68,8 +77,9 @@ class Sft(tr.LocalTraining):
         ctx: tr.LossContext, lora_state: nnx.State, batch_c: ClientBatch, key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`sft_loss` on ``hp.batch_size`` gold sequences of one client."""
-        rows = tr.gather_rows(batch_c.train, tr.sample_rows(key, batch_c.train.valid,
-                                                            ctx.hp.batch_size))
+        rows = tr.gather_rows(
+            batch_c.train, tr.sample_rows(key, batch_c.train.valid, ctx.hp.batch_size)
+        )
         logps = ctx.token_logps(lora_state, rows.tokens, rows.attention_mask)
         loss, metrics = sft_loss(logps, rows.loss_mask)
         return loss, {"loss": loss, "nll": metrics["nll"]}

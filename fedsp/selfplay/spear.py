@@ -109,23 +109,26 @@ class Spear(tr.LocalTraining):
         reuse = self.sampling.reuse_cache and hp.max_revisions > 0
 
         def sample(attempt: int, active: list[int], prompt_list: list[list[int]], **kw):
-            keys = rollout.rollout_keys(key, round, attempt, [rows[j][0] for j in active],
-                                        [rows[j][1] for j in active])
+            keys = rollout.rollout_keys(
+                key, round, attempt, [rows[j][0] for j in active], [rows[j][1] for j in active]
+            )
             return self.generate_fn(policy, lora_state, prompt_list, keys, self.sampling, **kw)
 
         y0 = sample(0, list(range(len(rows))), prompts, **({"keep_cache": True} if reuse else {}))
         verdicts = [feedback(ex, y.text) for (_, _, ex), y in zip(rows, y0)]
         revised: dict[int, tuple[rollout.Completion, float]] = {}
-        latest = {j: (y0[j].text, verdicts[j].text) for j, v in enumerate(verdicts)
-                  if not v.correct}
+        latest = {
+            j: (y0[j].text, verdicts[j].text) for j, v in enumerate(verdicts) if not v.correct
+        }
         pending = sorted(latest)
         generated = len(rows)
         for attempt in range(1, hp.max_revisions + 1):
             if not pending:
                 break
             revision_prompts = [
-                rollout.prompt_ids(tok, task, rows[j][2], previous=latest[j][0],
-                                   feedback=latest[j][1])
+                rollout.prompt_ids(
+                    tok, task, rows[j][2], previous=latest[j][0], feedback=latest[j][1]
+                )
                 for j in pending
             ]
             resume = {"continue_from": [y0[j] for j in pending]} if reuse else {}
@@ -144,12 +147,15 @@ class Spear(tr.LocalTraining):
         rewards = [v.score if hp.reward == "score" else float(v.correct) for v in verdicts]
         wins: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
         loses: list[list[packing.Trace]] = [[] for _ in range(num_clients)]
-        stats = {k: np.zeros(num_clients, np.float32)
-                 for k in ("mean_advantage", "baseline", "wins", "wrong")}
+        stats = {
+            k: np.zeros(num_clients, np.float32)
+            for k in ("mean_advantage", "baseline", "wins", "wrong")
+        }
         for c in range(num_clients):
             own = [j for j, row in enumerate(rows) if row[0] == c]
             b, stats["mean_advantage"][c], stats["baseline"][c] = packing.advantage_stats(
-                [rewards[j] for j in own], prev[c], hp.baseline_decay)
+                [rewards[j] for j in own], prev[c], hp.baseline_decay
+            )
             win_rewards = []
             for j in own:  # correct first answers first, then revisions (as the reference)
                 if verdicts[j].correct:
@@ -161,13 +167,22 @@ class Spear(tr.LocalTraining):
                     win_rewards.append(revised[j][1])
             if hp.awr_temperature > 0 and win_rewards:
                 base = 0.0 if np.isnan(b) else b
-                w = np.asarray(awr_weights(jnp.asarray(win_rewards, jnp.float32) - base,
-                                           hp.awr_temperature, hp.awr_max_weight))
-                wins[c] = [packing.Trace(t.prompt, t.completion, float(x)) for t, x in zip(wins[c], w)]
+                w = np.asarray(
+                    awr_weights(
+                        jnp.asarray(win_rewards, jnp.float32) - base,
+                        hp.awr_temperature,
+                        hp.awr_max_weight,
+                    )
+                )
+                wins[c] = [
+                    packing.Trace(t.prompt, t.completion, float(x)) for t, x in zip(wins[c], w)
+                ]
             wrong = [j for j in own if not verdicts[j].correct]
             confidence = np.asarray(spear_confidence(jnp.asarray([j in revised for j in wrong])))
-            all_loses = [packing.Trace(prompts[j], y0[j].tokens, float(conf), tail_only=True)
-                         for j, conf in zip(wrong, confidence)]
+            all_loses = [
+                packing.Trace(prompts[j], y0[j].tokens, float(conf), tail_only=True)
+                for j, conf in zip(wrong, confidence)
+            ]
             rng = np.random.default_rng([*packing.key_words(key), round, c])
             kept = cap_loses(len(all_loses), len(wins[c]), hp.rho, rng)
             loses[c] = [all_loses[k] for k in kept] if self.use_lose else []
@@ -177,19 +192,31 @@ class Spear(tr.LocalTraining):
         lr = round_lr(hp, round)
         batch = client_batch(
             packing.pack(wins, hp.max_len, pad),
-            lose=(packing.pack(loses, hp.max_len, pad, end_ids=tok.eos_token_ids,
-                               protected_ids=packing.protected_token_ids(
-                                   tok, hp.protected_strings),
-                               tail_tokens=hp.tail_tokens)
-                  if self.use_lose else None),
-            lr=lr, num_examples=stats["wins"], mean_advantage=stats["mean_advantage"],
-            baseline=stats["baseline"], wins=stats["wins"], wrong=stats["wrong"])
+            lose=(
+                packing.pack(
+                    loses,
+                    hp.max_len,
+                    pad,
+                    end_ids=tok.eos_token_ids,
+                    protected_ids=packing.protected_token_ids(tok, hp.protected_strings),
+                    tail_tokens=hp.tail_tokens,
+                )
+                if self.use_lose
+                else None
+            ),
+            lr=lr,
+            num_examples=stats["wins"],
+            mean_advantage=stats["mean_advantage"],
+            baseline=stats["baseline"],
+            wins=stats["wins"],
+            wrong=stats["wrong"],
+        )
         first_correct = float(np.mean([v.correct for v in verdicts])) if verdicts else 0.0
         metrics = {
             "rollout/first_accuracy": first_correct,
             "rollout/revised": float(len(revised)),
-            "rollout/revision_success": len(revised) / max(1, len(rows) - sum(
-                v.correct for v in verdicts)),
+            "rollout/revision_success": len(revised)
+            / max(1, len(rows) - sum(v.correct for v in verdicts)),
             "rollout/generated": float(generated),
             "rollout/wins": float(stats["wins"].sum()),
             "rollout/wrong": float(stats["wrong"].sum()),
@@ -212,20 +239,28 @@ class Spear(tr.LocalTraining):
         hp = ctx.hp
         use_lose = hp.lambda_lose > 0
         k_win, k_lose = jax.random.split(key)
-        win = tr.gather_rows(batch_c.train, tr.sample_rows(k_win, batch_c.train.valid,
-                                                           hp.batch_size))
+        win = tr.gather_rows(
+            batch_c.train, tr.sample_rows(k_win, batch_c.train.valid, hp.batch_size)
+        )
         win_logps = ctx.token_logps(lora_state, win.tokens, win.attention_mask)
         if use_lose:
-            lose = tr.gather_rows(batch_c.lose, tr.sample_rows(k_lose, batch_c.lose.valid,
-                                                               hp.batch_size))
+            lose = tr.gather_rows(
+                batch_c.lose, tr.sample_rows(k_lose, batch_c.lose.valid, hp.batch_size)
+            )
             lose_logps = ctx.token_logps(lora_state, lose.tokens, lose.attention_mask)
             lose_mask, confidence = lose.loss_mask, lose.weight
         else:
             lose_logps = lose_mask = jnp.zeros((1, 1), jnp.float32)
             confidence = jnp.zeros((1,), jnp.float32)
         return spear_loss(
-            win_logps, win.loss_mask, lose_logps, lose_mask, confidence,
-            lambda_win=hp.lambda_win, lambda_lose=hp.lambda_lose, margin=hp.margin,
+            win_logps,
+            win.loss_mask,
+            lose_logps,
+            lose_mask,
+            confidence,
+            lambda_win=hp.lambda_win,
+            lambda_lose=hp.lambda_lose,
+            margin=hp.margin,
             win_weights=win.weight,
         )
 

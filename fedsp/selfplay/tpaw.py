@@ -65,8 +65,10 @@ class Tpaw(PairwiseSelfPlay):
         if context is not None and context.players is not None:
             mask = np.asarray(context.player_mask, bool)
             if mask.shape != (self.hp.n_max,):
-                raise ValueError(f"context.player_mask must have shape ({self.hp.n_max},) "
-                                 f"(algorithm.n_max), got {mask.shape}")
+                raise ValueError(
+                    f"context.player_mask must have shape ({self.hp.n_max},) "
+                    f"(algorithm.n_max), got {mask.shape}"
+                )
             if mask.any():
                 return context.players, mask
         return stack_players(lora_state, num_slots=self.hp.n_max)

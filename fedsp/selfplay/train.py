@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +54,9 @@ def gather_rows(seqs: PackedSequences, idx: jax.Array) -> PackedSequences:
     """Rows ``idx`` of one client's sequences, with invalid rows' masks zeroed."""
     rows = jax.tree.map(lambda x: x[idx], seqs)
     keep = rows.valid.astype(jnp.float32)
-    return dataclasses.replace(rows, loss_mask=rows.loss_mask * keep[:, None],
-                               weight=rows.weight * keep)
+    return dataclasses.replace(
+        rows, loss_mask=rows.loss_mask * keep[:, None], weight=rows.weight * keep
+    )
 
 
 def sequence_token_logps(
@@ -80,7 +81,7 @@ def sequence_token_logps(
 
     t_len = targets.shape[1]
     parts = [
-        chunk_logps(hidden[:, i:i + _LOGITS_CHUNK], targets[:, i:i + _LOGITS_CHUNK])
+        chunk_logps(hidden[:, i : i + _LOGITS_CHUNK], targets[:, i : i + _LOGITS_CHUNK])
         for i in range(0, t_len, _LOGITS_CHUNK)
     ]
     return jnp.pad(jnp.concatenate(parts, axis=1), ((0, 0), (1, 0)))
@@ -163,13 +164,15 @@ class LossContext(NamedTuple):
         self, lora_state: nnx.State, tokens: jax.Array, attention_mask: jax.Array
     ) -> jax.Array:
         """`sequence_token_logps` under ``lora_state`` on this context's base."""
-        return sequence_token_logps(self.graphdef, lora_state, self.base_state, tokens,
-                                    attention_mask)
+        return sequence_token_logps(
+            self.graphdef, lora_state, self.base_state, tokens, attention_mask
+        )
 
 
 # (ctx, lora_state, batch_c, key) -> (loss, metrics): one client's loss on one minibatch.
-MinibatchLoss = Callable[[LossContext, nnx.State, ClientBatch, jax.Array],
-                         tuple[jax.Array, dict[str, jax.Array]]]
+MinibatchLoss = Callable[
+    [LossContext, nnx.State, ClientBatch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]
+]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -202,8 +205,9 @@ def local_train(
       (adapters, `client_stats`).
     """
     ctx = LossContext(graphdef, hp, base_state, lora_state)
-    trained, metrics = fit(lambda lora, k: minibatch_loss(ctx, lora, batch_c, k), lora_state,
-                           key_c, batch_c.lr, fit_hp)
+    trained, metrics = fit(
+        lambda lora, k: minibatch_loss(ctx, lora, batch_c, k), lora_state, key_c, batch_c.lr, fit_hp
+    )
     has_rows = jnp.any(batch_c.train.valid)
     return keep_if(has_rows, trained, lora_state), client_stats(batch_c, metrics, has_rows)
 
@@ -216,8 +220,15 @@ class LocalTraining:
     ``fit_hparams`` choose what the jitted step is keyed on and how it trains.
     """
 
-    minibatch_loss: ClassVar[MinibatchLoss]
     hp: Any
+
+    if TYPE_CHECKING:
+        # A `MinibatchLoss`, declared for type checkers only (the base class has no loss at
+        # run time). As a ClassVar[Callable] it would be bound like a method, losing ``ctx``.
+        @staticmethod
+        def minibatch_loss(
+            ctx: LossContext, lora_state: nnx.State, batch_c: ClientBatch, key: jax.Array, /
+        ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def static_hparams(self) -> Any:
         """The loss's hyper-parameters with host-only fields fixed (`HParams.static`)."""
@@ -237,5 +248,13 @@ class LocalTraining:
     ) -> tuple[nnx.State, dict[str, jax.Array]]:
         """See `fedsp.selfplay.base.Algorithm.local_train`."""
         hp = self.static_hparams()
-        return local_train(type(self).minibatch_loss, graphdef, hp, self.fit_hparams(hp),
-                           base_state, lora_state, batch_c, key_c)
+        return local_train(
+            type(self).minibatch_loss,
+            graphdef,
+            hp,
+            self.fit_hparams(hp),
+            base_state,
+            lora_state,
+            batch_c,
+            key_c,
+        )

@@ -150,7 +150,7 @@ def test_restored_players_reproduce_logits(tmp_path):
 
     # TPAW scores responses under every player at once: a vmap over J.
     graphdef, _, frozen = nnx.split(base, nnx.LoRAParam, ...)
-    players, mask = pool.stacked(template)
+    players, _mask = pool.stacked(template)
     per_player = jax.jit(jax.vmap(lambda a: nnx.merge(graphdef, a, frozen)(X)))(players)
     assert per_player.shape == (3, 2, 3)
     for j, r in enumerate(pool.rounds):
@@ -246,7 +246,7 @@ def test_bad_input(tmp_path):
         pool.stacked(_adapters(0), on_error="ignore")
     with pytest.raises(ValueError, match=r"round must be one of the players' rounds \[3\]"):
         pool.drop(4)
-    with pytest.raises(ValueError, match="state must be a PlayerPool.state_dict"):
+    with pytest.raises(ValueError, match=r"state must be a PlayerPool\.state_dict"):
         PlayerPool.from_state_dict(tmp_path, {"entries": []})
     with pytest.raises(
         ValueError, match=r"template does not match .*\['l1'\]\['lora_a'\] is float32\[4, 2\]"

@@ -18,8 +18,8 @@ from orbax.checkpoint._src.path import atomicity
 
 from fedsp.checkpoint import (
     CorruptCheckpointError,
-    RunCheckpointer,
     RoundState,
+    RunCheckpointer,
     config_fingerprint,
     load_tree,
     save_tree,
@@ -288,9 +288,11 @@ def test_all_rounds_corrupt(tmp_path):
     with RunCheckpointer(tmp_path) as ckpt:
         ckpt.save(_make_state(seed=1, round_=1))
     _delete_meta(tmp_path / "1")
-    with RunCheckpointer(tmp_path) as ckpt:
-        with pytest.raises(CorruptCheckpointError, match="no readable checkpoint"):
-            ckpt.restore_latest_valid(_make_state(0))
+    with (
+        RunCheckpointer(tmp_path) as ckpt,
+        pytest.raises(CorruptCheckpointError, match="no readable checkpoint"),
+    ):
+        ckpt.restore_latest_valid(_make_state(0))
 
 
 def test_fingerprint_mismatch_names_fields(tmp_path):
@@ -305,7 +307,7 @@ def test_fingerprint_mismatch_names_fields(tmp_path):
     ) as ckpt:
         with pytest.raises(ValueError, match=r"field\(s\): fl\.lr \(checkpoint 0\.1, now 0\.2\)$"):
             ckpt.restore(_make_state(0))
-        with pytest.raises(ValueError, match="fl.lr"):  # not mistaken for corruption
+        with pytest.raises(ValueError, match=r"fl\.lr"):  # not mistaken for corruption
             ckpt.restore_latest_valid(_make_state(0))
     # The same config (tuples and lists alike, a different ignored field) resumes.
     same = {"fl": {"lr": 0.1, "rounds": 10, "clients": (1, 2)}, "seed": 0, "workdir": "/c"}
@@ -314,9 +316,11 @@ def test_fingerprint_mismatch_names_fields(tmp_path):
     ) as ckpt:
         assert ckpt.restore(_make_state(0)).round == 1
     extra = config_fingerprint({**config, "new_field": 1}, ignore=("workdir",))
-    with RunCheckpointer(tmp_path, fingerprint=extra) as ckpt:
-        with pytest.raises(ValueError, match=r"new_field \(checkpoint <absent>, now 1\)"):
-            ckpt.restore(_make_state(0))
+    with (
+        RunCheckpointer(tmp_path, fingerprint=extra) as ckpt,
+        pytest.raises(ValueError, match=r"new_field \(checkpoint <absent>, now 1\)"),
+    ):
+        ckpt.restore(_make_state(0))
 
 
 def test_template_mismatch_names_leaf(tmp_path):
@@ -345,14 +349,16 @@ def test_bad_arguments(tmp_path):
     with RunCheckpointer(tmp_path) as ckpt:
         with pytest.raises(FileNotFoundError, match="no checkpoint"):
             ckpt.restore(_make_state(0))
-        with pytest.raises(ValueError, match="state.round must be an int >= 0"):
+        with pytest.raises(ValueError, match=r"state\.round must be an int >= 0"):
             ckpt.save(_make_state(0, round_=-1))
         with pytest.raises(ValueError, match="state must be a RoundState"):
             ckpt.save({"round": 1})
         bad = _make_state(0, round_=1)
         with pytest.raises(ValueError, match=r"state\.metrics_history\[0\]\['x'\] must be JSON"):
             ckpt.save(
-                RoundState(1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},))
+                RoundState(
+                    1, bad.params, bad.opt_state, bad.rng, metrics_history=({"x": object()},)
+                )
             )
         with pytest.raises(
             ValueError, match=r"leaf \['baselines'\]\['f'\] has unsupported type str"

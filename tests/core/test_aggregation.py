@@ -108,9 +108,7 @@ class FedavgTest(chex.TestCase):
         want = agg.weighted_mean(clients_bf16, weights)
         for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
             chex.assert_type(got, jnp.bfloat16)
-            np.testing.assert_array_equal(
-                np.asarray(got, np.float32), np.asarray(ref, np.float32)
-            )
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_fedavg_optimizer_with_unit_lr_is_weighted_mean(self):
@@ -208,9 +206,7 @@ class ServerOptimizerTest(chex.TestCase):
         m = (1 - B1) * g_np
         v_tau2 = B2 * TAU**2 + (1 - B2) * g_np**2
         np.testing.assert_allclose(first[None], -m / (np.sqrt(v_tau2) + TAU), rtol=1e-6)
-        np.testing.assert_allclose(
-            first[0.0], -m / (np.sqrt((1 - B2) * g_np**2) + TAU), rtol=1e-6
-        )
+        np.testing.assert_allclose(first[0.0], -m / (np.sqrt((1 - B2) * g_np**2) + TAU), rtol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_server_optimizer_states_are_named_tuples_that_chain_with_optax(self):

@@ -130,7 +130,10 @@ class UnlikelihoodLossTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
-        ("0", 0.0), ("minus_1e-12", -1e-12), ("minus_1e-9", -1e-9), ("minus_1e-6", -1e-6),
+        ("0", 0.0),
+        ("minus_1e-12", -1e-12),
+        ("minus_1e-9", -1e-9),
+        ("minus_1e-6", -1e-6),
         ("minus_1e-3", -1e-3),
     )
     def test_unlikelihood_finite_as_p_goes_to_one(self, logp):
@@ -141,9 +144,7 @@ class UnlikelihoodLossTest(chex.TestCase):
         assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
         # The clamp bounds each token's term by −log(1e-7) ≈ 16.12.
         assert float(value) <= (-np.log(1e-7) - np.log(-np.expm1(-0.01))) / 2 + 1e-3
-        np.testing.assert_allclose(
-            grad[0, 1], np.exp(-0.01) / -np.expm1(-0.01) / 2, rtol=1e-4
-        )
+        np.testing.assert_allclose(grad[0, 1], np.exp(-0.01) / -np.expm1(-0.01) / 2, rtol=1e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_unlikelihood_empty_mask_is_zero(self):
@@ -178,8 +179,14 @@ class SpearLossTest(chex.TestCase):
         lose = np.log(np.array([[0.9, 0.8, 0.2, 0.95]], np.float32))
         lose_mask = np.array([[1, 1, 1, 0]], np.float32)
         loss, metrics = self.variant(losses.spear_loss)(
-            jnp.asarray(logps), jnp.asarray(mask), jnp.asarray(lose), jnp.asarray(lose_mask),
-            jnp.array([0.5]), 1.0, 0.3, 0.5,
+            jnp.asarray(logps),
+            jnp.asarray(mask),
+            jnp.asarray(lose),
+            jnp.asarray(lose_mask),
+            jnp.array([0.5]),
+            1.0,
+            0.3,
+            0.5,
         )
         sft = -(logps * mask).sum() / mask.sum()
         ul = (-np.log(0.1) - np.log(0.2)) / 3 * 0.5
@@ -193,8 +200,15 @@ class SpearLossTest(chex.TestCase):
         logps, mask = _tokens()
         win_weights = jnp.array([1.0, 2.0, 0.5])
         loss, metrics = self.variant(losses.spear_loss)(
-            jnp.asarray(logps), jnp.asarray(mask), jnp.zeros((2, 4)), jnp.zeros((2, 4)),
-            jnp.ones(2), 0.7, 1.0, 0.5, win_weights,
+            jnp.asarray(logps),
+            jnp.asarray(mask),
+            jnp.zeros((2, 4)),
+            jnp.zeros((2, 4)),
+            jnp.ones(2),
+            0.7,
+            1.0,
+            0.5,
+            win_weights,
         )
         sft, _ = losses.sft_loss(jnp.asarray(logps), jnp.asarray(mask), win_weights)
         assert metrics["ul_loss"] == 0.0
@@ -207,8 +221,8 @@ def test_spear_loss_check_grads():
     with jax.enable_x64(True):
         check_grads(
             jax.jit(
-                lambda w, l: losses.spear_loss(
-                    w, jnp.asarray(mask), l, jnp.ones((1, 3)), jnp.ones(1), 1.0, 0.5, 0.1
+                lambda win, lose: losses.spear_loss(
+                    win, jnp.asarray(mask), lose, jnp.ones((1, 3)), jnp.ones(1), 1.0, 0.5, 0.1
                 )[0]
             ),
             (jnp.asarray(logps, jnp.float64), jnp.asarray(lose, jnp.float64)),
@@ -331,7 +345,7 @@ class TpawLossTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_tpaw_reward_exactly_zero_takes_eta(self):
         team = _team()
-        pol_pos, pol_neg, players_pos, players_neg = team
+        _, pol_neg, _, players_neg = team
         args = tuple(jnp.asarray(x[:1, :1] if x.ndim == 2 else x[:1]) for x in team)
         loss, metrics = self.variant(losses.tpaw_loss)(*args, jnp.ones(1), 0.5, 3.0, 1.0)
         rn = 0.5 * (pol_neg[0] - players_neg[0, 0])
@@ -354,12 +368,12 @@ class TpawLossTest(chex.TestCase):
         def spin(p, n):
             return losses.spin_loss(p, n, ref_pos, ref_neg, 0.3)
 
-        (t_loss, t_metrics), t_grads = self.variant(
-            jax.value_and_grad(tpaw, (0, 1), has_aux=True)
-        )(pol_pos, pol_neg)
-        (s_loss, s_metrics), s_grads = self.variant(
-            jax.value_and_grad(spin, (0, 1), has_aux=True)
-        )(pol_pos, pol_neg)
+        (t_loss, t_metrics), t_grads = self.variant(jax.value_and_grad(tpaw, (0, 1), has_aux=True))(
+            pol_pos, pol_neg
+        )
+        (s_loss, s_metrics), s_grads = self.variant(jax.value_and_grad(spin, (0, 1), has_aux=True))(
+            pol_pos, pol_neg
+        )
         np.testing.assert_allclose(t_loss, s_loss, rtol=1e-6)
         for key in ("reward_pos", "reward_neg", "margin", "accuracy"):
             np.testing.assert_allclose(t_metrics[key], s_metrics[key], rtol=1e-6, atol=1e-7)
@@ -432,8 +446,14 @@ def test_tpaw_bad_shapes(shapes, message):
     pol_pos, pol_neg, players_pos, players_neg, num_players = shapes
     with pytest.raises(ValueError, match=message):
         losses.tpaw_loss(
-            jnp.zeros(pol_pos), jnp.zeros(pol_neg), jnp.zeros(players_pos),
-            jnp.zeros(players_neg), jnp.ones(num_players), 1.0, 1.0, 1.0,
+            jnp.zeros(pol_pos),
+            jnp.zeros(pol_neg),
+            jnp.zeros(players_pos),
+            jnp.zeros(players_neg),
+            jnp.ones(num_players),
+            1.0,
+            1.0,
+            1.0,
         )
 
 
@@ -505,14 +525,15 @@ class GrpoLossTest(chex.TestCase):
         padded = [np.concatenate([x, x[:1] * 0 + np.inf]) for x in (logps, old, ref)]
         padded_adv = np.append(adv, 1.0)
         padded_loss, metrics = grpo_loss(
-            *(jnp.asarray(x) for x in padded), jnp.asarray(padded_adv), jnp.asarray(padded_mask),
-            0.2, 0.05,
+            *(jnp.asarray(x) for x in padded),
+            jnp.asarray(padded_adv),
+            jnp.asarray(padded_mask),
+            0.2,
+            0.05,
         )
         np.testing.assert_allclose(padded_loss, _np_grpo(*rollout, 0.2, 0.05), rtol=1e-5)
         assert metrics["num_sequences"] == 3.0
-        empty, _ = grpo_loss(
-            *(jnp.asarray(x) for x in rollout[:4]), jnp.zeros((3, 4)), 0.2, 0.05
-        )
+        empty, _ = grpo_loss(*(jnp.asarray(x) for x in rollout[:4]), jnp.zeros((3, 4)), 0.2, 0.05)
         assert empty == 0.0
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -521,8 +542,13 @@ class GrpoLossTest(chex.TestCase):
         grad = self.variant(
             jax.grad(
                 lambda x: losses.grpo_loss(
-                    x, jax.lax.stop_gradient(x), jnp.asarray(logps), jnp.asarray(adv),
-                    jnp.asarray(mask), 0.2, 0.0,
+                    x,
+                    jax.lax.stop_gradient(x),
+                    jnp.asarray(logps),
+                    jnp.asarray(adv),
+                    jnp.asarray(mask),
+                    0.2,
+                    0.0,
                 )[0]
             )
         )(jnp.asarray(logps))
@@ -538,8 +564,13 @@ def test_grpo_check_grads():
         check_grads(
             jax.jit(
                 lambda x: losses.grpo_loss(
-                    x, jnp.asarray(old, jnp.float64), jnp.asarray(ref, jnp.float64),
-                    jnp.asarray(adv, jnp.float64), jnp.asarray(mask), 10.0, 0.1,
+                    x,
+                    jnp.asarray(old, jnp.float64),
+                    jnp.asarray(ref, jnp.float64),
+                    jnp.asarray(adv, jnp.float64),
+                    jnp.asarray(mask),
+                    10.0,
+                    0.1,
                 )[0]
             ),
             (jnp.asarray(logps, jnp.float64),),
@@ -597,8 +628,14 @@ def test_token_loss_bad_inputs():
         losses.unlikelihood_loss(jnp.zeros((2, 3)), jnp.ones((2, 3)), 1.0, jnp.ones(2))
     with pytest.raises(ValueError, match=r"lose_mask must have shape \[B, T\] = \[1, 3\]"):
         losses.spear_loss(
-            jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros((1, 3)), jnp.ones((1, 4)),
-            jnp.ones(1), 1.0, 1.0, 0.5,
+            jnp.zeros((2, 3)),
+            jnp.ones((2, 3)),
+            jnp.zeros((1, 3)),
+            jnp.ones((1, 4)),
+            jnp.ones(1),
+            1.0,
+            1.0,
+            0.5,
         )
     with pytest.raises(ValueError, match=r"ref_rejected must have shape \[B\] = \[2\]"):
         losses.dpo_loss(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(3), 0.1)

@@ -61,15 +61,13 @@ class ResponseWeightsTest(chex.TestCase):
     def test_response_weights_eta_where_reward_not_positive(self):
         rewards = jnp.array([[-1.0, 0.0, 1e-8], [2.0, -0.0, -3.0]])
         got = self.variant(weighting.response_weights)(rewards, 1.7)
-        np.testing.assert_array_equal(
-            got, np.array([[1.7, 1.7, 1.0], [1.0, 1.7, 1.7]], np.float32)
-        )
+        np.testing.assert_array_equal(got, np.array([[1.7, 1.7, 1.0], [1.0, 1.7, 1.7]], np.float32))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_response_weights_have_no_gradient(self):
-        grad = self.variant(
-            jax.grad(lambda r: jnp.sum(weighting.response_weights(r, 3.0) * r))
-        )(jnp.array([[-1.0, 2.0]]))
+        grad = self.variant(jax.grad(lambda r: jnp.sum(weighting.response_weights(r, 3.0) * r)))(
+            jnp.array([[-1.0, 2.0]])
+        )
         # d/dr [α·r] with α constant is α itself.
         np.testing.assert_allclose(grad, [[3.0, 1.0]])
         with pytest.raises(ValueError, match=r"pos_rewards must have rank 2 \[J, B\]"):
@@ -184,7 +182,10 @@ class ClientWeightsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_client_weights_advantage_is_stable_for_huge_advantages(self):
         weights, keep = self._client_weights()(
-            jnp.array([1.0, 4.0, 2.0]), jnp.array([1000.0, 1000.0, -1000.0]), "advantage", 1.0,
+            jnp.array([1.0, 4.0, 2.0]),
+            jnp.array([1000.0, 1000.0, -1000.0]),
+            "advantage",
+            1.0,
             None,
         )
         np.testing.assert_allclose(weights, [0.2, 0.8, 0.0], atol=1e-7)

@@ -147,8 +147,12 @@ def test_split_slices_are_disjoint_and_cover_the_split(load_split):
 
 @pytest.mark.parametrize(
     "split, message",
-    [("dev[:50%]", "split must be one of"), ("test[:50]x", "split must be one of"),
-     ("test[200%:]", "outside -100%..100%"), ("test[5:5]", "is empty")],
+    [
+        ("dev[:50%]", "split must be one of"),
+        ("test[:50]x", "split must be one of"),
+        ("test[200%:]", "outside -100%..100%"),
+        ("test[5:5]", "is empty"),
+    ],
 )
 def test_bad_split_slices_raise(split, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -170,8 +174,9 @@ def test_bad_limit_raises(limit):
 
 def test_unknown_split_raises_naming_the_splits():
     with pytest.raises(
-        ValueError, match=r"split must be one of \('train', 'test'\) or a slice such as "
-                          r"'test\[:75%\]' for task 'gsm8k', got 'dev'"
+        ValueError,
+        match=r"split must be one of \('train', 'test'\) or a slice such as "
+        r"'test\[:75%\]' for task 'gsm8k', got 'dev'",
     ):
         data.get_task("gsm8k").load("dev")
 
@@ -251,15 +256,23 @@ def test_hub_dispatch_gsm8k(tmp_path, monkeypatch):
 
 
 def test_hub_dispatch_ultrachat_first_turn_is_the_gold_response(monkeypatch):
-    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Sure."}]
+    turns = [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Sure."},
+    ]
     fake = _FakeHub([{"prompt": "Hi?", "prompt_id": "abc", "messages": turns}])
     monkeypatch.setattr(sources, "hub_dataset", fake)
     task = data.get_task("ultrachat")
     (ex,) = task.load("train_sft")
     assert fake.calls == [("HuggingFaceH4/ultrachat_200k", None, "train_sft")]
     assert (ex.uid, ex.question, ex.gold_response, ex.label) == (
-        "ultrachat/train_sft/abc", "Hi?", "Hello.", "2")
+        "ultrachat/train_sft/abc",
+        "Hi?",
+        "Hello.",
+        "2",
+    )
     assert task.messages(ex) == [{"role": "user", "content": "Hi?"}]
     assert not task.is_correct("Hello.", ex) and task.source == "hub"
 

@@ -34,12 +34,17 @@ def _log_softmax(x):
 def test_loglik_accuracy_matches_numpy_scoring(policy):
     model, graphdef, states, tokenizer = policy
     task = get_task("arc_challenge")
-    items = [Example(uid=str(i), question=q, answer="A", choices=c) for i, (q, c) in enumerate([
-        ("Which is a metal?", ("iron", "wood", "glass")),
-        ("What do plants need?", ("sunlight and water", "sand", "plastic bags", "noise")),
-        ("Which planet is red?", ("Mars", "Venus")),
-        ("What melts ice?", ("heat", "cold air", "darkness")),
-    ])]
+    items = [
+        Example(uid=str(i), question=q, answer="A", choices=c)
+        for i, (q, c) in enumerate(
+            [
+                ("Which is a metal?", ("iron", "wood", "glass")),
+                ("What do plants need?", ("sunlight and water", "sand", "plastic bags", "noise")),
+                ("Which planet is red?", ("Mars", "Venus")),
+                ("What melts ice?", ("heat", "cold air", "darkness")),
+            ]
+        )
+    ]
     best = []
     for ex in items:
         context, continuations, _ = task.choices(ex)
@@ -53,8 +58,10 @@ def test_loglik_accuracy_matches_numpy_scoring(policy):
     # Gold = numpy's choice for items 0 and 2, a different option for 1 and 3: acc = 1/2.
     letters = "ABCD"
     golds = [best[0], (best[1] + 1) % 4, best[2], (best[3] + 1) % 3]
-    items = [Example(uid=ex.uid, question=ex.question, answer=letters[g], choices=ex.choices)
-             for ex, g in zip(items, golds)]
+    items = [
+        Example(uid=ex.uid, question=ex.question, answer=letters[g], choices=ex.choices)
+        for ex, g in zip(items, golds)
+    ]
     result = loglik_accuracy(graphdef, states, tokenizer, task, items, batch_size=3)
     assert result["accuracy"] == 0.5 and result["total"] == 4.0
     assert evaluate(graphdef, states, tokenizer, task, items, batch_size=5)["accuracy"] == 0.5
@@ -67,9 +74,18 @@ def test_generation_accuracy_matches_one_by_one_greedy_decoding(policy):
     replies = []
     for ex in items:
         ids, mask = tokenizer.encode_batch(tokenizer.apply_chat_template([task.messages(ex)]))
-        out = generate(graphdef, states, ids, mask, max_new_tokens=6, temperature=0.0,
-                       eos_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id)
+        out = generate(
+            graphdef,
+            states,
+            ids,
+            mask,
+            max_new_tokens=6,
+            temperature=0.0,
+            eos_ids=tokenizer.eos_token_ids,
+            pad_id=tokenizer.pad_token_id,
+        )
         replies.append(tokenizer.batch_decode(np.asarray(out.tokens))[0])
+
     # Make the numbers checkable: gold = what the model says for items 1 and 3 is
     # impossible to arrange, so judge with a task whose correctness is the reply itself.
     class EchoTask(type(task)):
@@ -77,11 +93,18 @@ def test_generation_accuracy_matches_one_by_one_greedy_decoding(policy):
             return text == example.meta["reply"]
 
     echo = EchoTask()
-    judged = [Example(uid=ex.uid, question=ex.question, answer=ex.answer,
-                      meta={"reply": replies[i] if i in (1, 3) else "never"})
-              for i, ex in enumerate(items)]
-    result = generation_accuracy(graphdef, states, tokenizer, echo, judged, max_new_tokens=6,
-                                 batch_size=4)
+    judged = [
+        Example(
+            uid=ex.uid,
+            question=ex.question,
+            answer=ex.answer,
+            meta={"reply": replies[i] if i in (1, 3) else "never"},
+        )
+        for i, ex in enumerate(items)
+    ]
+    result = generation_accuracy(
+        graphdef, states, tokenizer, echo, judged, max_new_tokens=6, batch_size=4
+    )
     assert result["accuracy"] == pytest.approx(2 / 5) and result["total"] == 5.0
     assert 1.0 <= result["mean_reply_tokens"] <= 6.0
 

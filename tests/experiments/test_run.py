@@ -22,17 +22,32 @@ def test_runner_applies_overrides_and_prints_the_table(tmp_path):
     model_dir = fixtures.save_tiny_model(tmp_path / "model")
     workdir = tmp_path / "run"
     overrides = {
-        "model.path": str(model_dir), "model.lora.rank": 2, "fl.rounds": 1,
-        "fl.backend": "loop", "data.limit": 32, "rollout.prompts_per_client": 2,
-        "rollout.max_new_tokens": 4, "algorithm.max_revisions": 1, "local.steps": 1,
-        "local.batch_size": 2, "local.max_len": 128, "eval.examples": 4,
-        "eval.max_new_tokens": 4, "eval.batch_size": 4, "log.tensorboard": False,
+        "model.path": str(model_dir),
+        "model.lora.rank": 2,
+        "fl.rounds": 1,
+        "fl.backend": "loop",
+        "data.limit": 32,
+        "rollout.prompts_per_client": 2,
+        "rollout.max_new_tokens": 4,
+        "algorithm.max_revisions": 1,
+        "local.steps": 1,
+        "local.batch_size": 2,
+        "local.max_len": 128,
+        "eval.examples": 4,
+        "eval.max_new_tokens": 4,
+        "eval.batch_size": 4,
+        "log.tensorboard": False,
     }
-    command = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/demo.py",
-               f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=experiments/configs/demo.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "round  accuracy"
@@ -46,7 +61,13 @@ def test_runner_applies_overrides_and_prints_the_table(tmp_path):
 
 
 def test_runner_rejects_unknown_override(tmp_path):
-    command = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/demo.py",
-               f"--workdir={tmp_path}", "--config.fl.roundz=3"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=experiments/configs/demo.py",
+        f"--workdir={tmp_path}",
+        "--config.fl.roundz=3",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "roundz" in result.stderr

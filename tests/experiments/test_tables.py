@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import experiments.tables
-from experiments.tables import cli, cost, grids, render, running
 import fedsp
+from experiments.tables import cli, cost, grids, render, running
 from tests.federated import fixtures
 
 
@@ -38,22 +38,40 @@ def test_package_reexports_the_modules_public_names():
     for name in experiments.tables.__all__:
         owners = [m for m in modules if getattr(m, name, None) is getattr(experiments.tables, name)]
         assert owners, name
-    public = {n for m in modules for n, v in vars(m).items() if not n.startswith("_")
-              and getattr(v, "__module__", m.__name__) == m.__name__
-              and not isinstance(v, type(m)) and n != "annotations"}
+    public = {
+        n
+        for m in modules
+        for n, v in vars(m).items()
+        if not n.startswith("_")
+        and getattr(v, "__module__", m.__name__) == m.__name__
+        and not isinstance(v, type(m))
+        and n != "annotations"
+    }
     assert public <= set(experiments.tables.__all__), public - set(experiments.tables.__all__)
 
 
-@pytest.mark.parametrize("name,runs,datasets", [
-    ("spear", ("spear", "feedback_sft", "grpo", "sft"), ("arithmetic", "gsm8k", "arc_challenge")),
-    ("tpaw", ("spin", "tpaw"), ("gsm8k",)),
-    ("aggregation", ("fedavg", "fedavg_prune", "advantage", "advantage_prune"), ("arithmetic",)),
-    ("settings", ("centralized", "fed_sft", "fed_selfplay"), ("arithmetic",)),
-])
+@pytest.mark.parametrize(
+    "name,runs,datasets",
+    [
+        (
+            "spear",
+            ("spear", "feedback_sft", "grpo", "sft"),
+            ("arithmetic", "gsm8k", "arc_challenge"),
+        ),
+        ("tpaw", ("spin", "tpaw"), ("gsm8k",)),
+        (
+            "aggregation",
+            ("fedavg", "fedavg_prune", "advantage", "advantage_prune"),
+            ("arithmetic",),
+        ),
+        ("settings", ("centralized", "fed_sft", "fed_selfplay"), ("arithmetic",)),
+    ],
+)
 def test_grid_has_every_run_dataset_seed(name, runs, datasets):
     grid = grids.cells(grids.TABLES[name])
     assert sorted(c.name for c in grid) == sorted(
-        f"{r}-{d}-s{s}" for r in runs for d in datasets for s in (0, 1, 2))
+        f"{r}-{d}-s{s}" for r in runs for d in datasets for s in (0, 1, 2)
+    )
     for cell in grid:
         config = cell.config
         assert config.seed == cell.seed and config.task.name == cell.dataset
@@ -61,35 +79,54 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
         assert config.algorithm.name in fedsp.algorithm_names()
         if cell.run != "centralized":
             assert (config.data.num_clients, config.data.partition, config.data.alpha) == (
-                8, "dirichlet", 1.0)
+                8,
+                "dirichlet",
+                1.0,
+            )
         # Offline data only: ARC (test file only) is cut into disjoint train / eval parts.
-        splits = ("test[:75%]", "test[75%:]") if cell.dataset == "arc_challenge" else (
-            "train", "test")
+        splits = (
+            ("test[:75%]", "test[75%:]") if cell.dataset == "arc_challenge" else ("train", "test")
+        )
         assert (config.task.train_split, config.task.eval_split) == splits
 
 
 def test_spear_rows_read_the_right_runs():
     table = grids.TABLES["spear"]
     algorithms = {c.run: c.config.algorithm.name for c in grids.cells(table, seeds=[0])}
-    assert algorithms == {"spear": "spear", "feedback_sft": "feedback_sft", "grpo": "grpo",
-                          "sft": "sft"}
+    assert algorithms == {
+        "spear": "spear",
+        "feedback_sft": "feedback_sft",
+        "grpo": "grpo",
+        "sft": "sft",
+    }
     start = next(r for r in table.rows if r.key == "start")
     assert (start.run, start.round) == ("spear", 0)
     tpaw = grids.TABLES["tpaw"]
     assert [(r.label, r.run, r.round) for r in tpaw.rows] == [
-        ("SFT start", "spin", 0), ("SPIN iter 1", "spin", 1), ("SPIN iter 2", "spin", 2),
-        ("SPIN iter 3", "spin", 3), ("TPAW iter 1", "tpaw", 1), ("TPAW iter 2", "tpaw", 2),
-        ("TPAW iter 3", "tpaw", 3)]
-    assert all(c.config.fl.rounds == 3 and c.config.eval.every == 1
-               for c in grids.cells(tpaw, seeds=[0]))
+        ("SFT start", "spin", 0),
+        ("SPIN iter 1", "spin", 1),
+        ("SPIN iter 2", "spin", 2),
+        ("SPIN iter 3", "spin", 3),
+        ("TPAW iter 1", "tpaw", 1),
+        ("TPAW iter 2", "tpaw", 2),
+        ("TPAW iter 3", "tpaw", 3),
+    ]
+    assert all(
+        c.config.fl.rounds == 3 and c.config.eval.every == 1 for c in grids.cells(tpaw, seeds=[0])
+    )
 
 
 def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
     agg = {c.run: c.config for c in grids.cells(grids.TABLES["aggregation"], seeds=[0])}
-    assert _diff(agg["fedavg"], agg["advantage_prune"]) == {"fl.client_weighting",
-                                                            "fl.prune_threshold"}
-    assert (agg["advantage_prune"].fl.client_weighting, agg["advantage_prune"].fl.prune_threshold,
-            agg["fedavg"].fl.prune_threshold) == ("advantage", 0.0, None)
+    assert _diff(agg["fedavg"], agg["advantage_prune"]) == {
+        "fl.client_weighting",
+        "fl.prune_threshold",
+    }
+    assert (
+        agg["advantage_prune"].fl.client_weighting,
+        agg["advantage_prune"].fl.prune_threshold,
+        agg["fedavg"].fl.prune_threshold,
+    ) == ("advantage", 0.0, None)
     settings = {c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[0])}
     assert _diff(settings["fed_sft"], settings["fed_selfplay"]) == {"algorithm.name"}
     central = settings["centralized"]
@@ -101,8 +138,7 @@ def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
 
 def test_arithmetic_cells_validate():
     for name in grids.TABLES:
-        grid = [c for c in grids.cells(grids.TABLES[name], seeds=[0])
-                if c.dataset == "arithmetic"]
+        grid = [c for c in grids.cells(grids.TABLES[name], seeds=[0]) if c.dataset == "arithmetic"]
         assert running.validation_problems(grid) == []
 
 
@@ -134,8 +170,11 @@ def test_identical_cells_are_shared_across_tables():
     assert names["spear/spear-arithmetic-s1"] == "aggregation/fedavg-arithmetic-s1"
     assert names["spear/sft-arithmetic-s1"] == "settings/fed_sft-arithmetic-s1"
     shared = {k for k, v in names.items() if k != v}
-    assert shared == {"settings/fed_selfplay-arithmetic-s1", "spear/spear-arithmetic-s1",
-                      "spear/sft-arithmetic-s1"}
+    assert shared == {
+        "settings/fed_selfplay-arithmetic-s1",
+        "spear/spear-arithmetic-s1",
+        "spear/sft-arithmetic-s1",
+    }
     # An override applies to every table, so shared cells stay shared and nothing else is.
     grid = grids.cells(grids.TABLES["spear"], seeds=[1], overrides={"local.lr": 1e-3})
     dirs = grids.cell_dirs(grid, root, seeds=[1], scale="cpu", overrides={"local.lr": 1e-3})
@@ -151,7 +190,8 @@ def test_cost_model_on_the_benchmarked_round():
     train = 4 * 1 * 4 * 160 / cost.TRAIN_TOKENS_S
     evals = 2 * 32 * 16 / cost.DECODE_TOKENS_S
     assert cost.estimate_seconds(config) == pytest.approx(
-        cost.STARTUP_S + rollout + train + cost.ROUND_OVERHEAD_S + evals)
+        cost.STARTUP_S + rollout + train + cost.ROUND_OVERHEAD_S + evals
+    )
 
 
 def test_mean_std_is_numpy_sample_std():
@@ -159,8 +199,10 @@ def test_mean_std_is_numpy_sample_std():
     mean, std, n = render.mean_std(values)
     assert (mean, n) == (pytest.approx(np.mean(values)), 3)
     assert std == pytest.approx(np.std(values, ddof=1))
-    assert render.mean_std([0.5, None, 0.25])[:2] == (pytest.approx(0.375),
-                                                      pytest.approx(np.std([0.5, 0.25], ddof=1)))
+    assert render.mean_std([0.5, None, 0.25])[:2] == (
+        pytest.approx(0.375),
+        pytest.approx(np.std([0.5, 0.25], ddof=1)),
+    )
     mean, std, n = render.mean_std([0.5])
     assert mean == 0.5 and math.isnan(std) and n == 1
     assert render.mean_std([None])[2] == 0
@@ -182,13 +224,19 @@ def test_rounds_to_target_and_bytes_from_a_known_curve():
 
 def _result(run, seed, accuracy, *, sent=100, saved=0, num_clients=8, text_leaves=0):
     rounds = sorted(accuracy, key=int)
-    return {"run": run, "dataset": "arithmetic", "seed": seed,
-            "curves": {"accuracy": accuracy, "bytes_sent": {r: (0 if r == "0" else sent)
-                                                            for r in rounds},
-                       "bytes_saved": {r: saved for r in rounds}},
-            "summary": {"bytes_sent": sent * (len(rounds) - 1), "bytes_saved": saved},
-            "audit": {"server_calls": len(rounds) - 1, "text_leaves": text_leaves},
-            "config": {"data": {"num_clients": num_clients}}}
+    return {
+        "run": run,
+        "dataset": "arithmetic",
+        "seed": seed,
+        "curves": {
+            "accuracy": accuracy,
+            "bytes_sent": {r: (0 if r == "0" else sent) for r in rounds},
+            "bytes_saved": dict.fromkeys(rounds, saved),
+        },
+        "summary": {"bytes_sent": sent * (len(rounds) - 1), "bytes_saved": saved},
+        "audit": {"server_calls": len(rounds) - 1, "text_leaves": text_leaves},
+        "config": {"data": {"num_clients": num_clients}},
+    }
 
 
 def test_collect_aggregation_numbers():
@@ -197,8 +245,11 @@ def test_collect_aggregation_numbers():
     for seed in (0, 1):
         results.append(_result("fedavg", seed, {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.5}))
         results.append(_result("advantage", seed, {"0": 0.1, "1": 0.35, "2": 0.4, "3": 0.4}))
-        results.append(_result("fedavg_prune", seed, {"0": 0.1, "1": 0.1, "2": 0.1, "3": 0.2},
-                               sent=50, saved=50))
+        results.append(
+            _result(
+                "fedavg_prune", seed, {"0": 0.1, "1": 0.1, "2": 0.1, "3": 0.2}, sent=50, saved=50
+            )
+        )
         results.append(_result("advantage_prune", seed, {"0": 0.1, "1": 0.3, "2": 0.3, "3": 0.3}))
     numbers = render.collect(table, results)
     # target = round-0 + 0.5 × (best − round-0) of FedAvg = 0.1 + 0.5 × 0.4 = 0.3
@@ -213,12 +264,25 @@ def test_collect_aggregation_numbers():
     assert rows["fedavg_prune"]["arithmetic"]["bytes_saved_stat"][0] == 50
     assert rows["fedavg"]["arithmetic"]["mean"] == pytest.approx(0.5)
     assert render.collect(table, results, target=0.45)["rows"]["fedavg"]["arithmetic"][
-        "rounds_to_target"] == {0: 3, 1: 3}
-    md = render.render_markdown(table, numbers, {"scale": "cpu", "estimated_s": 3600.0,
-                                                 "measured_s": 0.0, "command": "x",
-                                                 "rounds_s": 5400.0, "commit": "abc123"})
+        "rounds_to_target"
+    ] == {0: 3, 1: 3}
+    md = render.render_markdown(
+        table,
+        numbers,
+        {
+            "scale": "cpu",
+            "estimated_s": 3600.0,
+            "measured_s": 0.0,
+            "command": "x",
+            "rounds_s": 5400.0,
+            "commit": "abc123",
+        },
+    )
     assert "| advantage-weighted | 0.400 ± 0.000 | 1.0 ± 0.0 | 0.00 ± 0.00 |" in md
-    assert "over every process that ran them: 1.50 h. Table written by a process started at commit abc123." in md
+    assert (
+        "over every process that ran them: 1.50 h. Table written by a process started at commit abc123."
+        in md
+    )
     assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
 
 
@@ -239,14 +303,17 @@ def test_server_audit_types_every_leaf():
     assert audit.leaf_types == {"ndarray": 3, "float32": 1, "str": 1, "float": 1}
 
 
-@pytest.mark.parametrize("argv,field", [
-    (["--table", "nope"], "--table"),
-    (["--table", "spear", "--scale", "huge"], "--scale"),
-    (["--table", "spear", "--seeds", "0,x"], "--seeds"),
-    (["--table", "spear", "--set", "fl.roundz=3", "--dry-run"], "fl.roundz"),
-    (["--table", "spear", "--set", "fl.rounds", "--dry-run"], "--set"),
-    (["--table", "spear", "--cells", "zzz", "--dry-run"], "--cells"),
-])
+@pytest.mark.parametrize(
+    "argv,field",
+    [
+        (["--table", "nope"], "--table"),
+        (["--table", "spear", "--scale", "huge"], "--scale"),
+        (["--table", "spear", "--seeds", "0,x"], "--seeds"),
+        (["--table", "spear", "--set", "fl.roundz=3", "--dry-run"], "fl.roundz"),
+        (["--table", "spear", "--set", "fl.rounds", "--dry-run"], "--set"),
+        (["--table", "spear", "--cells", "zzz", "--dry-run"], "--cells"),
+    ],
+)
 def test_bad_options_name_the_field(argv, field, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(argv)
@@ -255,8 +322,22 @@ def test_bad_options_name_the_field(argv, field, capsys):
 
 
 def test_dry_run_prints_cells_and_configs(capsys):
-    assert cli.main(["--table", "aggregation", "--seeds", "0", "--cells", "advantage",
-                        "--set", "fl.rounds=2", "--dry-run"]) == 0
+    assert (
+        cli.main(
+            [
+                "--table",
+                "aggregation",
+                "--seeds",
+                "0",
+                "--cells",
+                "advantage",
+                "--set",
+                "fl.rounds=2",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("table aggregation: 2 cells, scale cpu")
     assert "== advantage-arithmetic-s0" in out and "== advantage_prune-arithmetic-s0" in out
@@ -264,20 +345,22 @@ def test_dry_run_prints_cells_and_configs(capsys):
 
 
 def test_full_scale_configs_for_every_row(capsys):
-    for name, table in grids.TABLES.items():
+    for table in grids.TABLES.values():
         for cell in grids.cells(table, seeds=[0], scale="full"):
             assert cell.config.model.path in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-1.5B")
             assert cell.config.model.dtype == "bfloat16"
     tpaw = grids.cells(grids.TABLES["tpaw"], seeds=[0], scale="full")
     assert {(c.config.data.num_clients, c.config.fl.clients_per_round) for c in tpaw} == {(8, 8)}
-    spear = {c.name: c.config
-             for c in grids.cells(grids.TABLES["spear"], seeds=[0], scale="full")}
+    spear = {c.name: c.config for c in grids.cells(grids.TABLES["spear"], seeds=[0], scale="full")}
     assert spear["grpo-arc_challenge-s0"].algorithm.name == "grpo"
     assert spear["spear-arc_challenge-s0"].data.num_clients == 50
-    assert (spear["spear-arc_challenge-s0"].task.train_split,
-            spear["spear-arc_challenge-s0"].task.eval_split) == ("train", "test")
-    settings = {c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[1],
-                                                      scale="full")}
+    assert (
+        spear["spear-arc_challenge-s0"].task.train_split,
+        spear["spear-arc_challenge-s0"].task.eval_split,
+    ) == ("train", "test")
+    settings = {
+        c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[1], scale="full")
+    }
     assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
     assert cli.main(["--table", "tpaw", "--scale", "full", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -291,9 +374,22 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path, monkeypatch):
-    argv = ["--table", "settings", "--scale", "tiny", "--seeds", "0",
-            "--cells", "centralized,fed_sft,fed_selfplay", "--workdir", str(tmp_path / "runs"),
-            "--results-dir", str(tmp_path / "results"), "--set", f"model.path={model_dir}"]
+    argv = [
+        "--table",
+        "settings",
+        "--scale",
+        "tiny",
+        "--seeds",
+        "0",
+        "--cells",
+        "centralized,fed_sft,fed_selfplay",
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--set",
+        f"model.path={model_dir}",
+    ]
     assert cli.main(argv) == 0
     results = tmp_path / "results"
     md = (results / "settings.md").read_text()
@@ -303,24 +399,34 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     data = json.loads((results / "settings.json").read_text())
     assert sorted(c["run"] for c in data["cells"]) == ["centralized", "fed_selfplay", "fed_sft"]
     # The federated SPEAR cell is the aggregation table's FedAvg cell: it ran there, once.
-    where = {"centralized": "settings/centralized", "fed_sft": "settings/fed_sft",
-             "fed_selfplay": "aggregation/fedavg"}
+    where = {
+        "centralized": "settings/centralized",
+        "fed_sft": "settings/fed_sft",
+        "fed_selfplay": "aggregation/fedavg",
+    }
     assert data["meta"]["shared_cells"] == {
-        "fed_selfplay-arithmetic-s0": "aggregation/fedavg-arithmetic-s0"}
+        "fed_selfplay-arithmetic-s0": "aggregation/fedavg-arithmetic-s0"
+    }
     assert "1 of its cells are another table's" in md
     assert not (tmp_path / "runs" / "tiny" / "settings" / "fed_selfplay-arithmetic-s0").exists()
     for cell in data["cells"]:
-        summary = json.loads((tmp_path / "runs" / "tiny" /
-                              f"{where[cell['run']]}-arithmetic-s0" / "summary.json").read_text())
+        summary = json.loads(
+            (
+                tmp_path / "runs" / "tiny" / f"{where[cell['run']]}-arithmetic-s0" / "summary.json"
+            ).read_text()
+        )
         assert cell["curves"]["accuracy"] == summary["accuracy_by_round"]
-        assert data["numbers"]["rows"][cell["run"]]["arithmetic"]["per_seed"]["0"] == \
-            summary["final_accuracy"]
+        assert (
+            data["numbers"]["rows"][cell["run"]]["arithmetic"]["per_seed"]["0"]
+            == summary["final_accuracy"]
+        )
     fed = next(c for c in data["cells"] if c["run"] == "fed_sft")
     assert fed["audit"]["server_calls"] == 2 and fed["audit"]["text_leaves"] == 0
     # The budget line adds up every round's wall time, read back from metrics.jsonl.
     assert sorted(fed["curves"]["time_s"]) == ["1", "2"]  # round 0 is evaluation only
     assert data["meta"]["rounds_s"] == pytest.approx(
-        sum(sum(c["curves"]["time_s"].values()) for c in data["cells"]))
+        sum(sum(c["curves"]["time_s"].values()) for c in data["cells"])
+    )
     assert data["meta"]["rounds_s"] > 0 and data["meta"]["commit"]
     commit = running._git_commit() or "unknown"
     assert all(c["commits"] == [commit] for c in data["cells"])
@@ -335,14 +441,18 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     assert cli.main(argv) == 0
     assert (results / "settings.md").read_text() == md
     # A finished cell whose config changed is refused, naming the field.
-    with pytest.raises(ValueError, match="local.lr"):
-        cli.main(argv + ["--set", "local.lr=0.001"])
+    with pytest.raises(ValueError, match=r"local\.lr"):
+        cli.main([*argv, "--set", "local.lr=0.001"])
 
 
 def test_speedup_line_reports_what_was_measured():
-    rows = {"fedavg": {"a": {"rounds_to_target_stat": (5.0, 0.0, 3)}},
-            "advantage": {"a": {"rounds_to_target_stat": (3.0, 0.0, 3)}}}
-    assert "3.00 vs 5.00" in render._speedup(rows, "a") and "40% fewer" in render._speedup(rows, "a")
+    rows = {
+        "fedavg": {"a": {"rounds_to_target_stat": (5.0, 0.0, 3)}},
+        "advantage": {"a": {"rounds_to_target_stat": (3.0, 0.0, 3)}},
+    }
+    assert "3.00 vs 5.00" in render._speedup(rows, "a") and "40% fewer" in render._speedup(
+        rows, "a"
+    )
     rows["advantage"]["a"]["rounds_to_target_stat"] = (6.0, 0.0, 3)
     assert "20% more" in render._speedup(rows, "a")
     rows["advantage"]["a"]["rounds_to_target_stat"] = (math.nan, math.nan, 0)
@@ -353,7 +463,8 @@ def test_all_tables_dry_run(capsys):
     assert cli.main(["--table", "all", "--seeds", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("table ")] == [
-        f"table {name}" for name in grids.TABLES]
+        f"table {name}" for name in grids.TABLES
+    ]
 
 
 def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monkeypatch):
@@ -380,8 +491,11 @@ def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monke
     assert running.run_cell(cell, workdir) == {"final_accuracy": 0.5}
     assert calls == [workdir, workdir]
     audit = json.loads((workdir / "server_audit.json").read_text())
-    assert audit == {"server_calls": 4, "leaf_types": {"ndarray": 8, "float32": 4},
-                     "text_leaves": 0}
+    assert audit == {
+        "server_calls": 4,
+        "leaf_types": {"ndarray": 8, "float32": 4},
+        "text_leaves": 0,
+    }
     # Both attempts ran at this checkout's commit: recorded once.
     assert running.cell_commits(workdir) == [running._git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedsp.config import default_config
 from fedsp import data as data_lib
 from fedsp.assets import default_model_path
+from fedsp.config import default_config
 from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 from tests.model import tiny
 
@@ -60,11 +60,13 @@ class StandInAlgorithm:
     name: str = "stand_in"
     poison: tuple[tuple[int, int], ...] = ()
 
-    def collect(self, policy, lora_state, client_examples, task, feedback, key, round, *,
-                baselines=None):
+    def collect(
+        self, policy, lora_state, client_examples, task, feedback, key, round, *, baselines=None
+    ):
         del policy, lora_state, task, feedback
-        targets = np.asarray([[float(ex.answer) / 100.0 for ex in exs]
-                              for exs in client_examples], np.float32)
+        targets = np.asarray(
+            [[float(ex.answer) / 100.0 for ex in exs] for exs in client_examples], np.float32
+        )
         rewards = (targets > 0.5).mean(axis=1)
         prev = np.asarray(baselines, np.float32)
         reference = np.where(np.isnan(prev), rewards, prev)
@@ -73,10 +75,13 @@ class StandInAlgorithm:
         for rnd, position in self.poison:
             if rnd == round:
                 poison[position] = 1.0
-        batch = {"target": jnp.asarray(targets), "poison": jnp.asarray(poison),
-                 "noise": jax.random.normal(key, (len(client_examples),)),
-                 "mean_advantage": jnp.asarray(rewards - reference),
-                 "baseline": jnp.asarray(new_baseline, jnp.float32)}
+        batch = {
+            "target": jnp.asarray(targets),
+            "poison": jnp.asarray(poison),
+            "noise": jax.random.normal(key, (len(client_examples),)),
+            "mean_advantage": jnp.asarray(rewards - reference),
+            "baseline": jnp.asarray(new_baseline, jnp.float32),
+        }
         return batch, {"num_prompts": float(targets.size)}
 
     def local_train(self, graphdef, base_state, lora_state, batch_c, key_c):
@@ -85,8 +90,9 @@ class StandInAlgorithm:
         shift = shift + jnp.where(batch_c["poison"] > 0, jnp.nan, 0.0)
         leaves, treedef = jax.tree.flatten(lora_state)
         keys = jax.random.split(key_c, len(leaves))
-        new = [x + shift + 1e-3 * jax.random.normal(k, x.shape, x.dtype)
-               for k, x in zip(keys, leaves)]
+        new = [
+            x + shift + 1e-3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)
+        ]
         target = batch_c["target"]
         stats = {
             "num_examples": jnp.float32(target.shape[0]) + jnp.sum(target > 0.5),

@@ -3,6 +3,7 @@ model with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -35,6 +36,7 @@ class Recorder:
             out = step(params, opt_state, uploads)
             self.calls.append(((params, opt_state, uploads), jax.tree.map(np.asarray, out)))
             return out
+
         return recorded
 
 
@@ -80,10 +82,15 @@ def test_server_inputs_hold_no_text(model_dir, tmp_path, monkeypatch):
     recorder = Recorder()
     seen = []
     monkeypatch.chdir(tmp_path)  # a relative workdir, as `make demo` passes
-    hooks = RoundHooks(on_uploads=lambda rnd, uploads: seen.append((rnd, uploads)),
-                       server_step=recorder.wrap)
-    summary = fedsp.run(fixtures.tiny_config(model_dir, fl__rounds=1), "run", hooks=hooks,
-                        algorithm=fixtures.StandInAlgorithm())
+    hooks = RoundHooks(
+        on_uploads=lambda rnd, uploads: seen.append((rnd, uploads)), server_step=recorder.wrap
+    )
+    summary = fedsp.run(
+        fixtures.tiny_config(model_dir, fl__rounds=1),
+        "run",
+        hooks=hooks,
+        algorithm=fixtures.StandInAlgorithm(),
+    )
     assert summary["workdir"] == str(tmp_path / "run")
     inputs, _ = recorder.calls[0]
     # Everything a client sends (adapters, counts, advantages, loss stats) is an array.
@@ -169,36 +176,56 @@ def _assert_resume_is_exact(config, algorithm, tmp_path, recorder=None):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(model_dir, tmp_path):
-    config = fixtures.tiny_config(model_dir, fl__rounds=3, fl__server_optimizer="fedadam",
-                                  fl__server_lr=0.1, fl__client_weighting="advantage")
+    config = fixtures.tiny_config(
+        model_dir,
+        fl__rounds=3,
+        fl__server_optimizer="fedadam",
+        fl__server_lr=0.1,
+        fl__client_weighting="advantage",
+    )
     full = _assert_resume_is_exact(config, fixtures.StandInAlgorithm(), tmp_path)
     # Baselines were restored and used: round 2 advantages are not all zero.
     assert any(a != 0.0 for a in full[2]["client_advantage"])
 
 
 @pytest.mark.slow  # ≈ 35-60 s on 2 cores, nearly all of it compiling the sampler and train step
-def test_resume_after_kill_matches_uninterrupted_run_with_real_spear(model_dir, tmp_path,
-                                                                     monkeypatch):
+def test_resume_after_kill_matches_uninterrupted_run_with_real_spear(
+    model_dir, tmp_path, monkeypatch
+):
     """The real SPEAR client (sampler, revisions, packing, jitted AdamW steps) through a
     kill after round 1: bit-exact. Every draw is a function of (seed, round, client) and
     the resumed round runs the same executables on the restored bits, so nothing is left
     to a tolerance."""
-    monkeypatch.setattr(data_lib, "get_feedback", lambda name, task, **kw: fixtures.CoinFlipUser(task))
+    monkeypatch.setattr(
+        data_lib, "get_feedback", lambda name, task, **kw: fixtures.CoinFlipUser(task)
+    )
     config = fixtures.tiny_config(
-        model_dir, fl__rounds=2, fl__server_optimizer="fedadam", fl__server_lr=0.1,
-        fl__client_weighting="advantage", data__limit=32, rollout__prompts_per_client=2,
-        rollout__max_new_tokens=4, algorithm__max_revisions=1, local__steps=2,
-        local__batch_size=2, local__max_len=128, local__lr=1e-2, local__warmup_ratio=0.0)
+        model_dir,
+        fl__rounds=2,
+        fl__server_optimizer="fedadam",
+        fl__server_lr=0.1,
+        fl__client_weighting="advantage",
+        data__limit=32,
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        algorithm__max_revisions=1,
+        local__steps=2,
+        local__batch_size=2,
+        local__max_len=128,
+        local__lr=1e-2,
+        local__warmup_ratio=0.0,
+    )
     recorder = Recorder()
-    full = _assert_resume_is_exact(config, get_algorithm("spear", config), tmp_path,
-                                   recorder=recorder)
+    full = _assert_resume_is_exact(
+        config, get_algorithm("spear", config), tmp_path, recorder=recorder
+    )
     # The comparison is not vacuous: clients won, trained and moved the server adapters in
     # both rounds, and round 2 used the restored baselines (advantages not all zero).
     assert all(r["collect/rollout/wins"] > 0 and r["client/trained"] > 0 for r in full[1:])
     assert any(a != 0.0 for a in full[2]["client_advantage"])
     # recorder.calls: round 1 of the killed run, round 2 of the resumed one.
     params = [recorder.calls[0][0][0]] + [out[0] for _, out in recorder.calls]
-    for before, after in zip(params, params[1:]):
+    for before, after in itertools.pairwise(params):
         assert any(not np.array_equal(a, b) for a, b in zip(_leaves(before), _leaves(after)))
 
 
@@ -213,10 +240,18 @@ def test_resume_with_other_settings_names_the_field(model_dir, tmp_path):
 @pytest.mark.parametrize("backend", ["vmap", "pmap"])
 def test_backends_give_the_loop_result(model_dir, tmp_path, backend):
     recorder = Recorder()
-    run(fixtures.tiny_config(model_dir, fl__rounds=1), tmp_path / "loop", recorder,
-        algorithm=fixtures.StandInAlgorithm())
-    run(fixtures.tiny_config(model_dir, fl__rounds=1, fl__backend=backend),
-        tmp_path / backend, recorder, algorithm=fixtures.StandInAlgorithm())
+    run(
+        fixtures.tiny_config(model_dir, fl__rounds=1),
+        tmp_path / "loop",
+        recorder,
+        algorithm=fixtures.StandInAlgorithm(),
+    )
+    run(
+        fixtures.tiny_config(model_dir, fl__rounds=1, fl__backend=backend),
+        tmp_path / backend,
+        recorder,
+        algorithm=fixtures.StandInAlgorithm(),
+    )
     reference, other = recorder.calls[0][1][0], recorder.calls[1][1][0]
     for a, b in zip(_leaves(reference), _leaves(other)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

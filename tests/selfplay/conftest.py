@@ -38,8 +38,9 @@ def split_model(tokenizer):
     size = max(x.size for x in jax.tree.leaves(lora_state))
     noise = np.asarray(jax.random.normal(jax.random.key(7), (size,)))
     lora_state = jax.tree.map(
-        lambda x: jnp.asarray(np.asarray(x) + np.float32(0.05) * noise[:x.size].reshape(x.shape)),
-        lora_state)
+        lambda x: jnp.asarray(np.asarray(x) + np.float32(0.05) * noise[: x.size].reshape(x.shape)),
+        lora_state,
+    )
     return graphdef, lora_state, base_state
 
 

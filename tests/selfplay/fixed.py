@@ -21,8 +21,9 @@ class FixedReplies:
         self.tokenizer, self.replies, self.calls, self.seen = tokenizer, replies, 0, {}
         self.end = packing.end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
-                 continue_from=None):
+    def __call__(
+        self, policy, lora_state, prompts, keys, params, *, keep_cache=False, continue_from=None
+    ):
         assert keys.shape == (len(prompts),)
         self.calls += 1
         out = []
@@ -34,7 +35,7 @@ class FixedReplies:
                 n = self.seen.get(question, 0)
                 self.seen[question] = n + 1
                 reply = reply[n]
-            tokens = np.asarray(self.tokenizer.encode(reply) + [self.end], np.int32)
+            tokens = np.asarray([*self.tokenizer.encode(reply), self.end], np.int32)
             out.append(Completion(tokens, np.zeros(len(tokens), np.float32), reply))
         return out
 
@@ -48,14 +49,21 @@ def _seq_logps(graphdef, lora, base, tokens, attention, loss_mask):
 def sequence_logps(graphdef, lora, base, seqs) -> np.ndarray:
     """[C, S] sequence log-probs of packed rows under ``lora`` (0 on invalid rows), one
     row at a time: an oracle independent of the batched scorer."""
-    c, s, t = seqs.tokens.shape
+    c, s, _t = seqs.tokens.shape
     out = np.zeros((c, s), np.float64)
     for ci in range(c):
         for si in range(s):
             if bool(seqs.valid[ci, si]):
-                out[ci, si] = float(_seq_logps(graphdef, lora, base, seqs.tokens[ci, si][None],
-                                               seqs.attention_mask[ci, si][None],
-                                               seqs.loss_mask[ci, si][None])[0])
+                out[ci, si] = float(
+                    _seq_logps(
+                        graphdef,
+                        lora,
+                        base,
+                        seqs.tokens[ci, si][None],
+                        seqs.attention_mask[ci, si][None],
+                        seqs.loss_mask[ci, si][None],
+                    )[0]
+                )
     return out
 
 
@@ -66,10 +74,13 @@ def perturbed(lora, seed: int, scale: float = 0.05):
     # x + scale · normal(k, x.shape), drawn at one size and sliced (the same numbers:
     # threefry draws are a function of the flat index): eager normal compiles per shape.
     size = max(x.size for x in leaves)
-    noise = [np.asarray(jax.random.normal(k, (size,)))[:x.size].reshape(x.shape) for k, x in
-             zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(x) + np.float32(scale) * n)
-                                        for n, x in zip(noise, leaves)])
+    noise = [
+        np.asarray(jax.random.normal(k, (size,)))[: x.size].reshape(x.shape)
+        for k, x in zip(keys, leaves)
+    ]
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(np.asarray(x) + np.float32(scale) * n) for n, x in zip(noise, leaves)]
+    )
 
 
 def pair_loss(algo, graphdef, base, lora, batch_c, key):

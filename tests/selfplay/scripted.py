@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedsp.data.base import Example
-from fedsp.selfplay.rollout import Completion
 from fedsp.selfplay.packing import end_of_turn_id
+from fedsp.selfplay.rollout import Completion
 
 
 class Scripted:
@@ -23,8 +23,9 @@ class Scripted:
         self.revisions = revisions  # False: repeated calls are group samples (GRPO)
         self.end = end_of_turn_id(tokenizer)
 
-    def __call__(self, policy, lora_state, prompts, keys, params, *, keep_cache=False,
-                 continue_from=None):
+    def __call__(
+        self, policy, lora_state, prompts, keys, params, *, keep_cache=False, continue_from=None
+    ):
         assert keys.shape == (len(prompts),)
         self.options.append({"keep_cache": keep_cache, "continue_from": continue_from})
         out = []
@@ -34,7 +35,7 @@ class Scripted:
             attempt = sum(q == question for q, *_ in self.calls)
             assert ("Please try again" in text) == (self.revisions and attempt > 0)
             reply = self.script[question][attempt]
-            tokens = np.asarray(self.tokenizer.encode(reply) + [self.end], np.int32)
+            tokens = np.asarray([*self.tokenizer.encode(reply), self.end], np.int32)
             self.calls.append((question, attempt, text))
             out.append(Completion(tokens, np.zeros(len(tokens), np.float32), reply))
         return out

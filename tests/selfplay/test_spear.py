@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedsp import config as config_lib
 from fedsp.data import Hint
 from fedsp.federated.mapping import map_clients
-from fedsp import config as config_lib
 from fedsp.selfplay import get_algorithm, packing, rollout
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, round_lr_schedule
@@ -38,11 +39,27 @@ def _examples(clients=CLIENTS):
     return [[example(f"What is q-{k}?", GOLD[k]) for k in ks] for ks in clients]
 
 
-def _collect(policy, split_model, task, script=SCRIPT, clients=CLIENTS, name="spear",
-             baselines=None, **overrides):
+def _collect(
+    policy,
+    split_model,
+    task,
+    script=SCRIPT,
+    clients=CLIENTS,
+    name="spear",
+    baselines=None,
+    **overrides,
+):
     algo = Spear(name, make_config(**overrides), generate_fn=Scripted(policy.tokenizer, script))
-    batch, metrics = algo.collect(policy, split_model[1], _examples(clients), task, Hint(task),
-                                  jax.random.key(0), 1, baselines=baselines)
+    batch, metrics = algo.collect(
+        policy,
+        split_model[1],
+        _examples(clients),
+        task,
+        Hint(task),
+        jax.random.key(0),
+        1,
+        baselines=baselines,
+    )
     return algo, batch, metrics
 
 
@@ -51,9 +68,13 @@ def _rows(seqs, c):
     out = []
     for s in np.flatnonzero(np.asarray(seqs.valid[c])):
         n = int(np.asarray(seqs.attention_mask[c, s]).sum())
-        out.append((np.asarray(seqs.tokens[c, s, :n]).tolist(),
-                    np.flatnonzero(np.asarray(seqs.loss_mask[c, s])).tolist(),
-                    float(seqs.weight[c, s])))
+        out.append(
+            (
+                np.asarray(seqs.tokens[c, s, :n]).tolist(),
+                np.flatnonzero(np.asarray(seqs.loss_mask[c, s])).tolist(),
+                float(seqs.weight[c, s]),
+            )
+        )
     return out
 
 
@@ -64,7 +85,7 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
 
     def row(key, reply):
         prompt = rollout.prompt_ids(tok, task, example(f"What is q-{key}?", GOLD[key]))
-        completion = tok.encode(reply) + [end]
+        completion = [*tok.encode(reply), end]
         return prompt + completion, list(range(len(prompt), len(prompt) + len(completion)))
 
     # Wins: correct y0 first, then successful revisions, each on the ORIGINAL prompt.
@@ -74,8 +95,10 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
     assert [(t, m) for t, m, _ in _rows(batch.train, 1)] == wins1
     # Loses: the wrong y0, confidence 1.0 when a revision succeeded, else 0.5.
     loses0 = _rows(batch.lose, 0)
-    assert [(t, w) for t, _, w in loses0] == [(row("B", "Answer: 1")[0], 1.0),
-                                               (row("C", "Answer: 1")[0], 0.5)]
+    assert [(t, w) for t, _, w in loses0] == [
+        (row("B", "Answer: 1")[0], 1.0),
+        (row("C", "Answer: 1")[0], 0.5),
+    ]
     assert [w for *_, w in _rows(batch.lose, 1)] == [1.0, 0.5]
     np.testing.assert_array_equal(batch.wins, [2, 1])
     np.testing.assert_array_equal(batch.wrong, [2, 2])
@@ -83,7 +106,14 @@ def test_trace_rules_wins_loses_confidence(policy, split_model, task):
     # 5 first answers, 4 first revisions (B, C, D, E), 3 second revisions (C, D, E).
     assert metrics["rollout/generated"] == 12
     assert sorted((q[-2], a) for q, a, _ in algo.generate_fn.calls if a > 0) == [
-        ("B", 1), ("C", 1), ("C", 2), ("D", 1), ("D", 2), ("E", 1), ("E", 2)]
+        ("B", 1),
+        ("C", 1),
+        ("C", 2),
+        ("D", 1),
+        ("D", 2),
+        ("E", 1),
+        ("E", 2),
+    ]
     # A revision prompt holds the latest attempt and its feedback, never the gold.
     (d2,) = [text for q, a, text in algo.generate_fn.calls if q.endswith("D?") and a == 2]
     assert "Answer: 2" in d2 and "Answer: 1" not in d2 and "too low" in d2
@@ -111,13 +141,19 @@ def test_advantages_and_baselines(policy, split_model, task):
 
 
 def test_awr_weights_on_wins(policy, split_model, task):
-    _, batch, _ = _collect(policy, split_model, task, baselines=[0.5, 0.25],
-                           **{"algorithm.awr_temperature": 0.5, "algorithm.awr_max_weight": 2.0})
+    _, batch, _ = _collect(
+        policy,
+        split_model,
+        task,
+        baselines=[0.5, 0.25],
+        **{"algorithm.awr_temperature": 0.5, "algorithm.awr_max_weight": 2.0},
+    )
     # Win rewards are 1; w = min(exp((1 − b) / 0.5), 2).
     assert [w for *_, w in _rows(batch.train, 0)] == pytest.approx([2.0, 2.0])
     assert [w for *_, w in _rows(batch.train, 1)] == pytest.approx([min(math.exp(1.5), 2.0)])
-    _, batch, _ = _collect(policy, split_model, task, baselines=[0.9, 0.9],
-                           **{"algorithm.awr_temperature": 0.5})
+    _, batch, _ = _collect(
+        policy, split_model, task, baselines=[0.9, 0.9], **{"algorithm.awr_temperature": 0.5}
+    )
     assert [w for *_, w in _rows(batch.train, 0)] == pytest.approx([math.exp(0.2)] * 2, rel=1e-6)
 
 
@@ -137,8 +173,15 @@ def test_rho_caps_loses(policy, split_model, task):
 def test_pack_masks_and_truncation():
     eos, ans = 99, 50
     seqs = packing.pack(
-        [[packing.Trace([1, 2, 3], [4, 5, eos])], [packing.Trace([1, 2], [7, ans, 8, 9, eos], 0.5, True)]],
-        max_len=16, pad_id=0, end_ids=[eos], protected_ids=[ans], tail_tokens=3,
+        [
+            [packing.Trace([1, 2, 3], [4, 5, eos])],
+            [packing.Trace([1, 2], [7, ans, 8, 9, eos], 0.5, True)],
+        ],
+        max_len=16,
+        pad_id=0,
+        end_ids=[eos],
+        protected_ids=[ans],
+        tail_tokens=3,
     )
     assert seqs.tokens.shape == (2, 8, 8)
     np.testing.assert_array_equal(seqs.tokens[0, 0], [1, 2, 3, 4, 5, eos, 0, 0])
@@ -162,8 +205,9 @@ def test_no_wins_returns_the_identical_adapter(policy, split_model, task):
     # Same shapes as the other tests' batch (one compiled step): client 0 without wins.
     algo, batch, _ = _collect(policy, split_model, task)
     client = jax.tree.map(lambda x: x[0], batch)
-    client = dataclasses.replace(client, train=dataclasses.replace(
-        client.train, valid=jnp.zeros_like(client.train.valid)))
+    client = dataclasses.replace(
+        client, train=dataclasses.replace(client.train, valid=jnp.zeros_like(client.train.valid))
+    )
     graphdef, lora, base = split_model
     new, stats = algo.local_train(graphdef, base, lora, client, jax.random.key(1))
     for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(lora)):
@@ -190,8 +234,9 @@ def test_feedback_sft_has_no_lose_term(policy, split_model, task):
     np.testing.assert_array_equal(batch.wins, [2, 1])
     graphdef, lora, base = split_model
     ctx = tr.LossContext(graphdef, algo.static_hparams(), base, lora)
-    _, metrics = Spear.minibatch_loss(ctx, lora, jax.tree.map(lambda x: x[0], batch),
-                                      jax.random.key(3))
+    _, metrics = Spear.minibatch_loss(
+        ctx, lora, jax.tree.map(lambda x: x[0], batch), jax.random.key(3)
+    )
     assert float(metrics["ul_loss"]) == 0.0 and float(metrics["lose_tokens"]) == 0.0
     assert float(metrics["loss"]) == pytest.approx(float(metrics["sft_loss"]))
 
@@ -200,19 +245,24 @@ def _check_map_clients(backend, policy, split_model, task):
     algo, batch, _ = _collect(policy, split_model, task)
     graphdef, lora, base = split_model
     keys = jax.random.split(jax.random.key(5), 2)
-    mapped = map_clients(functools.partial(algo.local_train, graphdef), backend,
-                         in_axes=(None, None, 0, 0))
+    mapped = map_clients(
+        functools.partial(algo.local_train, graphdef), backend, in_axes=(None, None, 0, 0)
+    )
     adapters, stats = mapped(base, lora, batch, keys)
-    alone = [algo.local_train(graphdef, base, lora, jax.tree.map(lambda x: x[c], batch), keys[c])
-             for c in range(2)]
+    alone = [
+        algo.local_train(graphdef, base, lora, jax.tree.map(operator.itemgetter(c), batch), keys[c])
+        for c in range(2)
+    ]
     for c in range(2):
         for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(alone[c][0])):
             np.testing.assert_allclose(a[c], b, rtol=2e-4, atol=2e-6)
     np.testing.assert_array_equal(stats["num_examples"], [2, 1])
     # Distinct arrays: the clients' updates differ from each other and from the start.
     diffs = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree.leaves(adapters)]
-    moved = [float(jnp.max(jnp.abs(a[0] - b))) for a, b in
-             zip(jax.tree.leaves(adapters), jax.tree.leaves(lora))]
+    moved = [
+        float(jnp.max(jnp.abs(a[0] - b)))
+        for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(lora))
+    ]
     assert max(diffs) > 1e-6 and max(moved) > 1e-6
 
 
@@ -235,17 +285,18 @@ def test_round_lr_schedule_matches_the_reference():
     for ratio in (0.1, 0.0):
         schedule = round_lr_schedule(100, 5e-5, 1e-5, ratio)
         for r in (1, 5, 10, 11, 37, 99, 100):
-            assert float(schedule(r)) == pytest.approx(reference(r, 100, 5e-5, 1e-5, ratio),
-                                                       rel=1e-5)
+            assert float(schedule(r)) == pytest.approx(
+                reference(r, 100, 5e-5, 1e-5, ratio), rel=1e-5
+            )
 
 
 def test_bad_names_and_fields_raise():
     with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
         get_algorithm("ppo", make_config())
     # Fields are checked in one place, the config's validation.
-    with pytest.raises(ValueError, match="algorithm.margin"):
+    with pytest.raises(ValueError, match=r"algorithm\.margin"):
         config_lib.validate(make_config(**{"algorithm.margin": 1.5}))
-    with pytest.raises(ValueError, match="local.steps"):
+    with pytest.raises(ValueError, match=r"local\.steps"):
         config_lib.validate(make_config(**{"local.steps": 0}))
     assert get_algorithm("feedback_sft", make_config()).use_lose is False
 

@@ -13,8 +13,7 @@ import pytest
 import fedsp
 from fedsp.checkpoint import client_state_path, load_client_state, save_client_state
 from fedsp.data import BinaryVerdict
-from fedsp.selfplay import RoundContext, get_algorithm, rollout
-from fedsp.selfplay import packing
+from fedsp.selfplay import RoundContext, get_algorithm, packing, rollout
 from fedsp.selfplay.spin import Spin
 from tests.federated import fixtures
 from tests.selfplay.conftest import make_config
@@ -45,16 +44,20 @@ def test_pairs_gold_against_own_sample_scored_by_round_start_policy(policy, spli
     gen = FixedReplies(tok, {"What is p-A?": "Answer: 5", "What is p-B?": "Answer: 7"})
     algo = Spin("spin", make_config(), generate_fn=gen)
     clients = [[example("What is p-A?", "4")], [example("What is p-B?", "7")]]
-    batch, metrics = algo.collect(policy, lora, clients, task, BinaryVerdict(task),
-                                  jax.random.key(0), 1)
+    batch, metrics = algo.collect(
+        policy, lora, clients, task, BinaryVerdict(task), jax.random.key(0), 1
+    )
     assert gen.calls == 1  # one batched generation for every client
     end = packing.end_of_turn_id(tok)
     prompt = rollout.prompt_ids(tok, task, clients[0][0])
-    gold, neg = tok.encode("Answer: 4") + [end], tok.encode("Answer: 5") + [end]
-    np.testing.assert_array_equal(batch.train.tokens[0, 0, :len(prompt) + len(gold)], prompt + gold)
-    np.testing.assert_array_equal(batch.lose.tokens[0, 0, :len(prompt) + len(neg)], prompt + neg)
-    np.testing.assert_array_equal(np.flatnonzero(batch.lose.loss_mask[0, 0]),
-                                  np.arange(len(prompt), len(prompt) + len(neg)))
+    gold, neg = [*tok.encode("Answer: 4"), end], [*tok.encode("Answer: 5"), end]
+    np.testing.assert_array_equal(
+        batch.train.tokens[0, 0, : len(prompt) + len(gold)], prompt + gold
+    )
+    np.testing.assert_array_equal(batch.lose.tokens[0, 0, : len(prompt) + len(neg)], prompt + neg)
+    np.testing.assert_array_equal(
+        np.flatnonzero(batch.lose.loss_mask[0, 0]), np.arange(len(prompt), len(prompt) + len(neg))
+    )
     assert batch.train.tokens.shape == batch.lose.tokens.shape
     np.testing.assert_array_equal(batch.num_examples, [1, 1])
     np.testing.assert_array_equal(batch.wins, [0, 1])  # "Answer: 7" is right for p-B
@@ -64,28 +67,29 @@ def test_pairs_gold_against_own_sample_scored_by_round_start_policy(policy, spli
     s = batch.train.tokens.shape[1]
     assert batch.players.pos.shape == (2, 1, s) and batch.players.mask.shape == (2, 1)
     for got, seqs in ((batch.players.pos, batch.train), (batch.players.neg, batch.lose)):
-        np.testing.assert_allclose(np.asarray(got)[:, 0],
-                                   sequence_logps(graphdef, lora, base, seqs),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(got)[:, 0], sequence_logps(graphdef, lora, base, seqs), rtol=1e-5, atol=1e-4
+        )
     # At the round start the policy is its own opponent: rewards 0, loss log 2.
-    _, m = pair_loss(algo, graphdef, base, lora, client(batch),
-                               jax.random.key(1))
+    _, m = pair_loss(algo, graphdef, base, lora, client(batch), jax.random.key(1))
     assert float(m["loss"]) == pytest.approx(math.log(2.0), abs=1e-5)
     assert abs(float(m["margin"])) < 1e-4
 
     new, stats = algo.local_train(graphdef, base, lora, client(batch), jax.random.key(2))
     assert float(stats["trained"]) == 1.0 and float(stats["num_examples"]) == 1.0
-    _, after = pair_loss(algo, graphdef, base, new, client(batch),
-                                   jax.random.key(1))
+    _, after = pair_loss(algo, graphdef, base, new, client(batch), jax.random.key(1))
     assert float(after["margin"]) > 0.0 and float(after["loss"]) < math.log(2.0)
 
 
-def test_opponent_data_of_the_last_two_iterations_is_client_state(policy, split_model, task,
-                                                                    tmp_path):
+def test_opponent_data_of_the_last_two_iterations_is_client_state(
+    policy, split_model, task, tmp_path
+):
     tok = policy.tokenizer
     graphdef, lora, base = split_model
-    replies = {"What is h-A?": ["Answer: 1", "Answer: 2", "Answer: 3"],
-               "What is h-B?": ["Answer: 6", "Answer: 7", "Answer: 8"]}
+    replies = {
+        "What is h-A?": ["Answer: 1", "Answer: 2", "Answer: 3"],
+        "What is h-B?": ["Answer: 6", "Answer: 7", "Answer: 8"],
+    }
     ex_a, ex_b = example("What is h-A?", "9"), example("What is h-B?", "9")
     algo = Spin("spin", make_config(), generate_fn=FixedReplies(tok, replies))
     ctx = lambda ids: RoundContext(clients=np.asarray(ids))  # noqa: E731
@@ -102,18 +106,28 @@ def test_opponent_data_of_the_last_two_iterations_is_client_state(policy, split_
     assert [_completion(tok, b2.lose, 1, s) for s in (0, 1)] == ["Answer: 2", "Answer: 1"]
     assert _completion(tok, b2.train, 1, 1) == "Answer: 9"
     # The round-1 pair is scored again under round 2's opponent.
-    np.testing.assert_allclose(np.asarray(b2.players.neg)[:, 0],
-                               sequence_logps(graphdef, lora2, base, b2.lose), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(b2.players.neg)[:, 0],
+        sequence_logps(graphdef, lora2, base, b2.lose),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     assert not np.allclose(b2.players.neg[1, 0, 1], b1.players.neg[0, 0, 0])
 
     # Resumable: the state survives a save/load into a fresh algorithm object.
     save_client_state(tmp_path, 2, algo.client_state())
-    fresh = Spin("spin", make_config(), generate_fn=FixedReplies(tok, {
-        "What is h-A?": ["Answer: 3"], "What is h-B?": ["Answer: 8"]}))
+    fresh = Spin(
+        "spin",
+        make_config(),
+        generate_fn=FixedReplies(
+            tok, {"What is h-A?": ["Answer: 3"], "What is h-B?": ["Answer: 8"]}
+        ),
+    )
     fresh.load_client_state(load_client_state(tmp_path, 2))
     b3, _ = algo.collect(policy, lora2, [[ex_a], [ex_b]], task, fb, key, 3, context=ctx([5, 2]))
-    b3_fresh, _ = fresh.collect(policy, lora2, [[ex_a], [ex_b]], task, fb, key, 3,
-                                context=ctx([5, 2]))
+    b3_fresh, _ = fresh.collect(
+        policy, lora2, [[ex_a], [ex_b]], task, fb, key, 3, context=ctx([5, 2])
+    )
     for a, b in zip(leaves(b3), leaves(b3_fresh)):
         np.testing.assert_array_equal(a, b)
     # D_3 ∪ D_2: round 1's sample has left.
@@ -127,10 +141,18 @@ def test_one_federated_round_through_the_loop(model_dir, tmp_path):
     # The vmap backend (drjax over 4 simulated devices): ClientBatch.players is stacked
     # and sharded over the client axis like the rest of the batch.
     config = fixtures.tiny_config(
-        model_dir, fl__rounds=1, fl__clients_per_round=4, fl__backend="vmap",
+        model_dir,
+        fl__rounds=1,
+        fl__clients_per_round=4,
+        fl__backend="vmap",
         algorithm__name="spin",
-        rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
-        local__steps=2, local__batch_size=2, local__max_len=96)
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        data__limit=16,
+        local__steps=2,
+        local__batch_size=2,
+        local__max_len=96,
+    )
     summary = fedsp.run(config, tmp_path / "run")
     history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     record = history[1]

@@ -34,18 +34,32 @@ from tests.selfplay.fixed import (
 )
 from tests.selfplay.scripted import example
 
-REPLIES = {"What is t-A?": "Answer: 5", "What is t-B?": "Answer: 12",
-           "What is t-C?": "Answer: 1", "What is t-D?": "Answer: 30"}
+REPLIES = {
+    "What is t-A?": "Answer: 5",
+    "What is t-B?": "Answer: 12",
+    "What is t-C?": "Answer: 1",
+    "What is t-D?": "Answer: 30",
+}
 
 
 def _clients():
-    return [[example("What is t-A?", "4"), example("What is t-B?", "12")],
-            [example("What is t-C?", "2"), example("What is t-D?", "3")]]
+    return [
+        [example("What is t-A?", "4"), example("What is t-B?", "12")],
+        [example("What is t-C?", "2"), example("What is t-D?", "3")],
+    ]
 
 
-def _collect(algo, policy, lora, task, round=1, context=None):  # noqa: A002
-    return algo.collect(policy, lora, _clients(), task, BinaryVerdict(task), jax.random.key(0),
-                        round, context=context)
+def _collect(algo, policy, lora, task, round=1, context=None):
+    return algo.collect(
+        policy,
+        lora,
+        _clients(),
+        task,
+        BinaryVerdict(task),
+        jax.random.key(0),
+        round,
+        context=context,
+    )
 
 
 def test_empty_pool_is_spin_with_the_round_start_reference(policy, split_model, task):
@@ -55,11 +69,19 @@ def test_empty_pool_is_spin_with_the_round_start_reference(policy, split_model, 
     spin = Spin("spin", config, generate_fn=FixedReplies(tok, REPLIES))
     tpaw = Tpaw("tpaw", config, generate_fn=FixedReplies(tok, REPLIES))
     b_spin, _ = _collect(spin, policy, lora, task)
-    empty = RoundContext(clients=np.arange(2), players=stack_players(lora, num_slots=3)[0],
-                         player_mask=np.zeros(3, bool))
+    empty = RoundContext(
+        clients=np.arange(2),
+        players=stack_players(lora, num_slots=3)[0],
+        player_mask=np.zeros(3, bool),
+    )
     for context in (None, empty):  # no pool at all, or a pool without players
-        b_tpaw, m = _collect(Tpaw("tpaw", config, generate_fn=FixedReplies(tok, REPLIES)),
-                             policy, lora, task, context=context)
+        b_tpaw, m = _collect(
+            Tpaw("tpaw", config, generate_fn=FixedReplies(tok, REPLIES)),
+            policy,
+            lora,
+            task,
+            context=context,
+        )
         np.testing.assert_array_equal(b_tpaw.players.mask, [[True, False, False]] * 2)
         np.testing.assert_array_equal(b_tpaw.players.pos[:, 0], b_spin.players.pos[:, 0])
         np.testing.assert_array_equal(b_tpaw.players.neg[:, 0], b_spin.players.neg[:, 0])
@@ -76,13 +98,17 @@ def test_empty_pool_is_spin_with_the_round_start_reference(policy, split_model, 
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
     # With eta = 6 (the paper's) the start is still log 2, but response reweighting
     # changes the update: every P(y⁺) = 0 ≤ 0 at the round start.
-    tpaw6 = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.5}), generate_fn=FixedReplies(tok, REPLIES))
+    tpaw6 = Tpaw(
+        "tpaw", make_config(**{"algorithm.lam": 0.5}), generate_fn=FixedReplies(tok, REPLIES)
+    )
     b6, _ = _collect(tpaw6, policy, lora, task)
     _, m6 = pair_loss(tpaw6, graphdef, base, lora, client(b6), jax.random.key(3))
     assert float(m6["loss"]) == pytest.approx(np.log(2.0), abs=1e-5)
     new6, _ = tpaw6.local_train(graphdef, base, lora, client(b6), jax.random.key(0))
-    assert not np.allclose(leaves(new6)[0], leaves(spin.local_train(
-        graphdef, base, lora, client(b_spin), jax.random.key(0))[0])[0])
+    assert not np.allclose(
+        leaves(new6)[0],
+        leaves(spin.local_train(graphdef, base, lora, client(b_spin), jax.random.key(0))[0])[0],
+    )
 
 
 def _numpy_tpaw(pol_pos, pol_neg, pl_pos, pl_neg, player_mask, valid, lam, eta, gamma):
@@ -102,8 +128,14 @@ def test_loss_with_k_players_matches_numpy(policy, split_model, task, num_player
     tok = policy.tokenizer
     graphdef, lora, base = split_model
     lam, eta, gamma = 1.0, 6.0, 0.5
-    config = make_config(**{"algorithm.lam": lam, "algorithm.eta": eta,
-                            "algorithm.gamma": gamma, "local.batch_size": 3})
+    config = make_config(
+        **{
+            "algorithm.lam": lam,
+            "algorithm.eta": eta,
+            "algorithm.gamma": gamma,
+            "local.batch_size": 3,
+        }
+    )
     algo = Tpaw("tpaw", config, generate_fn=FixedReplies(tok, REPLIES))
     team = [perturbed(lora, seed, 0.2) for seed in range(num_players)]
     players, mask = stack_players(*team, num_slots=3)
@@ -111,10 +143,12 @@ def test_loss_with_k_players_matches_numpy(policy, split_model, task, num_player
     batch, metrics = _collect(algo, policy, lora, task, context=context)
     assert metrics["players/count"] == num_players
     for j in range(3):
-        want = (sequence_logps(graphdef, team[j], base, batch.train) if j < num_players
-                else np.zeros(batch.players.pos.shape[::2]))
-        np.testing.assert_allclose(np.asarray(batch.players.pos)[:, j], want, rtol=1e-5,
-                                   atol=1e-4)
+        want = (
+            sequence_logps(graphdef, team[j], base, batch.train)
+            if j < num_players
+            else np.zeros(batch.players.pos.shape[::2])
+        )
+        np.testing.assert_allclose(np.asarray(batch.players.pos)[:, j], want, rtol=1e-5, atol=1e-4)
     theta = perturbed(lora, 11, 0.2)
     key = jax.random.key(5)
     loss, m = pair_loss(algo, graphdef, base, theta, client(batch), key)
@@ -123,12 +157,12 @@ def test_loss_with_k_players_matches_numpy(policy, split_model, task, num_player
     pol_pos = sequence_logps(graphdef, theta, base, batch.train)[0][idx]
     pol_neg = sequence_logps(graphdef, theta, base, batch.lose)[0][idx]
     pl = lambda x: np.asarray(x[0], np.float64)[:, idx]  # noqa: E731
-    want, alpha = _numpy_tpaw(pol_pos, pol_neg, pl(batch.players.pos), pl(batch.players.neg),
-                              mask, valid, lam, eta, gamma)
+    want, alpha = _numpy_tpaw(
+        pol_pos, pol_neg, pl(batch.players.pos), pl(batch.players.neg), mask, valid, lam, eta, gamma
+    )
     assert float(loss) == pytest.approx(want, rel=1e-4)
     assert float(m["num_players"]) == num_players
-    assert float(m["eta_frac"]) == pytest.approx(
-        (alpha[:num_players] == eta).mean(), abs=1e-6)
+    assert float(m["eta_frac"]) == pytest.approx((alpha[:num_players] == eta).mean(), abs=1e-6)
 
 
 def test_player_logps_are_computed_once_per_round(policy, split_model, task, monkeypatch):
@@ -147,8 +181,9 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
 
     monkeypatch.setattr(players, "_score_chunk", count_score)
     # A fresh lam gives a fresh static config, so local_train is traced below.
-    algo = Tpaw("tpaw", make_config(**{"algorithm.lam": 0.1234}),
-                generate_fn=FixedReplies(tok, REPLIES))
+    algo = Tpaw(
+        "tpaw", make_config(**{"algorithm.lam": 0.1234}), generate_fn=FixedReplies(tok, REPLIES)
+    )
     team, mask = stack_players(lora, perturbed(lora, 1), perturbed(lora, 2))
     context = RoundContext(clients=np.arange(2), players=team, player_mask=mask)
     batch, metrics = _collect(algo, policy, lora, task, context=context)
@@ -165,8 +200,11 @@ def test_player_logps_are_computed_once_per_round(policy, split_model, task, mon
     # ... and the loss reads the stored player log-probs.
     c = client(batch)
     shifted = jax.tree.map(lambda x: x, c)
-    object.__setattr__(shifted, "players", PlayerLogps(
-        pos=c.players.pos + 1.0, neg=c.players.neg, mask=c.players.mask))
+    object.__setattr__(
+        shifted,
+        "players",
+        PlayerLogps(pos=c.players.pos + 1.0, neg=c.players.neg, mask=c.players.mask),
+    )
     base_loss, _ = pair_loss(algo, graphdef, base, lora, c, jax.random.key(1))
     moved, _ = pair_loss(algo, graphdef, base, lora, shifted, jax.random.key(1))
     assert float(moved) != pytest.approx(float(base_loss), rel=1e-4)
@@ -182,7 +220,7 @@ class Killed(Exception):
 class DiesAt:
     """The algorithm, except that ``collect`` of round ``round`` kills the run."""
 
-    def __init__(self, algorithm, round):  # noqa: A002
+    def __init__(self, algorithm, round):
         self._algorithm, self._round = algorithm, round
 
     def __getattr__(self, name):
@@ -201,16 +239,31 @@ def model_dir(tmp_path_factory):
 
 def _config(model_dir, **overrides):
     return fixtures.tiny_config(
-        model_dir, fl__rounds=3, fl__clients_per_round=2, algorithm__name="tpaw",
-        rollout__prompts_per_client=2, rollout__max_new_tokens=4, data__limit=16,
-        local__steps=2, local__batch_size=2, local__max_len=96, eval__examples=2,
-        eval__max_new_tokens=2, **overrides)
+        model_dir,
+        fl__rounds=3,
+        fl__clients_per_round=2,
+        algorithm__name="tpaw",
+        rollout__prompts_per_client=2,
+        rollout__max_new_tokens=4,
+        data__limit=16,
+        local__steps=2,
+        local__batch_size=2,
+        local__max_len=96,
+        eval__examples=2,
+        eval__max_new_tokens=2,
+        **overrides,
+    )
 
 
 def _history(workdir):
-    return [{k: v for k, v in json.loads(line).items()
-             if k != "time_s" and not k.startswith("collect/time/")}
-            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {
+            k: v
+            for k, v in json.loads(line).items()
+            if k != "time_s" and not k.startswith("collect/time/")
+        }
+        for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -227,8 +280,7 @@ def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir
 
     # Killed in round 3, then resumed: the same players, opponent data and numbers.
     with pytest.raises(Killed):
-        fedsp.run(config, tmp_path / "resumed",
-                  algorithm=DiesAt(get_algorithm("tpaw", config), 3))
+        fedsp.run(config, tmp_path / "resumed", algorithm=DiesAt(get_algorithm("tpaw", config), 3))
     shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
     assert PlayerPool(tmp_path / "resumed" / "pool", max_players=3).rounds == (0, 1, 2)
     fedsp.run(config, tmp_path / "resumed", algorithm=get_algorithm("tpaw", config))
@@ -245,9 +297,13 @@ def test_pool_in_the_loop_resumes_exactly_and_survives_a_missing_entry(model_dir
     # logits of the run checkpoint's adapters.
     fl = config.fl
     opt = server_optimizer(fl.server_optimizer, fl.server_lr, fl.b1, fl.b2, fl.tau, fl.v0)
-    template = RoundState(round=0, params=lora, opt_state=opt.init(lora),
-                        rng=jax.random.key(config.seed),
-                        baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32))
+    template = RoundState(
+        round=0,
+        params=lora,
+        opt_state=opt.init(lora),
+        rng=jax.random.key(config.seed),
+        baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32),
+    )
     with RunCheckpointer(tmp_path / "full" / "checkpoints") as ckpt:
         final = ckpt.restore(template)
     assert final.pool == pool.state_dict()
