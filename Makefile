@@ -1,5 +1,6 @@
 # fedsp — every target sets up what it needs, so a fresh clone needs no manual steps.
-#   make test    venv + deps + default model, then the whole test suite (slow tests too)
+#   make test    venv + deps + default model, make lint, then the whole test suite (slow tests too)
+#   make lint    ruff (lint + format check, ruff.toml) and mypy on fedsp/ (mypy.ini)
 #   make test-fast   the suite without the tests marked slow
 #   make bench   the benchmarks in benchmarks/ (results go to BENCHMARKS.md by hand)
 #   make bench-round   federated round vs clients per round + the spear_client_update unit
@@ -17,7 +18,7 @@ export FEDSP_DATA_DIR ?= $(abspath ../shared/data)
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test test-fast bench bench-round demo tables clean
+.PHONY: setup assets lint test test-fast bench bench-round demo tables clean
 
 # Re-installs only when setup.py changes, so a second `make test` starts at once.
 $(STAMP): setup.py
@@ -32,7 +33,12 @@ setup: $(STAMP)
 assets: setup
 	$(PY) -m fedsp.assets
 
-test: setup assets
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: setup assets lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup assets

@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": [
+        # make lint (run by make test): ruff check + format, mypy on fedsp/
+        "ruff>=0.17.6,<0.18",
+        "mypy>=2.4,<2.5",
         "pytest>=8",
         "pytest-xdist>=3.6",
         "hypothesis>=6.100",

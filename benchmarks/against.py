@@ -60,8 +60,13 @@ class Worker:
         rng = np.random.default_rng(0)
         # Non-zero B so the adapters change every projection's output.
         self.lora = jax.tree.map(
-            lambda x: jnp.asarray(rng.normal(0, 0.01, x.shape).astype(np.float32), x.dtype)
-            if x.ndim == 3 else x, lora)
+            lambda x: (
+                jnp.asarray(rng.normal(0, 0.01, x.shape).astype(np.float32), x.dtype)
+                if x.ndim == 3
+                else x
+            ),
+            lora,
+        )
         self.seen: set[tuple] = set()
         self._grad = jax.jit(jax.grad(self._loss))
 
@@ -78,13 +83,24 @@ class Worker:
         mask = np.asarray(req["mask"], np.int32)
 
         def run() -> Any:
-            out = generate(self.graphdef, (self.lora, self.base), ids, mask,
-                           max_new_tokens=int(req["new"]), eos_ids=(), pad_id=0,
-                           layer_loop=req["layer_loop"], merge_lora=bool(req["merge_lora"]))
+            out = generate(
+                self.graphdef,
+                (self.lora, self.base),
+                ids,
+                mask,
+                max_new_tokens=int(req["new"]),
+                eos_ids=(),
+                pad_id=0,
+                layer_loop=req["layer_loop"],
+                merge_lora=bool(req["merge_lora"]),
+            )
             return jax.block_until_ready(out)
 
-        return self._timed(("decode", ids.shape, req["new"], req["layer_loop"],
-                            req["merge_lora"]), run, lambda out: _digest(out.tokens))
+        return self._timed(
+            ("decode", ids.shape, req["new"], req["layer_loop"], req["merge_lora"]),
+            run,
+            lambda out: _digest(out.tokens),
+        )
 
     def train(self, req: dict[str, Any]) -> dict[str, Any]:
         ids = jnp.asarray(req["ids"], jnp.int32)
@@ -118,8 +134,13 @@ class RevisionWorker:
     def __init__(self, source: str):
         script = os.path.abspath(__file__)
         env = {**os.environ, "PYTHONPATH": source}
-        self.proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.origin = self.ask({"op": "hello"})["fedsp"]
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +161,9 @@ class RevisionWorker:
         self.proc.wait(timeout=60)
 
 
-def paired(workers: dict[str, RevisionWorker], request: dict[str, Any], repeats: int,
-            against: str) -> dict[str, Any]:
+def paired(
+    workers: dict[str, RevisionWorker], request: dict[str, Any], repeats: int, against: str
+) -> dict[str, Any]:
     """Alternating timings of one request on both workers, as the module docstring says."""
     seconds: dict[str, list[float]] = {name: [] for name in workers}
     first: dict[str, float] = {}
@@ -164,39 +186,58 @@ def paired(workers: dict[str, RevisionWorker], request: dict[str, Any], repeats:
     }
 
 
-def bench_against(args: Any, tokenizer: Any, prompts: Callable[[int], tuple[Any, Any]]
-                  ) -> dict[str, Any]:
+def bench_against(
+    args: Any, tokenizer: Any, prompts: Callable[[int], tuple[Any, Any]]
+) -> dict[str, Any]:
     """This checkout's model code against revision ``args.against``, side by side.
 
     ``prompts(batch)`` gives the (ids, mask) of a decode batch.
     """
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tree = tempfile.mkdtemp(prefix="fedsp-rev-")
-    archive = subprocess.run(["git", "-C", repo, "archive", args.against, "fedsp"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", repo, "archive", args.against, "fedsp"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
     workers = {"this": RevisionWorker(repo), args.against: RevisionWorker(tree)}
     try:
-        result: dict[str, Any] = {"against": args.against,
-                                  "fedsp": {n: w.origin for n, w in workers.items()},
-                                  "decode": []}
+        result: dict[str, Any] = {
+            "against": args.against,
+            "fedsp": {n: w.origin for n, w in workers.items()},
+            "decode": [],
+        }
         for batch in args.batches:
             ids, mask = prompts(batch)
             for layer_loop in ("unrolled", "scan"):
-                request = {"op": "decode", "ids": ids.tolist(), "mask": mask.tolist(),
-                           "new": args.new_tokens, "layer_loop": layer_loop,
-                           "merge_lora": True}
-                row = {"batch": batch, "new_tokens": args.new_tokens, "layer_loop": layer_loop,
-                       **paired(workers, request, args.repeats, args.against)}
+                request = {
+                    "op": "decode",
+                    "ids": ids.tolist(),
+                    "mask": mask.tolist(),
+                    "new": args.new_tokens,
+                    "layer_loop": layer_loop,
+                    "merge_lora": True,
+                }
+                row = {
+                    "batch": batch,
+                    "new_tokens": args.new_tokens,
+                    "layer_loop": layer_loop,
+                    **paired(workers, request, args.repeats, args.against),
+                }
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
         if not args.skip_train:
             rng = np.random.default_rng(0)
             shape = (args.train_batch, args.train_len)
-            request = {"op": "train", "ids": rng.integers(0, tokenizer.vocab_size, shape).tolist(),
-                       "mask": np.ones(shape, np.int32).tolist()}
-            result["train"] = {"batch": args.train_batch, "tokens": args.train_len,
-                               **paired(workers, request, args.repeats, args.against)}
+            request = {
+                "op": "train",
+                "ids": rng.integers(0, tokenizer.vocab_size, shape).tolist(),
+                "mask": np.ones(shape, np.int32).tolist(),
+            }
+            result["train"] = {
+                "batch": args.train_batch,
+                "tokens": args.train_len,
+                **paired(workers, request, args.repeats, args.against),
+            }
             print(json.dumps(result["train"]), flush=True)
         return result
     finally:

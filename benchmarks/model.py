@@ -123,8 +123,9 @@ def forward_flops_per_token(config: Any, context: int) -> float:
     return 2.0 * matmul_params + attention
 
 
-def decode_matmul_program(model: Any, steps: int, dtype: Any = jnp.float32
-                          ) -> tuple[Callable[[jax.Array], jax.Array], int]:
+def decode_matmul_program(
+    model: Any, steps: int, dtype: Any = jnp.float32
+) -> tuple[Callable[[jax.Array], jax.Array], int]:
     """The decode step's weight matmuls alone, ``steps`` times: (jitted fn of x [B, D], dots
     per step).
 
@@ -135,10 +136,15 @@ def decode_matmul_program(model: Any, steps: int, dtype: Any = jnp.float32
     weights are bound as jit arguments (not constants), sliced per layer once per call.
     """
     layers = model.layers
-    names = {"q": layers.self_attn.q_proj, "k": layers.self_attn.k_proj,
-             "v": layers.self_attn.v_proj, "o": layers.self_attn.o_proj,
-             "gate": layers.mlp.gate_proj, "up": layers.mlp.up_proj,
-             "down": layers.mlp.down_proj}
+    names = {
+        "q": layers.self_attn.q_proj,
+        "k": layers.self_attn.k_proj,
+        "v": layers.self_attn.v_proj,
+        "o": layers.self_attn.o_proj,
+        "gate": layers.mlp.gate_proj,
+        "up": layers.mlp.up_proj,
+        "down": layers.mlp.down_proj,
+    }
     stacked = {k: jnp.asarray(m.kernel[...], dtype) for k, m in names.items()}
     if model.lm_head is not None:
         head = jnp.asarray(model.lm_head.kernel[...], dtype)  # [d, V]
@@ -173,8 +179,9 @@ def decode_matmul_program(model: Any, steps: int, dtype: Any = jnp.float32
     return jax.tree_util.Partial(run, stacked, head), len(names) * num_layers + 1
 
 
-def decode_matmul_ceiling(model: Any, batch: int, steps: int, repeats: int,
-                          dtype: Any = jnp.float32) -> float:
+def decode_matmul_ceiling(
+    model: Any, batch: int, steps: int, repeats: int, dtype: Any = jnp.float32
+) -> float:
     """Tokens/s of :func:`decode_matmul_program` at ``batch`` rows (module docstring)."""
     run, _ = decode_matmul_program(model, steps, dtype)
     x = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size), jnp.float32)
@@ -202,7 +209,8 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
     graphdef, state = nnx.split(model)
     pad = tokenizer.pad_token_id
     rows = []
-    for batch in args.batches:
+
+    def one_batch(batch: int) -> dict[str, Any]:  # one function per batch: closures bind its locals
         ids, mask = prompt_batch(tokenizer, batch)
         n = args.new_tokens
 
@@ -216,8 +224,13 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
         def torch_run(new: int) -> None:
             with torch.no_grad():
                 tmodel.generate(
-                    input_ids=t_ids, attention_mask=t_mask, max_new_tokens=new, min_new_tokens=new,
-                    do_sample=False, pad_token_id=pad, eos_token_id=None,
+                    input_ids=t_ids,
+                    attention_mask=t_mask,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=None,
                 )
 
         compile_s, fedsp_s = timed(lambda: fedsp_run(n), args.repeats)
@@ -246,7 +259,12 @@ def bench_decode(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: A
         if not args.skip_ceiling:
             for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
                 row[f"matmul_ceiling_{name}_tok_s"] = decode_matmul_ceiling(
-                    model, batch, n, args.repeats, dtype)
+                    model, batch, n, args.repeats, dtype
+                )
+        return row
+
+    for batch in args.batches:
+        row = one_batch(batch)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -265,7 +283,8 @@ def bench_rollout(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: 
     pad = tokenizer.pad_token_id
     eos = list(tokenizer.eos_token_ids)
     rows = []
-    for batch in args.rollout_batches:
+
+    def one_batch(batch: int) -> dict[str, Any]:  # one function per batch: closures bind its locals
         ids, mask = prompt_batch(tokenizer, batch, seed=1)
         n = args.rollout_tokens
         result: dict[str, Any] = {}
@@ -280,9 +299,15 @@ def bench_rollout(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: 
 
         def torch_run() -> None:
             with torch.no_grad():
-                out = tmodel.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
-                                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
-            new = out[:, ids.shape[1]:].numpy()
+                out = tmodel.generate(
+                    input_ids=t_ids,
+                    attention_mask=t_mask,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            new = out[:, ids.shape[1] :].numpy()
             is_eos = np.isin(new, eos)
             ended = is_eos.any(axis=1)
             result["torch"] = np.where(ended, is_eos.argmax(axis=1) + 1, new.shape[1])
@@ -304,6 +329,10 @@ def bench_rollout(args: argparse.Namespace, model: Any, tokenizer: Any, tmodel: 
             "fedsp_first_call_s": compile_s,
         }
         row["speedup"] = torch_s / fedsp_s
+        return row
+
+    for batch in args.rollout_batches:
+        row = one_batch(batch)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -333,10 +362,13 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
         updates, opt_state = opt.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
 
-    state = {"lora": lora, "opt": opt_state}
+    state = {"lora": lora, "opt": opt_state, "base": base}
+    del base
 
     def fedsp_step() -> None:
-        state["lora"], state["opt"], loss = step(state["lora"], state["opt"], base, ids, mask)
+        state["lora"], state["opt"], loss = step(
+            state["lora"], state["opt"], state["base"], ids, mask
+        )
         loss.block_until_ready()
 
     def faults_and_sys(fn: Callable[[], None]) -> tuple[int, float]:
@@ -353,8 +385,8 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
     tmodel = load_torch_model(gguf)
     tmodel.train()
     tmodel = peft.get_peft_model(
-        tmodel, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                target_modules=list(LORA_TARGETS))
+        tmodel,
+        peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
     )
     topt = torch.optim.AdamW([p for p in tmodel.parameters() if p.requires_grad], lr=1e-4)
     t_ids = torch.from_numpy(ids.astype(np.int64))
@@ -387,7 +419,7 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
             start = time.perf_counter()
             step_fn()
             times.append(time.perf_counter() - start)
-    del base, state
+    state.clear()  # frees fedsp's weights and optimizer state
     fedsp_s, torch_s = statistics.median(fedsp_times), statistics.median(torch_times)
     pair_speedups = [t / f for f, t in zip(fedsp_times, torch_times, strict=True)]
     tokens = batch * length
@@ -412,38 +444,50 @@ def bench_train(args: argparse.Namespace, gguf: os.PathLike[str], peaks: dict[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", default="1,16,64",
-                        type=lambda s: [int(x) for x in s.split(",") if x])
+    parser.add_argument(
+        "--batches", default="1,16,64", type=lambda s: [int(x) for x in s.split(",") if x]
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rollout-batches", default="16,64",
-                        type=lambda s: [int(x) for x in s.split(",") if x])
+    parser.add_argument(
+        "--rollout-batches", default="16,64", type=lambda s: [int(x) for x in s.split(",") if x]
+    )
     parser.add_argument("--rollout-tokens", type=int, default=128)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
-    parser.add_argument("--skip-ceiling", action="store_true",
-                        help="leave out the decode matmul-ceiling rows")
+    parser.add_argument(
+        "--skip-ceiling", action="store_true", help="leave out the decode matmul-ceiling rows"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--against", default=None, metavar="REV",
-                        help="only time this checkout's model code against revision REV")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="REV",
+        help="only time this checkout's model code against revision REV",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
     gguf = assets.default_model_path()
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-                    "jax_devices": len(jax.devices()),
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "jax_devices": len(jax.devices()),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        },
     }
     results["matmul_peak"] = peaks = matmul_peaks()
     print(json.dumps(peaks), flush=True)
     if args.against:
         _, tokenizer = from_pretrained(gguf)
-        results["against"] = bench_against(args, tokenizer,
-                                           lambda batch: prompt_batch(tokenizer, batch))
+        results["against"] = bench_against(
+            args, tokenizer, lambda batch: prompt_batch(tokenizer, batch)
+        )
     elif not args.skip_decode:
         model, tokenizer = from_pretrained(gguf)
         tmodel = load_torch_model(gguf)
@@ -455,8 +499,9 @@ def main(argv: list[str] | None = None) -> None:
         results["train"] = bench_train(args, gguf, peaks)
         print(json.dumps(results["train"]), flush=True)
     if args.json:
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)),
-                                         delete=False) as f:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False
+        ) as f:
             json.dump(results, f, indent=2)
         os.replace(f.name, args.json)
 

@@ -116,7 +116,7 @@ class ModelConfig:
         # rope_scaling is a dict; hash a frozen view so the config can be a jit static arg.
         fields = dataclasses.astuple(self)
         rope = None if self.rope_scaling is None else tuple(sorted(self.rope_scaling.items()))
-        return hash(fields[:8] + (rope,) + fields[9:])
+        return hash((*fields[:8], rope, *fields[9:]))
 
     @property
     def num_query_groups(self) -> int:
@@ -141,9 +141,7 @@ class ModelConfig:
             an unsupported rope type, or Qwen2's per-layer sliding window.
         """
         if "model_type" not in hf:
-            raise ValueError(
-                f"config has no 'model_type'; expected one of {SUPPORTED_MODEL_TYPES}"
-            )
+            raise ValueError(f"config has no 'model_type'; expected one of {SUPPORTED_MODEL_TYPES}")
         model_type = _ALIASES.get(hf["model_type"], hf["model_type"])
         if model_type not in _ARCHITECTURES:
             raise ValueError(

@@ -17,9 +17,15 @@ import jax.numpy as jnp
 from fedsp.model.layers import apply_rope, attend, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from fedsp.model.transformer import lora_weights, merged_kernel
 
-PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-               ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
-               ("mlp", "down_proj"))
+PROJECTIONS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
 
 LayerCache = tuple[jax.Array, jax.Array]  # one layer's (k, v), each [B, K, S, hd]
 
@@ -87,10 +93,12 @@ def decode_step(
         q = apply_rope(linear(y, *w["q_proj"], dtype=dtype).reshape(b, h, hd), cos, sin)
         k = apply_rope(linear(y, *w["k_proj"], dtype=dtype).reshape(b, kv, hd), cos, sin)
         v = linear(y, *w["v_proj"], dtype=dtype).reshape(b, kv, hd)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype),
-                                               (0, 0, slot, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype),
-                                               (0, 0, slot, 0))
+        k_cache = jax.lax.dynamic_update_slice(
+            k_cache, k[:, :, None].astype(k_cache.dtype), (0, 0, slot, 0)
+        )
+        v_cache = jax.lax.dynamic_update_slice(
+            v_cache, v[:, :, None].astype(v_cache.dtype), (0, 0, slot, 0)
+        )
         new_caches.append((k_cache, v_cache))
         attn = attend(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
         x = x + linear(attn, *w["o_proj"], dtype=dtype)

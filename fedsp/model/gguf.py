@@ -38,8 +38,8 @@ from fedsp.model.config import ModelConfig
 from fedsp.model.gguf_reader import dequantize, read_header
 
 __all__ = [
-    "GGUFCheckpoint",
     "SUPPORTED_ARCHITECTURES",
+    "GGUFCheckpoint",
     "hf_config_from_gguf",
     "load_gguf",
     "permute_rotary",

@@ -175,7 +175,7 @@ def read_safetensors(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]
 def _read_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         with safetensors.safe_open(str(file), framework="np") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except safetensors.SafetensorError as e:
         raise ValueError(
             f"{file}: cannot read safetensors ({e}); the file ({file.stat().st_size} bytes) "

@@ -78,7 +78,7 @@ class LoRAConfig:
             )
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
 
     @property
     def scaling(self) -> float:
@@ -114,8 +114,9 @@ class LoRA(nnx.LoRA):
             a_metadata={"out_sharding": ("layers", "lora_in", "lora_rank"), **no_eager},
             b_metadata={"out_sharding": ("layers", "lora_rank", "lora_out"), **no_eager},
         )
-        self.scale = LoRAScale(jnp.asarray(scale, jnp.float32), out_sharding=("layers",),
-                               **no_eager)
+        self.scale = LoRAScale(
+            jnp.asarray(scale, jnp.float32), out_sharding=("layers",), **no_eager
+        )
 
     # nnx.LoRA.__call__ also takes **kwargs, for a base module this class never has.
     def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]

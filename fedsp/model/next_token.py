@@ -43,7 +43,7 @@ def sample_nucleus(shifted, key, temperature, top_p, use_top_p):
 
     Returns the tokens [B] and log Σ exp(shifted) [B] (the untempered normaliser).
     """
-    b, v = shifted.shape
+    v = shifted.shape[-1]
     u = _uniform(key)
     weights = jnp.exp(shifted / temperature)  # tempered, unnormalised; max is 1
     total = jnp.sum(weights, axis=-1)
@@ -107,8 +107,9 @@ def blocked_inverse_cdf(weights, target):
     padded = jnp.pad(weights, ((0, 0), (0, n_blocks * block - v))).reshape(b, n_blocks, block)
     block_cum = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)
     bi = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), n_blocks - 1)
-    before = jnp.where(bi > 0, jnp.take_along_axis(block_cum, jnp.maximum(bi - 1, 0)[:, None],
-                                                   axis=-1)[:, 0], 0.0)
+    before = jnp.where(
+        bi > 0, jnp.take_along_axis(block_cum, jnp.maximum(bi - 1, 0)[:, None], axis=-1)[:, 0], 0.0
+    )
     inner = jnp.take_along_axis(padded, bi[:, None, None], axis=1)[:, 0]
     wi = jnp.sum(jnp.cumsum(inner, axis=-1) + before[:, None] <= target[:, None], axis=-1)
     # Rounding between the two levels can overshoot the block; fall back to its last

@@ -186,8 +186,9 @@ def generate(
         heads = _check_prefix_cache(prefix_cache, b)
     p_bucket = bucket_length(p, bucket_multiple)
     n_bucket = bucket_length(int(max_new_tokens), bucket_multiple)
-    ids = jnp.pad(jnp.asarray(prompt_ids, jnp.int32), ((0, 0), (p_bucket - p, 0)),
-                  constant_values=pad_id)
+    ids = jnp.pad(
+        jnp.asarray(prompt_ids, jnp.int32), ((0, 0), (p_bucket - p, 0)), constant_values=pad_id
+    )
     mask = jnp.pad(jnp.asarray(prompt_mask).astype(jnp.bool_), ((0, 0), (p_bucket - p, 0)))
     if key is None:
         key = jax.random.key(0)
@@ -234,25 +235,32 @@ def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id, bucket_multi
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"prefix_ids must be [L0] or [U, L0] token ids with L0 >= 1, got "
-                         f"shape {np.shape(prefix_ids)}")
+        raise ValueError(
+            f"prefix_ids must be [L0] or [U, L0] token ids with L0 >= 1, got "
+            f"shape {np.shape(prefix_ids)}"
+        )
     mask = np.ones(ids.shape, bool) if prefix_mask is None else np.asarray(prefix_mask, bool)
     if mask.shape != ids.shape:
-        raise ValueError(f"prefix_mask must have the shape of prefix_ids {ids.shape}, got "
-                         f"{mask.shape}")
+        raise ValueError(
+            f"prefix_mask must have the shape of prefix_ids {ids.shape}, got {mask.shape}"
+        )
     _check_left_padded(mask)
-    index = (np.zeros((batch,), np.int32) if prefix_index is None
-             else np.asarray(prefix_index, np.int32))
+    index = (
+        np.zeros((batch,), np.int32) if prefix_index is None else np.asarray(prefix_index, np.int32)
+    )
     if index.shape != (batch,) or index.min() < 0 or index.max() >= ids.shape[0]:
-        raise ValueError(f"prefix_index must hold one prefix in [0, {ids.shape[0]}) per row "
-                         f"({batch}), got {index.tolist()}")
+        raise ValueError(
+            f"prefix_index must hold one prefix in [0, {ids.shape[0]}) per row "
+            f"({batch}), got {index.tolist()}"
+        )
     left = ((0, 0), (bucket_length(ids.shape[1], bucket_multiple) - ids.shape[1], 0))
     ids = np.pad(np.where(mask, ids, pad_id).astype(np.int32), left, constant_values=pad_id)
     return jnp.asarray(ids), jnp.asarray(np.pad(mask, left)), jnp.asarray(index)
 
 
-def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int],
-                  bucket_multiple: int = 64) -> PrefixCache:
+def gather_prefix(
+    sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int], bucket_multiple: int = 64
+) -> PrefixCache:
     """A ``prefix_cache`` for a new batch from rows of earlier calls' caches.
 
     Row r of the result is row ``sources[r][1]`` of cache ``sources[r][0]``, cut to its
@@ -261,8 +269,9 @@ def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int
     to a common bucketed width, so the new call's programs stay few.
     """
     if len(sources) != len(keep) or not sources:
-        raise ValueError(f"need one keep count per source row, got {len(sources)} rows and "
-                         f"{len(keep)} counts")
+        raise ValueError(
+            f"need one keep count per source row, got {len(sources)} rows and {len(keep)} counts"
+        )
     if min(keep) < 1:
         raise ValueError(f"every row must keep at least one cached token, got {list(keep)}")
     caches = list({id(c): c for c, _ in sources}.values())
@@ -274,8 +283,9 @@ def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int
     index = np.asarray([offset[id(c)] + i for c, i in sources])
     # Every cache's slot axis right-padded to `width` with masked slots, their rows
     # stacked, each new row taken from them.
-    mask = np.concatenate([np.pad(np.asarray(c.mask, bool), ((0, 0), (0, width - c.mask.shape[1])))
-                           for c in caches])[index]
+    mask = np.concatenate(
+        [np.pad(np.asarray(c.mask, bool), ((0, 0), (0, width - c.mask.shape[1]))) for c in caches]
+    )[index]
     real = np.cumsum(mask, axis=1)
     short = [r for r in range(len(sources)) if real[r, -1] < keep[r]]
     if short:
@@ -284,7 +294,7 @@ def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int
 
     def rows_of(arrays):
         slots = ((0, 0), (0, 0), (0, 0))
-        padded = [jnp.pad(x, slots + ((0, width - x.shape[3]), (0, 0))) for x in arrays]
+        padded = [jnp.pad(x, (*slots, (0, width - x.shape[3]), (0, 0))) for x in arrays]
         return jnp.take(jnp.concatenate(padded, axis=1), index, axis=1)
 
     k, v = rows_of([c.k for c in caches]), rows_of([c.v for c in caches])
@@ -294,11 +304,14 @@ def gather_prefix(sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int
 def _check_prefix_cache(cache: PrefixCache, batch: int) -> PrefixCache:
     k, v, mask = cache
     if k.ndim != 5 or k.shape != v.shape or k.shape[1] != batch:
-        raise ValueError(f"prefix_cache k/v must both be [L, {batch}, K, S, hd], got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"prefix_cache k/v must both be [L, {batch}, K, S, hd], got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if tuple(mask.shape) != (batch, k.shape[3]):
-        raise ValueError(f"prefix_cache mask must be [{batch}, {k.shape[3]}], got "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"prefix_cache mask must be [{batch}, {k.shape[3]}], got {tuple(mask.shape)}"
+        )
     if not isinstance(mask, jax.core.Tracer) and not np.asarray(mask).any(axis=1).all():
         raise ValueError("every row of prefix_cache mask needs at least one real slot")
     return PrefixCache(k, v, jnp.asarray(mask, jnp.bool_))
@@ -324,8 +337,9 @@ def _batch_keys(key: jax.Array, batch: int) -> jax.Array:
     if key.shape == ():
         return jax.random.split(key, batch)
     if key.shape != (batch,):
-        raise ValueError(f"key must be one key or one per row, shape () or ({batch},); got "
-                         f"{key.shape}")
+        raise ValueError(
+            f"key must be one key or one per row, shape () or ({batch},); got {key.shape}"
+        )
     return key
 
 
@@ -339,35 +353,66 @@ def _check_left_padded(prompt_mask: Any) -> None:
     m = np.asarray(prompt_mask).astype(bool)
     if not m[:, -1].all():
         rows = np.flatnonzero(~m[:, -1]).tolist()
-        raise ValueError(f"prompt_mask rows {rows} do not end with a real token; prompts must be "
-                         "left-padded and non-empty")
+        raise ValueError(
+            f"prompt_mask rows {rows} do not end with a real token; prompts must be "
+            "left-padded and non-empty"
+        )
     if (m[:, :-1] & ~m[:, 1:]).any():
         raise ValueError("prompt_mask has a 1 followed by a 0; prompts must be left-padded")
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "n_bucket", "greedy", "use_top_p", "pad_id", "compact",
-                     "merge_lora", "unroll", "return_cache"),
+    static_argnames=(
+        "graphdef",
+        "n_bucket",
+        "greedy",
+        "use_top_p",
+        "pad_id",
+        "compact",
+        "merge_lora",
+        "unroll",
+        "return_cache",
+    ),
 )
-def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temperature, top_p,
-                  *, n_bucket, greedy, use_top_p, pad_id, compact, merge_lora,
-                  unroll, return_cache):
+def _generate_jit(
+    graphdef,
+    states,
+    prefix,
+    ids,
+    mask,
+    key,
+    eos,
+    max_new,
+    temperature,
+    top_p,
+    *,
+    n_bucket,
+    greedy,
+    use_top_p,
+    pad_id,
+    compact,
+    merge_lora,
+    unroll,
+    return_cache,
+):
     model = nnx.merge(graphdef, *states)
     b, p = ids.shape
     positions = default_positions(mask)
     # Prefill into a prompt-sized cache, then grow it: the prompt's attention then spans
     # P key slots instead of P + N empty-tailed ones.
     if prefix is None:
-        hidden, cache = model.forward_with_cache(ids, positions, mask, init_cache(
-            model.config, b, p, model.dtype), jnp.int32(0))
+        hidden, cache = model.forward_with_cache(
+            ids, positions, mask, init_cache(model.config, b, p, model.dtype), jnp.int32(0)
+        )
     elif isinstance(prefix, PrefixCache):
         # Row r's cached keys/values fill slots 0 … S0−1 (its mask marks the real ones);
         # its own left-padded tokens follow, positioned after its real cached tokens.
         l0 = prefix.k.shape[3]
         tail = ((0, 0), (0, 0), (0, 0), (0, p), (0, 0))
-        cache = KVCache(jnp.pad(prefix.k, tail).astype(model.dtype),
-                        jnp.pad(prefix.v, tail).astype(model.dtype))
+        cache = KVCache(
+            jnp.pad(prefix.k, tail).astype(model.dtype), jnp.pad(prefix.v, tail).astype(model.dtype)
+        )
         mask = jnp.concatenate([prefix.mask, mask], axis=1)
         positions = default_positions(mask)[:, l0:]
         hidden, cache = model.forward_with_cache(ids, positions, mask, cache, jnp.int32(l0))
@@ -380,8 +425,12 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         head_ids, head_mask, index = prefix
         u, l0 = head_ids.shape
         _, head = model.forward_with_cache(
-            head_ids, default_positions(head_mask), head_mask,
-            init_cache(model.config, u, l0, model.dtype), jnp.int32(0))
+            head_ids,
+            default_positions(head_mask),
+            head_mask,
+            init_cache(model.config, u, l0, model.dtype),
+            jnp.int32(0),
+        )
         tail = ((0, 0), (0, 0), (0, 0), (0, p), (0, 0))
         cache = KVCache(jnp.pad(head.k[:, index], tail), jnp.pad(head.v[:, index], tail))
         mask = jnp.concatenate([head_mask[index], mask], axis=1)
@@ -391,8 +440,10 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
     if unroll:
         # Per-layer (k, v) pairs here, one stacked KVCache below: the loop is generic.
         grow = ((0, 0), (0, 0), (0, n_bucket), (0, 0))
-        caches: Any = [(jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))
-                       for i in range(model.config.num_hidden_layers)]
+        caches: Any = [
+            (jnp.pad(cache.k[i], grow), jnp.pad(cache.v[i], grow))
+            for i in range(model.config.num_hidden_layers)
+        ]
         weights = layer_weights(model, merge_lora)
 
         def decode(tok, pos, kv_mask, caches, slot):
@@ -402,8 +453,9 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
             return [(k[keep], v[keep]) for k, v in caches]
 
         def put_rows(final, caches, rows):
-            return [(fk.at[rows].set(k), fv.at[rows].set(v))
-                    for (fk, fv), (k, v) in zip(final, caches)]
+            return [
+                (fk.at[rows].set(k), fv.at[rows].set(v)) for (fk, fv), (k, v) in zip(final, caches)
+            ]
 
         def stacked(caches):
             return (jnp.stack([k for k, _ in caches]), jnp.stack([v for _, v in caches]))
@@ -412,8 +464,9 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
         caches = KVCache(jnp.pad(cache.k, grow_stacked), jnp.pad(cache.v, grow_stacked))
 
         def decode(tok, pos, kv_mask, caches, slot):
-            hidden, caches = model.forward_with_cache(tok[:, None], pos[:, None], kv_mask,
-                                                      caches, slot)
+            hidden, caches = model.forward_with_cache(
+                tok[:, None], pos[:, None], kv_mask, caches, slot
+            )
             return hidden[:, 0], caches
 
         def keep_rows(caches, keep):
@@ -424,12 +477,14 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
 
         def stacked(caches):
             return caches.k, caches.v
+
     del cache
     kv_mask = jnp.pad(mask, ((0, 0), (0, n_bucket)))
     # Left padding puts every row's last prompt token in the last column.
     logits = model.logits(hidden[:, -1])
-    select = functools.partial(select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-                               use_top_p=use_top_p)
+    select = functools.partial(
+        select_tokens, temperature=temperature, top_p=top_p, greedy=greedy, use_top_p=use_top_p
+    )
 
     tok, lp = select(logits, _fold_in(key, 0))
     tokens = jnp.full((b, n_bucket), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -477,7 +532,8 @@ def _generate_jit(graphdef, states, prefix, ids, mask, key, eos, max_new, temper
 
         carry = (i, tok, done, rows, key, caches, kv_mask, pos, lengths, tokens, logprobs)
         i, tok, done, rows, key, caches, kv_mask, pos, lengths, tokens, logprobs = (
-            jax.lax.while_loop(cond, body, carry))
+            jax.lax.while_loop(cond, body, carry)
+        )
     out = SampleOutput(tokens, lengths, logprobs)
     if not return_cache:
         return out

@@ -36,8 +36,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(clients: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None
-              ) -> Mesh:
+def make_mesh(
+    clients: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A ("clients", "model") mesh of clients × model devices (default: the first ones)."""
     devices = list(jax.devices() if devices is None else devices)
     if clients * model > len(devices):
@@ -83,8 +84,9 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def model_shardings(model: nnx.Module, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> nnx.State:
+def model_shardings(
+    model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES
+) -> nnx.State:
     """An ``nnx.State`` whose variables hold the NamedSharding of each of ``model``'s."""
     state = nnx.state(model)
 
@@ -96,8 +98,9 @@ def model_shardings(model: nnx.Module, mesh: Mesh,
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh,
-                rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+def shard_model(
+    model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES
+) -> nnx.Module:
     """Places every variable of ``model`` on ``mesh`` by ``rules`` (in place; returns model).
 
     ``fedsp.model.transformer.load_hf_state_dict`` keeps these placements when it later

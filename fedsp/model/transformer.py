@@ -127,8 +127,9 @@ def merged_kernel(linear: Linear) -> jax.Array:
     if lora is None:
         raise ValueError("merged_kernel needs a Linear with a LoRA adapter attached")
     kernel = linear.kernel[...]
-    delta = jnp.einsum("lir,lro->lio", lora.lora_a[...].astype(jnp.float32),
-                       lora.lora_b[...].astype(jnp.float32))
+    delta = jnp.einsum(
+        "lir,lro->lio", lora.lora_a[...].astype(jnp.float32), lora.lora_b[...].astype(jnp.float32)
+    )
     delta = delta * lora.scale[...].astype(jnp.float32)[:, None, None]
     return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
@@ -251,8 +252,9 @@ class Transformer(nnx.Module):
         self.param_dtype = param_dtype
         self.remat = remat
         self.lora_config: LoRAConfig | None = None  # set by fedsp.model.lora.apply_lora
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs,
-                                  param_dtype=param_dtype)
+        self.embed_tokens = Embed(
+            config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype
+        )
 
         @nnx.split_rngs(splits=config.num_hidden_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -260,13 +262,21 @@ class Transformer(nnx.Module):
             return DecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                            param_dtype=param_dtype)
+        self.norm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         if config.tie_word_embeddings:
             self.lm_head: Linear | None = None
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"),
-                                  use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                use_bias=False,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
 
     def __call__(
         self,
@@ -346,11 +356,13 @@ class Transformer(nnx.Module):
         """Projects hidden states [..., D] onto the vocabulary: [..., V] float32."""
         if self.lm_head is None:
             w = self.embed_tokens.embedding[...]  # [V, D]
-            return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
-                              preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32
+            )
         w = self.lm_head.kernel[...]  # [D, V]
-        return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
 
     def _window(self, mask: jax.Array, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:
         window = self.config.sliding_window
@@ -377,8 +389,10 @@ class Transformer(nnx.Module):
         x, new = jax.lax.scan(body, x, (state, cache))
         if cache is not None:
             start = (0, 0, 0, cache_index, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, new.k, start),
-                            jax.lax.dynamic_update_slice(cache.v, new.v, start))
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, new.k, start),
+                jax.lax.dynamic_update_slice(cache.v, new.v, start),
+            )
         return self.norm(x), cache
 
 

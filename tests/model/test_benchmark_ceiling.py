@@ -35,8 +35,10 @@ def test_ceiling_program_keeps_every_matmul_inside_the_loop(arch, dtype):
     body_name = re.search(r"while\([^)]*\).*?body=%?([\w.\-]+)", hlo).group(1)
     body = re.search(rf"\n(?:%)?{re.escape(body_name)} .*?\n}}", hlo, re.S).group(0)
     called = set(re.findall(r"calls=%?([\w.\-]+)", body)) | {body_name}
-    comps = {m.group(1): m.group(0) for m in
-             re.finditer(r"\n(?:%)?([\w.\-]+) [^\n]*\{\n.*?\n\}", hlo, re.S)}
+    comps = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"\n(?:%)?([\w.\-]+) [^\n]*\{\n.*?\n\}", hlo, re.S)
+    }
     in_loop = sum(len(re.findall(r"\bdot\(", comps.get(c, ""))) for c in called)
     assert in_loop == dots, (in_loop, dots)
     out = np.asarray(run(x))

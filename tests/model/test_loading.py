@@ -165,7 +165,7 @@ def test_lora_export_merged_and_adapter_only(tmp_path):
     lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(1))
     # A fresh adapter has B = 0; give it values so the merge is not trivially the base.
     for target in lora_config.targets:
-        lora = lora_lib._target(model, target).lora
+        lora = lora_lib.target_linear(model, target).lora
         lora.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(7), lora.lora_b.shape))
     ids, mask = _batch(hf_config["vocab_size"])
     with_lora = _fedsp_logits(model, ids, mask)
@@ -231,12 +231,12 @@ def test_load_adapter_rejects_bad_adapters(tmp_path):
         load_adapter(fresh(), tmp_path / "adapter")
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match="unsupported LoRA options {'use_dora': True}"):
+    with pytest.raises(ValueError, match=r"unsupported LoRA options {'use_dora': True}"):
         load_adapter(fresh(), tmp_path / "adapter")
     config_file.unlink()
-    with pytest.raises(FileNotFoundError, match="adapter_config.json: missing"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json: missing"):
         load_adapter(fresh(), tmp_path / "adapter")
-    with pytest.raises(ValueError, match="carries no LoRA adapters|no LoRA adapters"):
+    with pytest.raises(ValueError, match=r"carries no LoRA adapters|no LoRA adapters"):
         save_pretrained(fresh(), tmp_path / "none", adapter_only=True)
 
 
@@ -321,7 +321,7 @@ def test_gguf_llama3_rope_scaling_round_trips(tmp_path):
     assert checkpoint.hf_config["rope_scaling"] == rope_scaling
     assert "rope_freqs.weight" not in checkpoint.tensors
     tiny_original = ModelConfig.from_hf(tiny.tiny_hf_config("llama3"))  # original context 16
-    with pytest.raises(ValueError, match="llama.cpp assumes"):
+    with pytest.raises(ValueError, match=r"llama.cpp assumes"):
         fedsp_gguf.save_gguf(tmp_path / "x.gguf", tiny_original, {})
     ours, tokenizer = from_pretrained(path)
     assert tokenizer is None  # no tokenizer.* metadata in this file
@@ -364,24 +364,24 @@ def llama_dir(tmp_path):
 
 
 def test_missing_paths_and_config_errors(llama_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="Model path not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"Model path not found: .*nowhere"):
         from_pretrained(tmp_path / "nowhere")
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(
-        ValueError, match="weights.bin: expected a Hugging Face directory or a .gguf file"
+        ValueError, match=r"weights.bin: expected a Hugging Face directory or a .gguf file"
     ):
         from_pretrained(tmp_path / "weights.bin")
 
     config_file = llama_dir / "config.json"
     text = config_file.read_text()
     config_file.write_text(text[: len(text) // 2])
-    with pytest.raises(ValueError, match="config.json: invalid JSON"):
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON"):
         from_pretrained(llama_dir)
     config_file.write_text(json.dumps({**json.loads(text), "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="config.json: model_type='gpt2' is not supported"):
+    with pytest.raises(ValueError, match=r"config.json: model_type='gpt2' is not supported"):
         from_pretrained(llama_dir)
     config_file.unlink()
-    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+    with pytest.raises(FileNotFoundError, match=r"config.json: missing"):
         from_pretrained(llama_dir)
 
 
@@ -408,7 +408,7 @@ def test_missing_shard_and_truncated_file(llama_dir):
         from_pretrained(llama_dir)
     (llama_dir / "model.safetensors.index.json").unlink()
     with pytest.raises(
-        FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"
+        FileNotFoundError, match=r"no model.safetensors or model.safetensors.index.json"
     ):
         from_pretrained(llama_dir)
 
@@ -430,7 +430,7 @@ def test_wrong_shape_missing_and_extra_tensors(tmp_path):
     with pytest.raises(ValueError, match=f"missing 1 tensor.*{name}"):
         from_pretrained(tmp_path)
     write({**weights, "model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match="unexpected tensor.*model.layers.0.mlp.extra.weight"):
+    with pytest.raises(ValueError, match=r"unexpected tensor.*model.layers.0.mlp.extra.weight"):
         from_pretrained(tmp_path)
 
 
@@ -444,12 +444,12 @@ def test_bad_gguf_files(tmp_path):
 
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(ValueError, match="truncated.gguf: .*truncated"):
+    with pytest.raises(ValueError, match=r"truncated.gguf: .*truncated"):
         from_pretrained(truncated)
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(data[:200])
     with pytest.raises(
-        ValueError, match="header.gguf: truncated: the header ends past the end of the file"
+        ValueError, match=r"header.gguf: truncated: the header ends past the end of the file"
     ):
         from_pretrained(header_only)
     not_gguf = tmp_path / "text.gguf"
@@ -493,7 +493,7 @@ def test_bad_gguf_files(tmp_path):
         write()
     writer.close()
     with pytest.raises(
-        ValueError, match="int8.gguf: tensor 'blk.0.ffn_up.weight' has quantization type I8"
+        ValueError, match=r"int8.gguf: tensor 'blk.0.ffn_up.weight' has quantization type I8"
     ):
         from_pretrained(int8)
 

@@ -93,8 +93,9 @@ def test_merged_equals_unmerged_and_matches_torch(torch_model):
     torch_merged = tiny.torch_model(HF)
     import torch
 
-    torch_merged.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()},
-                                 strict=False)
+    torch_merged.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=False
+    )
     assert np.abs(tiny.torch_logits(torch_merged, IDS, MASK) - unmerged)[valid].max() < 1e-4
     # merge_lora=False exports the frozen base.
     base_sd = hf_state_dict(model, merge_lora=False)
@@ -113,6 +114,7 @@ def test_only_lora_params_get_gradients(torch_model):
 
     grads = jax.jit(jax.grad(loss))(lora)
     assert jax.tree.structure(grads) == jax.tree.structure(lora)
+
     def is_var(x):
         return isinstance(x, nnx.Variable)
 
@@ -127,10 +129,15 @@ def test_only_lora_params_get_gradients(torch_model):
     assert not a_grad[0].any() and not b_grad[0].any()
     assert np.abs(a_grad[1]).max() > 0 and np.abs(b_grad[1]).max() > 0
     # nnx.grad with a LoRAParam DiffState gives the same numbers.
-    nnx_grads = nnx.jit(nnx.grad(lambda m: jnp.mean(jax.nn.logsumexp(m(ids, mask), -1) * mask),
-                                 argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
+    nnx_grads = nnx.jit(
+        nnx.grad(
+            lambda m: jnp.mean(jax.nn.logsumexp(m(ids, mask), -1) * mask),
+            argnums=nnx.DiffState(0, nnx.LoRAParam),
+        )
+    )(model)
     np.testing.assert_allclose(
-        nnx_grads["layers"]["mlp"]["up_proj"]["lora"]["lora_b"].get_value(), b_grad, atol=1e-6)
+        nnx_grads["layers"]["mlp"]["up_proj"]["lora"]["lora_b"].get_value(), b_grad, atol=1e-6
+    )
 
 
 def test_lora_delta_backward_equals_autodiff():
@@ -150,8 +157,9 @@ def test_lora_delta_backward_equals_autodiff():
         return jnp.sum(jnp.sin(lora_delta(x, a, b, s)) * w)
 
     np.testing.assert_allclose(custom(x, a, b), reference(x, a, b), rtol=1e-6)
-    for got, want in zip(jax.jit(jax.grad(custom, (0, 1, 2)))(x, a, b),
-                         jax.grad(reference, (0, 1, 2))(x, a, b)):
+    for got, want in zip(
+        jax.jit(jax.grad(custom, (0, 1, 2)))(x, a, b), jax.grad(reference, (0, 1, 2))(x, a, b)
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(jax.grad(lambda s: jnp.sum(lora_delta(x, a, b, s)))(s)) == 0.0
 
@@ -176,15 +184,16 @@ def test_peft_export_reproduces_the_merged_weights(torch_model):
     export = lora_hf_state_dict(model)
     merged = hf_state_dict(model, merge_lora=True)
     base = tiny.torch_state_dict(torch_model)
-    for target, path in LORA_TARGETS.items():
+    for path in LORA_TARGETS.values():
         for i in range(2):
             prefix = f"base_model.model.model.layers.{i}.{'.'.join(path)}"
             a, b = export[f"{prefix}.lora_A.weight"], export[f"{prefix}.lora_B.weight"]
             w = base[f"model.layers.{i}.{'.'.join(path)}.weight"]
             assert a.shape == (4, w.shape[1]) and b.shape == (w.shape[0], 4)
             # PEFT: W' = W + (lora_alpha / r) · B A.
-            np.testing.assert_allclose(merged[f"model.layers.{i}.{'.'.join(path)}.weight"],
-                                       w + 2.0 * b @ a, atol=1e-6)
+            np.testing.assert_allclose(
+                merged[f"model.layers.{i}.{'.'.join(path)}.weight"], w + 2.0 * b @ a, atol=1e-6
+            )
 
 
 def test_lora_hf_config_fields(torch_model):

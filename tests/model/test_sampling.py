@@ -44,13 +44,13 @@ def _teacher_forced(model, prompts, out: SampleOutput):
     full = np.full((len(rows), width), PAD, np.int32)
     full_mask = np.zeros_like(full)
     for r, x in enumerate(rows):
-        full[r, width - len(x):], full_mask[r, width - len(x):] = x, 1
+        full[r, width - len(x) :], full_mask[r, width - len(x) :] = x, 1
     logits = tiny.logits(model, full, full_mask)
     steps = []
     for r, x in enumerate(rows):
         n_prompt, n_gen = len(x) - int(out.lengths[r]), int(out.lengths[r])
         start = width - len(x) + n_prompt - 1  # logits here predict the first new token
-        steps.append(logits[r, start:start + n_gen])
+        steps.append(logits[r, start : start + n_gen])
     return steps
 
 
@@ -96,8 +96,9 @@ def test_lora_merged_for_decoding_equals_applied_per_step(model, prompts):
     lora = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), lora)
     nnx.update(lora_model, lora)
     merged = generate(graphdef, (lora, base), *prompts, max_new_tokens=N, pad_id=PAD)
-    applied = generate(graphdef, (lora, base), *prompts, max_new_tokens=N, pad_id=PAD,
-                       merge_lora=False)
+    applied = generate(
+        graphdef, (lora, base), *prompts, max_new_tokens=N, pad_id=PAD, merge_lora=False
+    )
     np.testing.assert_array_equal(merged.tokens, applied.tokens)
     np.testing.assert_allclose(merged.logprobs, applied.logprobs, atol=1e-5)
     plain = generate(*nnx.split(model), *prompts, max_new_tokens=N, pad_id=PAD)
@@ -108,8 +109,16 @@ def test_lora_merged_for_decoding_equals_applied_per_step(model, prompts):
 
 def test_sampled_logprobs_are_the_untempered_policy_logprobs(model, prompts):
     graphdef, state = nnx.split(model)
-    out = generate(graphdef, state, *prompts, jax.random.key(3), max_new_tokens=N,
-                   temperature=0.7, top_p=0.9, pad_id=PAD)
+    out = generate(
+        graphdef,
+        state,
+        *prompts,
+        jax.random.key(3),
+        max_new_tokens=N,
+        temperature=0.7,
+        top_p=0.9,
+        pad_id=PAD,
+    )
     for r, logits in enumerate(_teacher_forced(model, prompts, out)):
         logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
         ref = np.take_along_axis(logp, np.asarray(out.tokens[r])[:, None], -1)[:, 0]
@@ -125,8 +134,14 @@ def test_left_padding_does_not_change_a_row(model, prompts):
     batched = generate(graphdef, state, wide_ids, wide_mask, max_new_tokens=N, pad_id=PAD)
     for r in range(3):
         n = mask[r].sum()
-        alone = generate(graphdef, state, ids[r:r + 1, 7 - n:], mask[r:r + 1, 7 - n:],
-                         max_new_tokens=N, pad_id=PAD)
+        alone = generate(
+            graphdef,
+            state,
+            ids[r : r + 1, 7 - n :],
+            mask[r : r + 1, 7 - n :],
+            max_new_tokens=N,
+            pad_id=PAD,
+        )
         np.testing.assert_array_equal(batched.tokens[r], alone.tokens[0])
         np.testing.assert_allclose(batched.logprobs[r], alone.logprobs[0], atol=2e-5)
 
@@ -141,14 +156,32 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
     whole_ids = np.concatenate([np.tile(prefix, (3, 1)), ids], axis=1)
     whole_mask = np.concatenate([np.ones((3, 5), mask.dtype), mask], axis=1)
     # The concatenation is padded in the middle; left-align each row as a real prompt is.
-    flat_ids, flat_mask = tiny.pack_left([whole_ids[r][whole_mask[r] == 1] for r in range(3)],
-                                         PAD)
-    for kw in (dict(), dict(temperature=0.9, top_p=0.95)):
+    flat_ids, flat_mask = tiny.pack_left([whole_ids[r][whole_mask[r] == 1] for r in range(3)], PAD)
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.95}):
         key = jax.random.key(4) if kw else None
-        ref = generate(graphdef, state, flat_ids, flat_mask, key, max_new_tokens=N,
-                       pad_id=PAD, layer_loop=layer_loop, **kw)
-        out = generate(graphdef, state, ids, mask, key, max_new_tokens=N, pad_id=PAD,
-                       layer_loop=layer_loop, prefix_ids=prefix, **kw)
+        ref = generate(
+            graphdef,
+            state,
+            flat_ids,
+            flat_mask,
+            key,
+            max_new_tokens=N,
+            pad_id=PAD,
+            layer_loop=layer_loop,
+            **kw,
+        )
+        out = generate(
+            graphdef,
+            state,
+            ids,
+            mask,
+            key,
+            max_new_tokens=N,
+            pad_id=PAD,
+            layer_loop=layer_loop,
+            prefix_ids=prefix,
+            **kw,
+        )
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_array_equal(out.lengths, ref.lengths)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-5)
@@ -158,32 +191,55 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
         np.testing.assert_array_equal(out.tokens[r], logits.argmax(-1))
     # The prefix is bucketed like the prompts: another length in its bucket reuses the program.
     compiled = sampling._generate_jit._cache_size()
-    generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=prefix[:4],
-             layer_loop=layer_loop)
+    generate(
+        graphdef,
+        state,
+        ids,
+        mask,
+        max_new_tokens=N,
+        pad_id=PAD,
+        prefix_ids=prefix[:4],
+        layer_loop=layer_loop,
+    )
     assert sampling._generate_jit._cache_size() == compiled
     # Several prefixes of different lengths (left-padded), one chosen per row.
     heads = np.array([[PAD, PAD, 8, 3], [21, 9, 64, 2]], np.int32)
     head_mask = (heads != PAD).astype(np.int32)
     index = np.array([1, 0, 1])
     flat_ids, flat_mask = tiny.pack_left(
-        [np.concatenate([heads[index[r]][head_mask[index[r]] == 1], ids[r][mask[r] == 1]])
-         for r in range(3)], PAD)
-    ref = generate(graphdef, state, flat_ids, flat_mask, max_new_tokens=N, pad_id=PAD,
-                   layer_loop=layer_loop)
-    out = generate(graphdef, state, ids, mask, max_new_tokens=N, pad_id=PAD, prefix_ids=heads,
-                   prefix_mask=head_mask, prefix_index=index, layer_loop=layer_loop)
+        [
+            np.concatenate([heads[index[r]][head_mask[index[r]] == 1], ids[r][mask[r] == 1]])
+            for r in range(3)
+        ],
+        PAD,
+    )
+    ref = generate(
+        graphdef, state, flat_ids, flat_mask, max_new_tokens=N, pad_id=PAD, layer_loop=layer_loop
+    )
+    out = generate(
+        graphdef,
+        state,
+        ids,
+        mask,
+        max_new_tokens=N,
+        pad_id=PAD,
+        prefix_ids=heads,
+        prefix_mask=head_mask,
+        prefix_index=index,
+        layer_loop=layer_loop,
+    )
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-5)
     with pytest.raises(ValueError, match="prefix_ids must be"):
         generate(graphdef, state, ids, mask, max_new_tokens=N, prefix_ids=[[[1, 2]]])
     with pytest.raises(ValueError, match="prefix_index must hold one prefix in"):
-        generate(graphdef, state, ids, mask, max_new_tokens=N, prefix_ids=heads,
-                 prefix_index=[0, 2, 1])
+        generate(
+            graphdef, state, ids, mask, max_new_tokens=N, prefix_ids=heads, prefix_index=[0, 2, 1]
+        )
 
 
 @pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
-def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeypatch,
-                                                                  layer_loop):
+def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeypatch, layer_loop):
     """Keys/values a call returns (``return_cache``, finished rows dropped on the way and a
     shared head) stand for its rows' prompt + generated tokens: a later call that
     continues from them, cut to any shared prefix, samples what the whole prompt would."""
@@ -194,14 +250,29 @@ def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeyp
     kw = dict(max_new_tokens=9, temperature=1.0, pad_id=PAD, layer_loop=layer_loop)
     free = generate(graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head, **kw)
     eos = tuple(int(t) for t in np.asarray(free.tokens)[[0, 1, 2, 3], [1, 3, 2, 5]])
-    first, cache = generate(graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head,
-                            eos_ids=eos, return_cache=True, **kw)
-    np.testing.assert_array_equal(first.tokens, generate(
-        graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head, eos_ids=eos, **kw).tokens)
+    first, cache = generate(
+        graphdef,
+        state,
+        ids,
+        mask,
+        jax.random.key(2),
+        prefix_ids=head,
+        eos_ids=eos,
+        return_cache=True,
+        **kw,
+    )
+    np.testing.assert_array_equal(
+        first.tokens,
+        generate(
+            graphdef, state, ids, mask, jax.random.key(2), prefix_ids=head, eos_ids=eos, **kw
+        ).tokens,
+    )
     lengths = np.asarray(first.lengths)
     assert (lengths < 9).sum() >= 3 and (lengths == 9).any()  # the batch shrank
-    cached = [np.concatenate([head, ids[r][mask[r] == 1], np.asarray(first.tokens[r, :n - 1])])
-              for r, n in enumerate(lengths)]
+    cached = [
+        np.concatenate([head, ids[r][mask[r] == 1], np.asarray(first.tokens[r, : n - 1])])
+        for r, n in enumerate(lengths)
+    ]
     np.testing.assert_array_equal(np.asarray(cache.mask).sum(1), [len(c) for c in cached])
     # New prompts: every row keeps a prefix of its cached tokens (all of them, or cut
     # inside the head, the prompt or the reply), then new tokens follow.
@@ -213,18 +284,20 @@ def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeyp
     flat_ids, flat_mask = tiny.pack_left(whole, PAD)
     tail_ids, tail_mask = tiny.pack_left(tails, PAD)
     prefix = sampling.gather_prefix([(cache, r) for r in rows], keep)
-    for extra in (dict(), dict(temperature=0.9, top_p=0.95)):
+    for extra in ({}, {"temperature": 0.9, "top_p": 0.95}):
         call = dict(kw, eos_ids=(), **extra)
         ref = generate(graphdef, state, flat_ids, flat_mask, jax.random.key(7), **call)
-        out = generate(graphdef, state, tail_ids, tail_mask, jax.random.key(7),
-                       prefix_cache=prefix, **call)
+        out = generate(
+            graphdef, state, tail_ids, tail_mask, jax.random.key(7), prefix_cache=prefix, **call
+        )
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=5e-5)
     # Rows may come from several caches of different widths: the same rows and mask.
     narrow = sampling.PrefixCache(cache.k[:, :, :, :24], cache.v[:, :, :, :24], cache.mask[:, :24])
     assert cache.k.shape[3] == 32 and np.asarray(cache.mask)[:, 24:].sum() == 0
-    mixed = sampling.gather_prefix([(narrow if j % 2 else cache, r) for j, r in enumerate(rows)],
-                                   keep)
+    mixed = sampling.gather_prefix(
+        [(narrow if j % 2 else cache, r) for j, r in enumerate(rows)], keep
+    )
     np.testing.assert_array_equal(mixed.mask, prefix.mask)
     real = np.asarray(prefix.mask)[None, :, None, :, None]
     for a, b in ((mixed.k, prefix.k), (mixed.v, prefix.v)):
@@ -232,11 +305,19 @@ def test_continuing_from_a_returned_cache_equals_the_whole_prompt(model, monkeyp
     with pytest.raises(ValueError, match="keep more tokens than their cache holds"):
         sampling.gather_prefix([(cache, 1)], [len(cached[1]) + 1])
     with pytest.raises(ValueError, match="prefix_ids or prefix_cache"):
-        generate(graphdef, state, tail_ids, tail_mask, max_new_tokens=2, prefix_ids=head,
-                 prefix_cache=prefix)
+        generate(
+            graphdef,
+            state,
+            tail_ids,
+            tail_mask,
+            max_new_tokens=2,
+            prefix_ids=head,
+            prefix_cache=prefix,
+        )
     with pytest.raises(ValueError, match="prefix_cache k/v must both be"):
-        generate(graphdef, state, tail_ids[:2], tail_mask[:2], max_new_tokens=2,
-                 prefix_cache=prefix)
+        generate(
+            graphdef, state, tail_ids[:2], tail_mask[:2], max_new_tokens=2, prefix_cache=prefix
+        )
 
 
 def test_eos_stops_each_row(model, prompts):
@@ -257,8 +338,9 @@ def test_eos_stops_each_row(model, prompts):
         np.testing.assert_array_equal(out.logprobs[r, end:], 0.0)
     assert stopped >= 2
     # One EOS id as an int works too, and a row ending at step 0 has length 1.
-    first = generate(graphdef, state, *prompts, max_new_tokens=N, eos_ids=int(tokens[2, 0]),
-                     pad_id=PAD)
+    first = generate(
+        graphdef, state, *prompts, max_new_tokens=N, eos_ids=int(tokens[2, 0]), pad_id=PAD
+    )
     assert first.lengths[2] == 1 and (np.asarray(first.tokens[2, 1:]) == PAD).all()
 
 
@@ -268,16 +350,41 @@ def test_no_recompilation_within_a_bucket(model, prompts):
     generate(graphdef, state, ids, mask, max_new_tokens=5, pad_id=PAD)
     before = sampling._generate_jit._cache_size()
     # Shorter prompt, another max_new_tokens in the same buckets (8, 8), other EOS ids.
-    generate(graphdef, state, ids[:, 2:], mask[:, 2:] | (np.arange(5) >= 2), max_new_tokens=8,
-             eos_ids=(5, 9, 11), pad_id=PAD)
+    generate(
+        graphdef,
+        state,
+        ids[:, 2:],
+        mask[:, 2:] | (np.arange(5) >= 2),
+        max_new_tokens=8,
+        eos_ids=(5, 9, 11),
+        pad_id=PAD,
+    )
     assert sampling._generate_jit._cache_size() == before
-    generate(graphdef, state, ids, mask, jax.random.key(0), max_new_tokens=6, temperature=0.7,
-             top_p=0.9, pad_id=PAD)
+    generate(
+        graphdef,
+        state,
+        ids,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=6,
+        temperature=0.7,
+        top_p=0.9,
+        pad_id=PAD,
+    )
     sampled = sampling._generate_jit._cache_size()
     assert sampled <= before + 1  # sampling is one more program (maybe compiled earlier)
     # Temperature, top_p and the key are traced values.
-    generate(graphdef, state, ids, mask, jax.random.key(1), max_new_tokens=3, temperature=1.3,
-             top_p=0.5, pad_id=PAD)
+    generate(
+        graphdef,
+        state,
+        ids,
+        mask,
+        jax.random.key(1),
+        max_new_tokens=3,
+        temperature=1.3,
+        top_p=0.5,
+        pad_id=PAD,
+    )
     assert sampling._generate_jit._cache_size() == sampled
     # A new adapter value reuses the program too (split_lora state).
     lora_model = nnx.clone(model)
@@ -300,8 +407,16 @@ def test_sampling_is_deterministic_per_key_and_tiny_top_p_is_greedy(model, promp
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     greedy = generate(graphdef, state, *prompts, max_new_tokens=N, pad_id=PAD)
-    tiny_p = generate(graphdef, state, *prompts, jax.random.key(7), max_new_tokens=N,
-                      temperature=1.0, top_p=1e-6, pad_id=PAD)
+    tiny_p = generate(
+        graphdef,
+        state,
+        *prompts,
+        jax.random.key(7),
+        max_new_tokens=N,
+        temperature=1.0,
+        top_p=1e-6,
+        pad_id=PAD,
+    )
     np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
     np.testing.assert_allclose(tiny_p.logprobs, greedy.logprobs, atol=1e-6)
 
@@ -318,8 +433,9 @@ def test_dropping_finished_rows_changes_nothing(model, monkeypatch):
     eos = tuple(int(t) for t in np.asarray(free.tokens)[[0, 1, 2, 3, 4], [1, 3, 2, 5, 8]])
     full = generate(graphdef, state, ids, mask, jax.random.key(2), compact=False, eos_ids=eos, **kw)
     assert int((np.asarray(full.lengths) < 12).sum()) >= 5
-    compact = generate(graphdef, state, ids, mask, jax.random.key(2), compact=True, eos_ids=eos,
-                       **kw)
+    compact = generate(
+        graphdef, state, ids, mask, jax.random.key(2), compact=True, eos_ids=eos, **kw
+    )
     np.testing.assert_array_equal(compact.tokens, full.tokens)
     np.testing.assert_array_equal(compact.lengths, full.lengths)
     np.testing.assert_allclose(compact.logprobs, full.logprobs, atol=1e-5)
@@ -348,9 +464,14 @@ def test_nucleus_sampling_distribution(monkeypatch, top_k):
 
     @jax.jit
     def draw(key):
-        tok, lp = next_token.select_tokens(batch, jax.random.split(key, 4),
-                                   temperature=jnp.float32(temperature),
-                                   top_p=jnp.float32(top_p), greedy=False, use_top_p=True)
+        tok, lp = next_token.select_tokens(
+            batch,
+            jax.random.split(key, 4),
+            temperature=jnp.float32(temperature),
+            top_p=jnp.float32(top_p),
+            greedy=False,
+            use_top_p=True,
+        )
         return tok, lp
 
     tokens, logps = jax.vmap(draw)(keys)

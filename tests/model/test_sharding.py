@@ -52,7 +52,8 @@ def test_sharded_model_gives_unsharded_logits_and_shards_the_base():
     batch = NamedSharding(mesh, PartitionSpec("clients"))
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(
-        state, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
+        state, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch)
+    )
     assert out.sharding.spec[0] == "clients"
     valid = mask.astype(bool)
     assert np.abs(np.asarray(out) - ref)[valid].max() < 1e-5
@@ -81,7 +82,7 @@ def test_logical_to_spec_rules():
     # 9 heads' worth of embed does not split 4 ways: replicate rather than fail.
     assert logical_to_spec(("embed",), (9,), mesh) == PartitionSpec(None)
     # A mesh axis is used once per array.
-    rules = LOGICAL_AXIS_RULES + (("twice", "model"),)
+    rules = (*LOGICAL_AXIS_RULES, ("twice", "model"))
     assert logical_to_spec(("embed", "twice"), (8, 8), mesh, rules) == PartitionSpec("model", None)
     with pytest.raises(ValueError, match="no rule"):
         logical_to_spec(("heads",), (8,), mesh)

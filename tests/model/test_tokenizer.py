@@ -156,8 +156,9 @@ def test_gguf_tokenizer_matches_transformers_gguf_reader(pre, tmp_path):
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
     ours = Tokenizer.from_gguf(path)
     conversation = [{"role": "user", "content": "What is 12 * 3?"}]
-    texts = PROBES + [
-        reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    texts = [
+        *PROBES,
+        reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
     ]
     for text in texts:
         assert ours.encode(text) == reference.encode(text, add_special_tokens=False), (pre, text)
@@ -177,12 +178,12 @@ def test_digits_are_isolated_for_smollm_pre_type(tmp_path):
 
 def test_from_gguf_rejects_unsupported_tokenizers(chatml):
     metadata = chatml.gguf_metadata()
-    with pytest.raises(ValueError, match="tokenizer.ggml.model='llama'"):
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.model='llama'"):
         Tokenizer.from_gguf({**metadata, "tokenizer.ggml.model": "llama"})
-    with pytest.raises(ValueError, match="unsupported tokenizer.ggml.pre='tekken'"):
+    with pytest.raises(ValueError, match=r"unsupported tokenizer.ggml.pre='tekken'"):
         Tokenizer.from_gguf({**metadata, "tokenizer.ggml.pre": "tekken"})
     without_merges = {k: v for k, v in metadata.items() if k != "tokenizer.ggml.merges"}
-    with pytest.raises(ValueError, match="no 'tokenizer.ggml.merges'"):
+    with pytest.raises(ValueError, match=r"no 'tokenizer.ggml.merges'"):
         Tokenizer.from_gguf(without_merges)
 
 

@@ -43,15 +43,16 @@ def test_logit_parity_left_padded(pair):
 
 
 def test_logit_parity_right_padded_and_unmasked(pair):
-    kind, torch_model, model = pair
+    _, torch_model, model = pair
     ids, _ = tiny.left_padded_batch(128, [24] * 4, 24, seed=2)
     mask = np.ones_like(ids)
     mask[1, 12:] = 0  # right padding: real tokens keep positions 0..11
     ref = tiny.torch_logits(torch_model, ids, mask)
     out = tiny.logits(model, ids, mask)
     assert np.abs(out - ref)[mask.astype(bool)].max() < 1e-4
-    np.testing.assert_allclose(tiny.logits(model, ids), tiny.torch_logits(torch_model, ids),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        tiny.logits(model, ids), tiny.torch_logits(torch_model, ids), atol=1e-4
+    )
 
 
 def test_padding_side_does_not_change_a_row(pair):
@@ -61,12 +62,12 @@ def test_padding_side_does_not_change_a_row(pair):
     right_ids, right_mask = np.zeros_like(left_ids), np.zeros_like(left_mask)
     for r in range(4):
         n = left_mask[r].sum()
-        right_ids[r, :n], right_mask[r, :n] = left_ids[r, 24 - n:], 1
+        right_ids[r, :n], right_mask[r, :n] = left_ids[r, 24 - n :], 1
     left = tiny.logits(model, left_ids, left_mask)
     right = tiny.logits(model, right_ids, right_mask)
     for r in range(4):
         n = left_mask[r].sum()
-        np.testing.assert_allclose(left[r, 24 - n:], right[r, :n], atol=2e-5)
+        np.testing.assert_allclose(left[r, 24 - n :], right[r, :n], atol=2e-5)
 
 
 def test_jit_matches_eager():
@@ -79,7 +80,7 @@ def test_jit_matches_eager():
 
 
 def test_hf_state_dict_round_trips_exactly(pair):
-    kind, torch_model, model = pair
+    _, torch_model, model = pair
     ref = tiny.torch_state_dict(torch_model)
     ref = {k: v for k, v in ref.items() if not k.endswith("rotary_emb.inv_freq")}
     out = hf_state_dict(model)
@@ -105,8 +106,9 @@ def test_rope_inv_freq_matches_transformers():
         np.testing.assert_allclose(ours, ref, rtol=1e-6)
     # The llama3 scaling must actually change the low frequencies.
     scaled = rope_inv_freq(ModelConfig.from_hf(tiny.tiny_hf_config("llama3")))
-    plain = rope_inv_freq(dataclasses.replace(ModelConfig.from_hf(tiny.tiny_hf_config("llama3")),
-                                              rope_scaling=None))
+    plain = rope_inv_freq(
+        dataclasses.replace(ModelConfig.from_hf(tiny.tiny_hf_config("llama3")), rope_scaling=None)
+    )
     assert scaled[-1] == pytest.approx(plain[-1] / 8.0) and np.all(scaled <= plain)
 
 
@@ -121,8 +123,14 @@ def test_rmsnorm_golden_and_grads():
     x = jnp.array([[3.0, -4.0, 0.0]])
     rms = np.sqrt((9 + 16 + 0) / 3 + 1e-6)
     np.testing.assert_allclose(norm(x), [[3 / rms, -8 / rms, 0.0]], rtol=1e-6)
-    check_grads(jax.jit(norm), (jnp.array([[0.3, -1.2, 2.0]]),), order=1, modes=("rev",),
-                atol=1e-2, rtol=1e-2)
+    check_grads(
+        jax.jit(norm),
+        (jnp.array([[0.3, -1.2, 2.0]]),),
+        order=1,
+        modes=("rev",),
+        atol=1e-2,
+        rtol=1e-2,
+    )
 
 
 def test_rope_is_a_rotation_with_relative_phase():
@@ -133,13 +141,16 @@ def test_rope_is_a_rotation_with_relative_phase():
     k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
     def rot(x, pos):
-        angles = jnp.full((1, 1), float(pos)) [..., None] * inv
+        angles = jnp.full((1, 1), float(pos))[..., None] * inv
         angles = jnp.concatenate([angles, angles], -1)
         return apply_rope(x, jnp.cos(angles), jnp.sin(angles))
 
     # Norm-preserving, and q·k depends only on the position difference.
     np.testing.assert_allclose(jnp.linalg.norm(rot(q, 7)), jnp.linalg.norm(q), rtol=1e-5)
-    dot = lambda a, b: float(jnp.sum(rot(q, a) * rot(k, b)))
+
+    def dot(a, b):
+        return float(jnp.sum(rot(q, a) * rot(k, b)))
+
     assert dot(10, 3) == pytest.approx(dot(27, 20), rel=1e-4)
 
 
@@ -159,9 +170,18 @@ def test_attend_matches_numpy_and_grads():
             p = np.exp(s - s.max(-1, keepdims=True))
             ref[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h // 2]
     np.testing.assert_allclose(out, ref.reshape(2, 3, 32), atol=1e-5)
-    fn = lambda q, k, v: attend(q, k, v, jnp.asarray(mask))
-    check_grads(jax.jit(fn), (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)), order=1,
-                modes=("rev",), atol=1e-2, rtol=1e-2)
+
+    def fn(q, k, v):
+        return attend(q, k, v, jnp.asarray(mask))
+
+    check_grads(
+        jax.jit(fn),
+        (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)),
+        order=1,
+        modes=("rev",),
+        atol=1e-2,
+        rtol=1e-2,
+    )
 
 
 def test_bf16_params_give_float32_logits_close_to_fp32():
@@ -214,12 +234,13 @@ def test_remat_gives_the_same_gradients():
 def test_scan_compiles_the_layer_once():
     # 12 layers must not compile 12 layer bodies: the HLO of a 12-layer model is about
     # the size of a 2-layer one.
-    sizes = {}
-    for n in (2, 12):
+    def hlo_size(n):
         config = ModelConfig.from_hf({**tiny.tiny_hf_config("llama"), "num_hidden_layers": n})
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
         fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))
-        sizes[n] = len(fn.lower(state, jax.ShapeDtypeStruct((1, 4), jnp.int32)).as_text())
+        return len(fn.lower(state, jax.ShapeDtypeStruct((1, 4), jnp.int32)).as_text())
+
+    sizes = {n: hlo_size(n) for n in (2, 12)}
     assert sizes[12] < 1.1 * sizes[2]
 
 
@@ -291,8 +312,15 @@ def test_config_reads_both_rope_spellings():
 
 
 def test_config_defaults_and_eos_ids():
-    config = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=[3, 4])
+    config = ModelConfig(
+        vocab_size=10,
+        hidden_size=64,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=[3, 4],
+    )
     assert config.head_dim == 16 and config.num_query_groups == 2
     assert config.eos_token_ids == (3, 4)
 

@@ -48,22 +48,38 @@ def tiny_hf_config(kind: str = "llama") -> dict[str, Any]:
     if kind == "llama":
         cfg.update(model_type="llama", rope_theta=10000.0, tie_word_embeddings=False)
     elif kind == "qwen2":
-        cfg.update(model_type="qwen2", rope_theta=1e6, tie_word_embeddings=False,
-                   use_sliding_window=False)
+        cfg.update(
+            model_type="qwen2", rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False
+        )
     elif kind == "smollm":
-        cfg.update(model_type="llama", rope_theta=1e5, tie_word_embeddings=True,
-                   num_attention_heads=8, num_key_value_heads=2)
+        cfg.update(
+            model_type="llama",
+            rope_theta=1e5,
+            tie_word_embeddings=True,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+        )
     elif kind == "llama3":
         cfg.update(
             model_type="llama",
             rope_theta=5e5,
             tie_word_embeddings=False,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                              high_freq_factor=4.0, original_max_position_embeddings=16),
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
         )
     elif kind == "mistral":
-        cfg.update(model_type="mistral", rope_theta=1e4, tie_word_embeddings=False,
-                   sliding_window=4, head_dim=16)
+        cfg.update(
+            model_type="mistral",
+            rope_theta=1e4,
+            tie_word_embeddings=False,
+            sliding_window=4,
+            head_dim=16,
+        )
     return cfg
 
 
@@ -97,8 +113,9 @@ def torch_state_dict(model) -> dict[str, np.ndarray]:
     return sd
 
 
-def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
-                 ) -> np.ndarray:
+def torch_logits(
+    model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
+) -> np.ndarray:
     """Float32 logits [B, T, V]; with a mask, positions are HF's cumsum(mask) − 1."""
     import torch
 
@@ -112,15 +129,16 @@ def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None
         return model(input_ids=ids, **kwargs).logits.float().numpy()
 
 
-def left_padded_batch(vocab_size: int, lengths: list[int], total: int, seed: int = 0,
-                      pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_padded_batch(
+    vocab_size: int, lengths: list[int], total: int, seed: int = 0, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Random ids [B, total] left-padded to ``total`` with pad_id, and the 0/1 mask."""
     rng = np.random.default_rng(seed)
     ids = np.full((len(lengths), total), pad_id, np.int32)
     mask = np.zeros((len(lengths), total), np.int32)
     for row, n in enumerate(lengths):
-        ids[row, total - n:] = rng.integers(3, vocab_size, size=n)
-        mask[row, total - n:] = 1
+        ids[row, total - n :] = rng.integers(3, vocab_size, size=n)
+        mask[row, total - n :] = 1
     return ids, mask
 
 
@@ -130,8 +148,8 @@ def pack_left(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.n
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
