@@ -15,10 +15,12 @@ from __future__ import annotations
 from fedsp.selfplay.base import (
     Algorithm,
     ClientBatch,
+    Collector,
     PackedSequences,
     PlayerLogps,
     Policy,
     RoundContext,
+    RoundInputs,
     client_batch,
 )
 from fedsp.selfplay.hparams import HParams
@@ -29,6 +31,7 @@ from fedsp.selfplay.train import LocalTraining, LossContext
 __all__ = [
     "Algorithm",
     "ClientBatch",
+    "Collector",
     "HParams",
     "LocalTraining",
     "LossContext",
@@ -37,6 +40,7 @@ __all__ = [
     "Policy",
     "Rollout",
     "RoundContext",
+    "RoundInputs",
     "SamplingParams",
     "algorithm_names",
     "client_batch",

@@ -12,6 +12,9 @@ A client algorithm is two functions (docs/design.md, "One round, as data flows")
   round-start adapter frozen (``in_axes`` None), batch and keys stacked.
   `fedsp.selfplay.train.LocalTraining` builds it from a minibatch loss.
 
+`Collector` implements ``collect`` once for the built-in algorithms (and any user one):
+it checks the arguments and passes them as one `RoundInputs` to ``collect_batch``.
+
 Per-client state that outlives a round, the reward baseline of advantage weighting
 (an EMA of the client's past rewards), is owned by the round loop: it passes the
 previous baselines to ``collect(..., baselines=...)`` and stores ``stats["baseline"]``
@@ -219,6 +222,71 @@ class PoolAlgorithm(Algorithm, Protocol):
     uses_pool: bool
     max_players: int
     pool_on_error: OnError
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+    """One round's `Algorithm.collect` arguments, validated, as `Collector` passes them.
+
+    The fields are ``collect``'s arguments, except ``baselines``: [C] float32, NaN for a
+    client with no baseline yet (never None).
+    """
+
+    policy: Policy
+    lora_state: nnx.State
+    client_examples: Sequence[Sequence[Example]]
+    task: Task
+    feedback: FeedbackProvider
+    key: jax.Array
+    round: int
+    baselines: np.ndarray
+    context: RoundContext | None = None
+
+    @property
+    def num_clients(self) -> int:
+        """C, the number of sampled clients."""
+        return len(self.client_examples)
+
+
+class Collector:
+    """``Algorithm.collect`` written once, for algorithms to inherit.
+
+    It checks that clients were sampled and that the baselines have one entry per client,
+    bundles the arguments into `RoundInputs` and calls ``collect_batch``, the part an
+    algorithm writes.
+    """
+
+    def collect(
+        self,
+        policy: Policy,
+        lora_state: nnx.State,
+        client_examples: Sequence[Sequence[Example]],
+        task: Task,
+        feedback: FeedbackProvider,
+        key: jax.Array,
+        round: int,
+        *,
+        baselines: Sequence[float] | np.ndarray | None = None,
+        context: RoundContext | None = None,
+    ) -> tuple[ClientBatch, dict[str, float]]:
+        """See `Algorithm.collect`; ``context`` reaches algorithms with ``uses_context``."""
+        num_clients = check_clients(client_examples)
+        inputs = RoundInputs(
+            policy,
+            lora_state,
+            client_examples,
+            task,
+            feedback,
+            key,
+            round,
+            prev_baselines(baselines, num_clients),
+            context,
+        )
+        return self.collect_batch(inputs)
+
+    def collect_batch(self, inputs: RoundInputs) -> tuple[ClientBatch, dict[str, float]]:
+        """Host side of one round for ``inputs.num_clients`` clients (`Algorithm.collect`)."""
+        raise NotImplementedError
 
 
 def client_batch(

@@ -17,7 +17,6 @@ client's rollout share one batched generation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,16 +26,14 @@ from flax import nnx
 
 from fedsp.core.advantage import group_advantages
 from fedsp.core.losses import grpo_loss
-from fedsp.data.base import Example, Task
-from fedsp.data.feedback import FeedbackProvider
 from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, Policy, check_clients, client_batch, prev_baselines
+from fedsp.selfplay.base import ClientBatch, Collector, RoundInputs, client_batch
 from fedsp.selfplay.hparams import HParams, round_lr
 from fedsp.selfplay.registry import register_algorithm
 
 
-class Grpo(tr.LocalTraining):
+class Grpo(Collector, tr.LocalTraining):
     """GRPO client; see the module docstring.
 
     Args:
@@ -51,25 +48,14 @@ class Grpo(tr.LocalTraining):
         self.sampling = rollout.SamplingParams.from_config(config)
         self.generate_fn = rollout.sample_completions if generate_fn is None else generate_fn
 
-    def collect(
-        self,
-        policy: Policy,
-        lora_state: nnx.State,
-        client_examples: Sequence[Sequence[Example]],
-        task: Task,
-        feedback: FeedbackProvider,
-        key: jax.Array,
-        round: int,
-        *,
-        baselines: Sequence[float] | np.ndarray | None = None,
-    ) -> tuple[ClientBatch, dict[str, float]]:
+    def collect_batch(self, inputs: RoundInputs) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect`."""
+        policy, task, key, round = inputs.policy, inputs.task, inputs.key, inputs.round
         hp, tok, g = self.hp, policy.tokenizer, self.hp.group_size
-        num_clients = check_clients(client_examples)
-        prev = prev_baselines(baselines, num_clients)
+        num_clients, prev = inputs.num_clients, inputs.baselines
         prompts_by_row = []
         rows = []  # (client, prompt index, sample index, example)
-        for c, exs in enumerate(client_examples):
+        for c, exs in enumerate(inputs.client_examples):
             for i, ex in enumerate(exs):
                 ids = rollout.prompt_ids(tok, task, ex)
                 for s in range(g):
@@ -78,8 +64,8 @@ class Grpo(tr.LocalTraining):
         keys = rollout.rollout_keys(
             key, round, 0, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         )
-        outs = self.generate_fn(policy, lora_state, prompts_by_row, keys, self.sampling)
-        verdicts = [feedback(r[3], y.text) for r, y in zip(rows, outs)]
+        outs = self.generate_fn(policy, inputs.lora_state, prompts_by_row, keys, self.sampling)
+        verdicts = [inputs.feedback(r[3], y.text) for r, y in zip(rows, outs)]
         rewards = np.asarray(
             [v.score if hp.reward == "score" else float(v.correct) for v in verdicts], np.float32
         )

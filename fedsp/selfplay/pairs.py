@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -43,17 +43,15 @@ from flax import nnx
 
 from fedsp.core.losses import dpo_loss, spin_loss, tpaw_loss
 from fedsp.data.base import Example, Task
-from fedsp.data.feedback import FeedbackProvider
 from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
 from fedsp.selfplay.base import (
     ClientBatch,
+    Collector,
     PlayerLogps,
-    Policy,
     RoundContext,
-    check_clients,
+    RoundInputs,
     client_batch,
-    prev_baselines,
 )
 from fedsp.selfplay.hparams import HParams, round_lr
 from fedsp.selfplay.opponents import OpponentHistory, Pair
@@ -114,7 +112,7 @@ class PairHParams:
         )
 
 
-class PairwiseSelfPlay(tr.LocalTraining):
+class PairwiseSelfPlay(Collector, tr.LocalTraining):
     """Shared collect / local_train of SPIN, TPAW and DPO; see the module docstring.
 
     Subclasses set `kind` and `default_opponent_rounds` and implement `players`; they may
@@ -175,34 +173,24 @@ class PairwiseSelfPlay(tr.LocalTraining):
 
     # ------------------------------------------------------------------ host side
 
-    def collect(
-        self,
-        policy: Policy,
-        lora_state: nnx.State,
-        client_examples: Sequence[Sequence[Example]],
-        task: Task,
-        feedback: FeedbackProvider,
-        key: jax.Array,
-        round: int,
-        *,
-        baselines: Sequence[float] | np.ndarray | None = None,
-        context: RoundContext | None = None,
-    ) -> tuple[ClientBatch, dict[str, float]]:
+    def collect_batch(self, inputs: RoundInputs) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect` (``feedback`` unused: the gold
         response is the target); ``context`` gives the clients' global ids (default
         0..C−1), the round-0 adapters and the pool's players."""
-        del feedback
+        policy, task, key, round = inputs.policy, inputs.task, inputs.key, inputs.round
         hp, tok = self.hp, policy.tokenizer
-        num_clients = check_clients(client_examples)
+        num_clients, context = inputs.num_clients, inputs.context
         ids = np.arange(num_clients) if context is None else np.asarray(context.clients, np.int64)
         if ids.shape != (num_clients,):
             raise ValueError(
                 f"context.clients must hold one id per client ({num_clients}), "
                 f"got shape {ids.shape}"
             )
-        players, player_mask = self.players(lora_state, context)
+        players, player_mask = self.players(inputs.lora_state, context)
         end = packing.end_of_turn_id(tok)
-        rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
+        rows = [
+            (c, i, ex) for c, exs in enumerate(inputs.client_examples) for i, ex in enumerate(exs)
+        ]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
         sampled = [j for j, (_, _, ex) in enumerate(rows) if self.rejected_text(ex) is None]
         start = time.perf_counter()
@@ -213,7 +201,7 @@ class PairwiseSelfPlay(tr.LocalTraining):
             zip(
                 sampled,
                 self.generate_fn(
-                    policy, lora_state, [prompts[j] for j in sampled], keys, self.sampling
+                    policy, inputs.lora_state, [prompts[j] for j in sampled], keys, self.sampling
                 )
                 if sampled
                 else [],
@@ -270,7 +258,7 @@ class PairwiseSelfPlay(tr.LocalTraining):
             num_examples=counts,
             wins=correct,
             wrong=wrong,
-            baseline=prev_baselines(baselines, num_clients),
+            baseline=inputs.baselines,
             players=player_logps,
         )
         fresh = float(sum(len(p) for p in this_round))

@@ -10,7 +10,6 @@ so advantages are 0 and baselines are carried over unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,38 +17,23 @@ import numpy as np
 from flax import nnx
 
 from fedsp.core.losses import sft_loss
-from fedsp.data.base import Example, Task
-from fedsp.data.feedback import FeedbackProvider
 from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, Policy, check_clients, client_batch, prev_baselines
+from fedsp.selfplay.base import ClientBatch, Collector, RoundInputs, client_batch
 from fedsp.selfplay.hparams import HParams, round_lr
 from fedsp.selfplay.registry import register_algorithm
 
 
-class Sft(tr.LocalTraining):
+class Sft(Collector, tr.LocalTraining):
     """SFT client; see the module docstring."""
 
     def __init__(self, name: str, config: Any):
         self.name = name
         self.hp = HParams.from_config(config)
 
-    def collect(
-        self,
-        policy: Policy,
-        lora_state: nnx.State,
-        client_examples: Sequence[Sequence[Example]],
-        task: Task,
-        feedback: FeedbackProvider,
-        key: jax.Array,
-        round: int,
-        *,
-        baselines: Sequence[float] | np.ndarray | None = None,
-    ) -> tuple[ClientBatch, dict[str, float]]:
+    def collect_batch(self, inputs: RoundInputs) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect` (``feedback`` and ``key`` unused)."""
-        del lora_state, feedback, key
-        tok = policy.tokenizer
-        num_clients = check_clients(client_examples)
+        task, tok = inputs.task, inputs.policy.tokenizer
         end = packing.end_of_turn_id(tok)
         traces = [
             [
@@ -59,16 +43,16 @@ class Sft(tr.LocalTraining):
                 )
                 for ex in exs
             ]
-            for exs in client_examples
+            for exs in inputs.client_examples
         ]
         counts = np.asarray([len(t) for t in traces], np.float32)
-        lr = round_lr(self.hp, round)
+        lr = round_lr(self.hp, inputs.round)
         batch = client_batch(
             packing.pack(traces, self.hp.max_len, tok.pad_token_id),
             lr=lr,
             num_examples=counts,
             wins=counts,
-            baseline=prev_baselines(baselines, num_clients),
+            baseline=inputs.baselines,
         )
         return batch, {"lr": lr, "sft/examples": float(counts.sum())}
 

@@ -34,7 +34,6 @@ rather than re-tokenised text.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -45,11 +44,9 @@ from flax import nnx
 from fedsp.core.advantage import awr_weights
 from fedsp.core.losses import spear_loss
 from fedsp.core.weighting import spear_confidence
-from fedsp.data.base import Example, Task
-from fedsp.data.feedback import FeedbackProvider
 from fedsp.selfplay import packing, rollout
 from fedsp.selfplay import train as tr
-from fedsp.selfplay.base import ClientBatch, Policy, check_clients, client_batch, prev_baselines
+from fedsp.selfplay.base import ClientBatch, Collector, RoundInputs, client_batch
 from fedsp.selfplay.hparams import HParams, round_lr
 from fedsp.selfplay.registry import register_algorithm
 
@@ -63,7 +60,7 @@ def cap_loses(num_loses: int, num_wins: int, rho: float, rng: np.random.Generato
     return np.sort(rng.choice(num_loses, size=cap, replace=False))
 
 
-class Spear(tr.LocalTraining):
+class Spear(Collector, tr.LocalTraining):
     """SPEAR (``name="spear"``) or feedback-SFT (``name="feedback_sft"``).
 
     Args:
@@ -85,23 +82,20 @@ class Spear(tr.LocalTraining):
 
     # ------------------------------------------------------------------ host side
 
-    def collect(
-        self,
-        policy: Policy,
-        lora_state: nnx.State,
-        client_examples: Sequence[Sequence[Example]],
-        task: Task,
-        feedback: FeedbackProvider,
-        key: jax.Array,
-        round: int,
-        *,
-        baselines: Sequence[float] | np.ndarray | None = None,
-    ) -> tuple[ClientBatch, dict[str, float]]:
+    def collect_batch(self, inputs: RoundInputs) -> tuple[ClientBatch, dict[str, float]]:
         """See `fedsp.selfplay.base.Algorithm.collect`."""
+        policy, task, feedback, key, round = (
+            inputs.policy,
+            inputs.task,
+            inputs.feedback,
+            inputs.key,
+            inputs.round,
+        )
         hp, tok = self.hp, policy.tokenizer
-        num_clients = check_clients(client_examples)
-        prev = prev_baselines(baselines, num_clients)
-        rows = [(c, i, ex) for c, exs in enumerate(client_examples) for i, ex in enumerate(exs)]
+        num_clients, prev = inputs.num_clients, inputs.baselines
+        rows = [
+            (c, i, ex) for c, exs in enumerate(inputs.client_examples) for i, ex in enumerate(exs)
+        ]
         prompts = [rollout.prompt_ids(tok, task, ex) for _, _, ex in rows]
 
         # A revision prompt repeats the prompt and the first answer: keep the first
@@ -112,7 +106,9 @@ class Spear(tr.LocalTraining):
             keys = rollout.rollout_keys(
                 key, round, attempt, [rows[j][0] for j in active], [rows[j][1] for j in active]
             )
-            return self.generate_fn(policy, lora_state, prompt_list, keys, self.sampling, **kw)
+            return self.generate_fn(
+                policy, inputs.lora_state, prompt_list, keys, self.sampling, **kw
+            )
 
         y0 = sample(0, list(range(len(rows))), prompts, **({"keep_cache": True} if reuse else {}))
         verdicts = [feedback(ex, y.text) for (_, _, ex), y in zip(rows, y0)]
