@@ -16,8 +16,8 @@ Sections:
   algorithm   client algorithm and its hyper-parameters (see `fedsp.selfplay`);
   rollout     prompts per client per round and sampling settings;
   local       local training: steps, batch size, learning-rate schedule, max_len;
-  fl          rounds, client sampling, client mapping backend, server optimizer,
-              client weighting and pruning;
+  fl          rounds, client sampling, client mapping backend, the (clients, model)
+              device mesh, server optimizer, client weighting and pruning;
   eval        evaluation cadence and size;
   checkpoint  run-state checkpoint cadence and retention;
   log         TensorBoard and the progress bar.
@@ -49,6 +49,7 @@ from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
+from fedsp.model.sharding import AUTO, mesh_problem
 from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, REWARDS
 from fedsp.selfplay.registry import algorithm_names
 
@@ -57,6 +58,7 @@ __all__ = [
     "MULTIPLE_CHOICE_EVALS",
     "PARTITIONS",
     "default_config",
+    "requested_mesh",
     "validate",
 ]
 
@@ -162,6 +164,14 @@ def default_config() -> ml_collections.ConfigDict:
     config.fl.rounds = 10
     config.fl.clients_per_round = 4
     config.fl.backend = "vmap"
+    # The (clients, model) device mesh (`fedsp.model.sharding.mesh_shape`): clients
+    # splits the round's clients (and sampler rows) over devices, model shards the frozen
+    # base weights within each client group. "auto" fills the devices; the loop and pmap
+    # backends place clients themselves, so their auto clients axis is 1.
+    config.fl.mesh = ml_collections.ConfigDict()
+    # Each takes "auto" or an integer (an untyped field: --config.fl.mesh.model=2 works).
+    config.fl.mesh.clients = ml_collections.FieldReference(AUTO, field_type=object)
+    config.fl.mesh.model = ml_collections.FieldReference(1, field_type=object)
     config.fl.server_optimizer = "fedavg"
     config.fl.server_lr = 1.0
     config.fl.b1 = 0.9
@@ -263,7 +273,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         path or data directory that does not exist (naming the path and
         ``task.data_dir`` / ``$FEDSP_DATA_DIR``); rounds, steps, sizes or learning rates
         out of range; ``fl.clients_per_round`` > ``data.num_clients``; more clients per
-        round than the pmap backend can place on the devices.
+        round than the pmap backend can place on the devices; an ``fl.mesh`` that does
+        not divide the round's clients or fit the devices.
     """
     missing = _missing_fields(config, default_config())
     if missing:
@@ -471,6 +482,15 @@ def _check_data(e: _Errors) -> None:
         e.add("data.limit", f"{limit} examples cannot give {clients} clients one example each")
 
 
+def requested_mesh(fl: ml_collections.ConfigDict) -> tuple[int | str, int | str]:
+    """``(fl.mesh.clients, fl.mesh.model)`` as `fedsp.model.sharding.mesh_shape` takes
+    them: an auto clients axis is 1 for the loop and pmap backends."""
+    clients = fl.mesh.clients
+    if fl.backend != "vmap" and clients == AUTO:
+        clients = 1
+    return clients, fl.mesh.model
+
+
 def _check_fl(e: _Errors) -> None:
     e.integer("fl.rounds", 1)
     clients = e.get("data.num_clients")
@@ -488,6 +508,15 @@ def _check_fl(e: _Errors) -> None:
                 "fl.clients_per_round",
                 f"{per_round} clients cannot be split over {devices} devices by the pmap backend",
             )
+    if isinstance(per_round, int) and per_round >= 1 and e.get("fl.backend") in BACKENDS:
+        fl = e.get("fl")
+        clients, model = requested_mesh(fl)
+        if fl.backend == "pmap" and (clients != 1 or model != 1):
+            e.add("fl.mesh", f"the pmap backend places clients itself; got ({clients}, {model})")
+        else:
+            problem = mesh_problem(clients, model, per_round, jax.device_count())
+            if problem is not None:
+                e.add(f"fl.mesh.{problem[0]}", problem[1])
     e.choice("fl.server_optimizer", SERVER_OPTIMIZERS)
     e.number("fl.server_lr", 0.0, low_open=True)
     e.number("fl.b1", 0.0, 1.0)

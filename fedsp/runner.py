@@ -43,7 +43,7 @@ from fedsp.checkpoint import (
     prune_client_state,
     save_client_state,
 )
-from fedsp.config import validate
+from fedsp.config import requested_mesh, validate
 from fedsp.federated.mapping import map_clients
 from fedsp.federated.round import (
     RoundHooks,
@@ -57,14 +57,16 @@ from fedsp.federated.round import (
 from fedsp.federated.server import tree_bytes
 from fedsp.model import Tokenizer, Transformer, from_pretrained
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
+from fedsp.model.sharding import make_mesh, mesh_shape, replicate, shard_state
 from fedsp.selfplay import Policy, get_algorithm
 
 __all__ = ["init_run", "run", "save_checkpoint"]
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Config sections a resumed run may change.
-_RESUMABLE_CHANGES = ("log", "checkpoint")
+# Config fields a resumed run may change (fl.mesh: resuming on other hardware gives the
+# same numbers up to float rounding).
+_RESUMABLE_CHANGES = ("log", "checkpoint", "fl.mesh")
 
 
 def init_run(
@@ -101,7 +103,18 @@ def init_run(
         # Orbax requires absolute checkpoint paths; a relative --workdir is the usual case.
         workdir = pathlib.Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
+    fl = config.fl
     (graphdef, lora_state, base_state), tokenizer = _model(config, model, tokenizer)
+    mesh = None
+    # jax.pmap places clients itself (one per device) and cannot run under a mesh.
+    if fl.backend != "pmap":
+        shape = mesh_shape(*requested_mesh(fl), fl.clients_per_round, jax.device_count())
+        mesh = make_mesh(*shape)
+        # The frozen base is sharded over "model" (FSDP over its hidden dimension);
+        # adapters and optimizer state are replicated, and the client map stacks them
+        # over "clients".
+        base_state = shard_state(base_state, mesh)
+        lora_state = replicate(lora_state, mesh)
     task = data_lib.get_task(config.task.name, **dict(config.task.options))
     data_dir = config.task.data_dir or None
     train = task.load(
@@ -117,7 +130,6 @@ def init_run(
         seed=config.seed,
     )
     algo = algorithm if algorithm is not None else get_algorithm(config.algorithm.name, config)
-    fl = config.fl
     optimizer = default_optimizer(fl)
     base_key = jax.random.key(config.seed)
     state = RoundState(
@@ -171,8 +183,12 @@ def init_run(
         optimizer=optimizer,
         server_step=server_step_from_config(fl, optimizer),
         train_clients=map_clients(
-            functools.partial(algo.local_train, graphdef), fl.backend, in_axes=(None, None, 0, 0)
+            functools.partial(algo.local_train, graphdef),
+            fl.backend,
+            mesh=mesh if fl.backend == "vmap" else None,
+            in_axes=(None, None, 0, 0),
         ),
+        mesh=mesh,
         initial_params=lora_state,
         adapter_bytes=tree_bytes(lora_state),
         pool=pool,

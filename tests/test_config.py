@@ -214,3 +214,30 @@ def test_algorithm_names_come_from_the_registry():
     config.algorithm.name = "test_config_echo"
     config_lib.validate(config)
     assert "test_config_echo" in _error(algorithm__name="nope")
+
+
+def test_mesh_fields_are_checked_against_the_round_and_the_devices():
+    import jax
+
+    devices = jax.device_count()
+    assert "fl.mesh.clients: 3 does not divide fl.clients_per_round = 4" in _error(
+        fl__mesh__clients=3
+    )
+    message = _error(fl__mesh__model=devices + 1)
+    assert f"fl.mesh.model: {devices + 1} is more than the {devices} devices" in message
+    assert "fl.mesh.model: must be 'auto' or a positive integer, got 'wide'" in _error(
+        fl__mesh__model="wide"
+    )
+    assert "fl.mesh: the pmap backend places clients itself" in _error(
+        fl__backend="pmap", fl__mesh__model=2
+    )
+
+
+def test_mesh_auto_and_integers_validate_and_override_from_flags():
+    config = default_config()
+    config.fl.mesh.clients, config.fl.mesh.model = 2, "auto"
+    config_lib.validate(config)
+    assert config_lib.requested_mesh(config.fl) == (2, "auto")
+    config.fl.backend = "loop"
+    config.fl.mesh.clients = "auto"
+    assert config_lib.requested_mesh(config.fl) == (1, "auto")

@@ -29,6 +29,7 @@ from flax import nnx
 from fedsp.core.logprobs import token_logprobs
 from fedsp.data.base import Example, Task
 from fedsp.model.sampling import SampleOutput, bucket_length, generate
+from fedsp.model.sharding import shard_rows
 from fedsp.model.tokenizer import Tokenizer
 
 __all__ = ["EVAL_MODES", "evaluate", "generation_accuracy", "loglik_accuracy"]
@@ -115,6 +116,7 @@ def _continuation_logprobs(graphdef, states, ids, attention_mask, target_mask):
     ids, attention_mask, target_mask: [B, T] (right-padded). Returns [B] float32.
     """
     model = nnx.merge(graphdef, *states)
+    ids, attention_mask, target_mask = (shard_rows(x) for x in (ids, attention_mask, target_mask))
     logits = model(ids, attention_mask)
     logps = token_logprobs(logits[:, :-1], ids[:, 1:])
     return jnp.sum(jnp.where(target_mask[:, 1:] > 0, logps, 0.0), axis=-1)

@@ -49,6 +49,7 @@ its run (an older one raises), so two rounds never start from one state by accid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -146,6 +147,9 @@ class Run:
       train_clients: ``local_train`` mapped over clients (`fedsp.federated.map_clients`).
       initial_params: the round-0 adapters (DPO's reference, the pool's first player).
       adapter_bytes: bytes of one client's upload of adapters.
+      mesh: the ("clients", "model") device mesh (``fl.mesh``) the base weights are
+        sharded on; rounds and evaluation run under ``jax.set_mesh(mesh)``. None for
+        the pmap backend, which places clients itself.
       pool: the player pool of an algorithm with ``uses_pool``, else None.
       workdir: the run directory, or None (a run that writes no files).
       checkpointer: the run-state checkpointer in ``workdir/checkpoints``, or None.
@@ -165,6 +169,7 @@ class Run:
     train_clients: Callable[..., Any]
     initial_params: PyTree
     adapter_bytes: int
+    mesh: jax.sharding.Mesh | None = None
     pool: PlayerPool | None = None
     workdir: pathlib.Path | None = None
     checkpointer: RunCheckpointer | None = None
@@ -238,16 +243,17 @@ def evaluate(state: RunState, params: PyTree | None = None) -> dict[str, float]:
     the run's evaluation set, as configured by ``config.eval``."""
     run = _run_of(state)
     config, policy = run.config, run.policy
-    result = evaluate_examples(
-        policy.graphdef,
-        (state.params if params is None else params, policy.base_state),
-        policy.tokenizer,
-        run.eval_task,
-        run.eval_set,
-        multiple_choice=config.eval.multiple_choice,
-        max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size,
-    )
+    with _on_mesh(run):
+        result = evaluate_examples(
+            policy.graphdef,
+            (state.params if params is None else params, policy.base_state),
+            policy.tokenizer,
+            run.eval_task,
+            run.eval_set,
+            multiple_choice=config.eval.multiple_choice,
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+        )
     return {f"eval/{k}": v for k, v in result.items()}
 
 
@@ -268,7 +274,11 @@ def run_round(
         newest state of a run with host-side state.
     """
     run = _run_of(state)
-    hooks = hooks or RoundHooks()
+    with _on_mesh(run):
+        return _run_round(state, run, hooks or RoundHooks())
+
+
+def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, dict[str, Any]]:
     config, algo, pool = run.config, run.algorithm, run.pool
     fl = config.fl
     rnd = state.round + 1
@@ -390,6 +400,10 @@ def run_round(
     record["time_s"] = time.perf_counter() - round_start
     run.newest_round[0] = rnd
     return dataclasses.replace(new, metrics_history=(*state.metrics_history, record)), record
+
+
+def _on_mesh(run: Run) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if run.mesh is None else jax.set_mesh(run.mesh)
 
 
 def _run_of(state: RunState) -> Run:

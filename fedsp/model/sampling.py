@@ -35,6 +35,7 @@ from flax import nnx
 
 from fedsp.model.decode import decode_step, layer_weights
 from fedsp.model.next_token import select_tokens
+from fedsp.model.sharding import shard_rows
 from fedsp.model.transformer import KVCache, default_positions, init_cache
 
 _EOS_SLOTS = 8
@@ -397,6 +398,8 @@ def _generate_jit(
     return_cache,
 ):
     model = nnx.merge(graphdef, *states)
+    # Rows are independent: under a mesh they run data parallel over "clients".
+    ids, mask, key = shard_rows(ids), shard_rows(mask), shard_rows(key)
     b, p = ids.shape
     positions = default_positions(mask)
     # Prefill into a prompt-sized cache, then grow it: the prompt's attention then spans

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp.model.sharding import row_multiple, shard_rows
 from fedsp.selfplay import packing, train
 from fedsp.selfplay.base import PackedSequences, PlayerLogps
 from fedsp.selfplay.opponents import Pair
@@ -38,6 +39,9 @@ def _score_chunk(graphdef, players, player_mask, base_state, tokens, attention_m
     number of real players and of rows, so a filling pool or growing opponent data
     compiles nothing new.
     """
+
+    # Rows are independent: under a mesh they run data parallel over "clients".
+    tokens, attention_mask, loss_mask = (shard_rows(x) for x in (tokens, attention_mask, loss_mask))
 
     def per_player(slot):
         adapters, real = slot
@@ -80,6 +84,9 @@ def score_sequences(
     if n == 0 or not player_mask.any():
         return np.zeros((player_mask.shape[0], n), np.float32)
     chunk = min(batch_size, 1 << (n - 1).bit_length())
+    # At least a row per device of the mesh's clients axis: fewer would run replicated.
+    multiple = row_multiple()
+    chunk = -(-chunk // multiple) * multiple
     padded = -(-n // chunk) * chunk
     fill = np.zeros(padded - n, np.int64)
     rows = [

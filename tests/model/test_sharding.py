@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,13 +13,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedsp.model.config import ModelConfig
 from fedsp.model.hf_weights import load_hf_state_dict
-from fedsp.model.lora import LoRAConfig, apply_lora
+from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.sharding import (
     LOGICAL_AXIS_RULES,
+    device_bytes,
     logical_to_spec,
     make_mesh,
+    mesh_problem,
+    mesh_shape,
     model_shardings,
+    replicate,
+    row_multiple,
     shard_model,
+    shard_rows,
+    shard_state,
 )
 from fedsp.model.transformer import Transformer
 from tests.model import tiny
@@ -88,3 +97,69 @@ def test_logical_to_spec_rules():
         logical_to_spec(("heads",), (8,), mesh)
     with pytest.raises(ValueError, match="devices"):
         make_mesh(clients=4, model=4)
+
+
+@pytest.mark.parametrize(
+    ("clients", "model", "per_round", "devices", "want"),
+    [
+        ("auto", 1, 4, 8, (4, 1)),  # the clients axis divides the round's clients
+        ("auto", 1, 3, 8, (3, 1)),
+        ("auto", 1, 16, 8, (8, 1)),
+        ("auto", 2, 4, 8, (4, 2)),
+        ("auto", 4, 6, 8, (2, 4)),
+        ("auto", "auto", 3, 8, (3, 2)),  # auto model takes the devices left
+        (2, "auto", 4, 8, (2, 4)),
+        (1, 8, 4, 8, (1, 8)),
+        (2, 2, 4, 8, (2, 2)),  # fewer devices than available is allowed
+    ],
+)
+def test_mesh_shape_resolves_auto(clients, model, per_round, devices, want):
+    assert mesh_shape(clients, model, per_round, devices) == want
+
+
+@pytest.mark.parametrize(
+    ("clients", "model", "field", "words"),
+    [
+        (3, 1, "clients", "3 does not divide fl.clients_per_round = 4"),
+        (4, 4, "clients", "needs 16 devices, 8 available"),
+        ("auto", 16, "model", "16 is more than the 8 devices"),
+        (0, 1, "clients", "positive integer, got 0"),
+        ("x", 1, "clients", "'x'"),
+        (1, True, "model", "got True"),
+    ],
+)
+def test_mesh_problems_name_the_field(clients, model, field, words):
+    assert mesh_problem(clients, model, 4, 8)[0] == field
+    with pytest.raises(ValueError, match=f"^fl.mesh.{field}: .*{re.escape(words)}"):
+        mesh_shape(clients, model, 4, 8)
+
+
+def test_shard_state_and_device_bytes():
+    model = _model()
+    _, lora, base = split_lora(model)
+    mesh = make_mesh(clients=1, model=4)
+    placed = shard_state(base, mesh)
+    total = sum(x.nbytes for x in jax.tree.leaves(base))
+    assert device_bytes(base, jax.devices()[0]) == total
+    # Only the norm scales (and dimensions 4 does not divide) stay whole on every device.
+    assert device_bytes(placed, jax.devices()[0]) <= total / 4 * 1.05
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(placed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for leaf in jax.tree.leaves(replicate(lora, mesh)):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+
+
+def test_shard_rows_splits_rows_over_the_clients_axis_under_a_mesh():
+    x = jnp.arange(16.0).reshape(8, 2)
+    f = jax.jit(lambda x: shard_rows(x) * 2)
+    assert f(x).sharding.is_fully_replicated or len(f(x).sharding.device_set) == 1
+    mesh = make_mesh(clients=4, model=1)
+    with jax.set_mesh(mesh):
+        assert row_multiple() == 4
+        out = jax.jit(lambda x: shard_rows(x) * 2)(x)
+        assert out.sharding.spec[0] == "clients"
+        # 6 rows do not split 4 ways: left to XLA.
+        odd = jax.jit(lambda x: shard_rows(x) * 2)(x[:6])
+        assert odd.sharding.spec in (PartitionSpec(), PartitionSpec(None, None))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2)
+    assert row_multiple() == 1
