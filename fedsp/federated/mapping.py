@@ -234,8 +234,8 @@ def map_clients(
     Returns:
       A function of the same positional arguments returning ``fn``'s output with every
       leaf stacked over clients, [C, ...]. With the vmap backend the outputs are
-      sharded over the ``"clients"`` mesh axis (each device holds C/D clients) when C is
-      a multiple of the axis size D; otherwise XLA replicates them (same numbers). The
+      sharded over the ``"clients"`` mesh axis, each device holding C/D clients: give
+      it a C that the axis size D divides (a run's ``fl.mesh`` is checked for it). The
       vmap and pmap backends compile ``fn`` once per client count and argument shapes;
       all backends can be called inside ``jax.jit`` (under jit, set the mesh context
       with ``jax.set_mesh`` around the outer call if ``fn`` needs it).
