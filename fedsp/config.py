@@ -8,14 +8,16 @@ The config holds no run-directory paths: the run directory is ``fedsp.run``'s ``
 
 Sections:
   seed        the one seed every random choice derives from (with the round index);
-  model       path ("" = the default SmolLM2-135M-Instruct asset), dtype, lora;
+  model       path ("" = the default SmolLM2-135M-Instruct asset), dtype, lora, remat
+              (per-layer rematerialisation: none | full | dots);
   task        name, data_dir ("" = $FEDSP_DATA_DIR), options, train/eval split;
   data        num_clients, partition (iid | dirichlet over `Example.label`), alpha,
               examples_per_client (cap per client, 0 = no cap), limit (train examples
               loaded before partitioning, 0 = all);
   algorithm   client algorithm and its hyper-parameters (see `fedsp.selfplay`);
   rollout     prompts per client per round and sampling settings;
-  local       local training: steps, batch size, learning-rate schedule, max_len;
+  local       local training: steps, batch size, micro_batch_size (gradient
+              accumulation, 0 = none), learning-rate schedule, max_len;
   fl          rounds, client sampling, client mapping backend, the (clients, model)
               device mesh, server optimizer, client weighting and pruning;
   eval        evaluation cadence and size;
@@ -50,6 +52,7 @@ from fedsp.data.base import FileTask, parse_split
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
 from fedsp.model.sharding import AUTO, mesh_problem
+from fedsp.model.transformer import REMAT_POLICIES
 from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, REWARDS
 from fedsp.selfplay.registry import algorithm_names
 
@@ -84,6 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Layer indices that get adapters; () means all. Negative indices count from the
     # last layer, so the reference's `last_n_layers: n` is tuple(range(-n, 0)).
     config.model.lora.layers = ()
+    # What the backward pass recomputes per layer instead of keeping (`fedsp.model.
+    # transformer.REMAT_POLICIES`): "none" keeps every activation (fastest, most memory);
+    # "dots" keeps the projections' outputs and recomputes attention and elementwise ops;
+    # "full" keeps only each layer's input and recomputes the layer (least memory, about
+    # one more forward pass). Gradients are the same.
+    config.model.remat = "none"
 
     config.task = ml_collections.ConfigDict()
     config.task.name = "arithmetic"
@@ -152,6 +161,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.local = ml_collections.ConfigDict()
     config.local.steps = 5
     config.local.batch_size = 16
+    # Rows per forward/backward pass: each step's local.batch_size rows go through the
+    # model in local.batch_size / micro_batch_size passes (the SPEAR reference's
+    # grad_accum_steps = batch_size / micro_batch_size), so activation memory is that of
+    # micro_batch_size rows; the loss, metrics and gradient are the full batch's. Costs
+    # one extra forward pass per step (`fedsp.selfplay.train.micro_batched_token_logps`).
+    # 0 = the whole batch in one pass.
+    config.local.micro_batch_size = 0
     config.local.lr = 5e-5
     config.local.lr_min = 1e-5
     config.local.warmup_ratio = 0.1
@@ -315,6 +331,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     e.integer("local.steps", 1)
     e.integer("local.batch_size", 1)
+    _check_micro_batch_size(e)
     e.integer("local.max_len", 2)
     e.number("local.lr", 0.0, low_open=True)
     e.number("local.lr_min", 0.0)
@@ -356,6 +373,19 @@ def _missing_fields(config: Any, schema: ml_collections.ConfigDict, prefix: str 
         elif isinstance(value, ml_collections.ConfigDict) and name != "task.options":
             out += _missing_fields(config[key], value, name + ".")
     return out
+
+
+def _check_micro_batch_size(e: _Errors) -> None:
+    """``local.micro_batch_size``: 0 (no accumulation) or a divisor of ``local.batch_size``."""
+    before = len(e.messages)
+    e.integer("local.micro_batch_size", 0)
+    micro, batch = e.get("local.micro_batch_size"), e.get("local.batch_size")
+    checked = len(e.messages) == before and isinstance(batch, int) and batch >= 1
+    if checked and micro and batch % micro:
+        e.add(
+            "local.micro_batch_size",
+            f"{micro} does not divide local.batch_size = {batch} (0 = no accumulation)",
+        )
 
 
 def _check_pairwise(e: _Errors) -> None:
@@ -401,6 +431,7 @@ def _check_model(e: _Errors) -> None:
     if path and not pathlib.Path(path).expanduser().exists():
         e.add("model.path", f'{path} does not exist ("" uses the default SmolLM2 asset)')
     e.choice("model.dtype", DTYPES)
+    e.choice("model.remat", REMAT_POLICIES)
     e.integer("model.lora.rank", 1)
     e.number("model.lora.alpha", 0.0, low_open=True)
     targets = e.get("model.lora.targets")

@@ -13,7 +13,8 @@ nothing is written (the pool, if any, lives in memory).
 ``checkpoint.every`` rounds (the algorithm's client-side data beside it, never on the
 server) and, at the end, ``summary.json``. A run killed after round r and restarted in
 the same ``workdir`` continues with the numbers of an uninterrupted run; resuming with
-different settings raises, naming the fields (``log.*`` and ``checkpoint.*`` may change).
+different settings raises, naming the fields (``log.*``, ``checkpoint.*`` and the memory
+levers ``model.remat`` and ``local.micro_batch_size`` may change).
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ __all__ = ["init_run", "run", "save_checkpoint"]
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Config fields a resumed run may change (fl.mesh: resuming on other hardware gives the
-# same numbers up to float rounding).
-_RESUMABLE_CHANGES = ("log", "checkpoint", "fl.mesh")
+# Config fields a resumed run may change: fl.mesh (other hardware gives the same numbers
+# up to float rounding) and the memory levers, which change what is kept or recomputed,
+# not the numbers, so a run that ran out of memory can resume with more.
+_RESUMABLE_CHANGES = ("log", "checkpoint", "fl.mesh", "model.remat", "local.micro_batch_size")
 
 
 def init_run(
@@ -84,8 +86,8 @@ def init_run(
         first (`fedsp.config.validate`).
       model: an in-memory model to use instead of loading ``config.model.path`` (then
         ``model.path`` and ``model.dtype`` are not read). One without adapters gets
-        ``config.model.lora``'s (the model itself is not changed); one with adapters
-        must have that configuration.
+        ``config.model.lora``'s, and every model ``config.model.remat`` (the model
+        itself is not changed); one with adapters must have that configuration.
       tokenizer: the model's tokenizer; required with ``model``.
       workdir: the run directory: checkpoints are restored from (and, by `run` /
         `save_checkpoint`, written to) ``workdir/checkpoints``, the player pool lives in
@@ -362,6 +364,8 @@ def _model(config, model, tokenizer):
         raise ValueError("init_run(model=...) needs the model's tokenizer= as well")
     else:
         model = nnx.clone(model)  # the caller's model stays as it is (arrays are shared)
+    # A static attribute: the graphdef split below carries it into every jitted forward.
+    model.remat = config.model.remat
     wanted = lora_config(config, model.config.num_hidden_layers)
     if model.lora_config is None:
         apply_lora(model, wanted, rngs=nnx.Rngs(config.seed))

@@ -84,6 +84,19 @@ def test_default_config_is_valid():
         ),
         ({"eval__task": "mmlu"}, r"eval.task: got 'mmlu'; choose one of"),
         (
+            {"model__remat": "dots_saveable"},
+            r"model.remat: got 'dots_saveable'; choose one of \('none', 'full', 'dots'\)",
+        ),
+        (
+            {"local__micro_batch_size": 5},
+            r"local.micro_batch_size: 5 does not divide local.batch_size = 16",
+        ),
+        (
+            {"local__micro_batch_size": 32},
+            r"local.micro_batch_size: 32 does not divide local.batch_size = 16",
+        ),
+        ({"local__micro_batch_size": -1}, r"local.micro_batch_size: must be >= 0, got -1"),
+        (
             {"eval__task": "arc_challenge", "eval__split": "dev"},
             r"eval.split: got 'dev'; eval.task 'arc_challenge' has splits",
         ),
@@ -91,6 +104,13 @@ def test_default_config_is_valid():
 )
 def test_errors_name_the_field(changes, expected):
     assert re.search(expected, _error(**changes)), _error(**changes)
+
+
+@pytest.mark.parametrize("micro_batch_size", [0, 1, 4, 16])
+def test_micro_batch_sizes_that_divide_the_batch_are_accepted(micro_batch_size):
+    config = default_config()
+    config.local.micro_batch_size = micro_batch_size
+    config_lib.validate(config)
 
 
 def test_pairwise_algorithms_are_accepted():

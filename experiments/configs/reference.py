@@ -7,7 +7,9 @@ gen.max_new_tokens_y0 → rollout.max_new_tokens (and eval.max_new_tokens);
 gen.num_revisions → algorithm.max_revisions; spear.unlikelihood_margin →
 algorithm.margin; spear.ul_tail_tokens → algorithm.tail_tokens; spear.max_lose_ratio →
 algorithm.rho; optim.batch_size × optim.grad_accum_steps → local.batch_size (the
-effective batch); model.max_seq_len → local.max_len; data.eval_every → eval.every.
+effective batch; local.micro_batch_size = optim.batch_size passes as many rows per
+forward as the reference); model.max_seq_len → local.max_len; data.eval_every →
+eval.every.
 The reference's server is FedAvg (its default ``fl.aggregation``).
 
 Deliberate differences: feedback is our non-leaking "hint" provider (the reference's

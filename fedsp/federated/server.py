@@ -69,6 +69,9 @@ def _finite_per_client(stacked: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, per_leaf)
 
 
+# No buffer donation: θ_r stays in use after the step (the pool's newest player, DPO's
+# reference in round 1, a replaced server step that returns it), and opt_state belongs to
+# the caller's RoundState, which `run_round` leaves valid (a hook or a second call reads it).
 @functools.partial(jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold"))
 def _server_step(
     server_params,

@@ -362,6 +362,9 @@ def _check_left_padded(prompt_mask: Any) -> None:
         raise ValueError("prompt_mask has a 1 followed by a 0; prompts must be left-padded")
 
 
+# No buffer donation: the KV cache is created and updated inside this program (prefill,
+# then the decode while_loop); a ``prefix`` cache matches no output's shape (the returned
+# cache is longer), so XLA could not reuse it, and a caller may pass it again.
 @functools.partial(
     jax.jit,
     static_argnames=(

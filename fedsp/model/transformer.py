@@ -37,6 +37,16 @@ if TYPE_CHECKING:  # fedsp.model.lora imports this module
 
 _INIT = nnx.initializers.normal(0.02)  # HF's initializer_range for the Llama family.
 
+# Rematerialisation of the scanned layer body in the backward pass (``Transformer.remat``):
+# "none" keeps every activation the backward pass reads; "full" keeps only each layer's
+# input and recomputes the whole layer; "dots" keeps the outputs of the matmuls without
+# batch dimensions (the q/k/v/o, gate/up/down and LoRA projections, O(T·D) and O(T·F)
+# per row) and recomputes the rest, the attention scores and probabilities included:
+# those are the dots with batch dimensions (batch, KV head) and, at O(T²) per head, the
+# largest activations of long sequences, which `checkpoint_dots` would keep.
+REMAT_POLICIES = ("none", "full", "dots")
+_REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
@@ -234,7 +244,10 @@ class Transformer(nnx.Module):
       dtype: compute dtype of activations and matmuls; None means ``param_dtype``.
         RMSNorm statistics, attention softmax and the LM head's output are float32
         regardless.
-      remat: rematerialise each layer in the backward pass (saves activation memory).
+      remat: what the backward pass recomputes per layer instead of keeping, one of
+        `REMAT_POLICIES` ("none", "full", "dots"): memory for compute, same gradients.
+        An attribute the graph carries: set it before ``nnx.split`` to change a built
+        model.
     """
 
     def __init__(
@@ -244,13 +257,13 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype: Any = jnp.float32,
         dtype: Any = None,
-        remat: bool = False,
+        remat: str = "none",
     ):
         dtype = param_dtype if dtype is None else dtype
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.remat = remat
+        self.remat = remat_policy_name(remat)
         self.lora_config: LoRAConfig | None = None  # set by fedsp.model.lora.apply_lora
         self.embed_tokens = Embed(
             config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype
@@ -384,8 +397,8 @@ class Transformer(nnx.Module):
             layer = nnx.merge(graphdef, layer_state)
             return layer(x, cos, sin, mask, layer_cache, cache_index)
 
-        if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        if remat_policy_name(self.remat) != "none":
+            body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICY[self.remat])
         x, new = jax.lax.scan(body, x, (state, cache))
         if cache is not None:
             start = (0, 0, 0, cache_index, 0)
@@ -394,6 +407,13 @@ class Transformer(nnx.Module):
                 jax.lax.dynamic_update_slice(cache.v, new.v, start),
             )
         return self.norm(x), cache
+
+
+def remat_policy_name(remat: str) -> str:
+    """``remat`` if it is one of `REMAT_POLICIES`, else ValueError naming them."""
+    if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    return remat
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

@@ -35,8 +35,9 @@ class HParams:
     """Client-algorithm hyper-parameters (hashable: a static argument of the jitted step).
 
     Fields are ``config.algorithm.*`` (``max_revisions`` … ``protected_strings``),
-    ``config.local.*`` (``steps`` … ``max_len``; ``max_grad_norm`` 0 = no clipping) and
-    ``config.fl.rounds`` (the LR schedule's length).
+    ``config.local.*`` (``steps`` … ``max_len``; ``max_grad_norm`` 0 = no clipping,
+    ``micro_batch_size`` 0 = no gradient accumulation) and ``config.fl.rounds`` (the LR
+    schedule's length).
     """
 
     max_revisions: int
@@ -55,6 +56,7 @@ class HParams:
     protected_strings: tuple[str, ...]
     steps: int
     batch_size: int
+    micro_batch_size: int
     lr: float
     lr_min: float
     warmup_ratio: float
@@ -85,6 +87,7 @@ class HParams:
             protected_strings=tuple(a.protected_strings),
             steps=int(local.steps),
             batch_size=int(local.batch_size),
+            micro_batch_size=int(local.micro_batch_size),
             lr=float(local.lr),
             lr_min=float(local.lr_min),
             warmup_ratio=float(local.warmup_ratio),
@@ -94,12 +97,31 @@ class HParams:
             rounds=int(config.fl.rounds),
         )
 
+    @property
+    def micro_batches(self) -> int:
+        """Forward/backward passes per local step: ``batch_size / micro_batch_size``
+        (the SPEAR reference's ``grad_accum_steps``), 1 without accumulation.
+
+        Raises:
+          ValueError: ``micro_batch_size`` does not divide ``batch_size``.
+        """
+        if self.micro_batch_size <= 0:
+            return 1
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"local.micro_batch_size: {self.micro_batch_size} does not divide "
+                f"local.batch_size = {self.batch_size}"
+            )
+        return self.batch_size // self.micro_batch_size
+
     def static(self) -> HParams:
         """These hyper-parameters with the host-only fields (LR schedule, rollout-side
         settings) set to fixed values: the jitted local step is keyed on what it reads,
         so runs that differ only in those fields share one executable (the round's LR is
-        a traced argument)."""
-        return dataclasses.replace(self, **_HOST_ONLY)
+        a traced argument). ``micro_batch_size`` = ``batch_size`` becomes 0: one pass
+        either way."""
+        micro = self.micro_batch_size if self.micro_batches > 1 else 0
+        return dataclasses.replace(self, **_HOST_ONLY, micro_batch_size=micro)
 
 
 # What `HParams.static` puts in the fields the jitted local step never reads.

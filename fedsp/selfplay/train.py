@@ -5,6 +5,11 @@ minibatch loss.
 Everything here is pure and jit/vmap-safe: ``local_train`` is mapped over clients by
 ``fedsp.federated.map_clients``.
 
+Gradient accumulation (``local.micro_batch_size``) is in the model forward, not in the
+loss: `LossContext.token_logps` runs the minibatch's rows in B / m passes
+(`micro_batched_token_logps`) and the loss sees all B rows' log-probs, so its
+normalisers, metrics and gradient are the full batch's for every algorithm.
+
     class MyAlgorithm(LocalTraining):
         @staticmethod
         def minibatch_loss(ctx, lora_state, batch_c, key):
@@ -87,6 +92,59 @@ def sequence_token_logps(
     return jnp.pad(jnp.concatenate(parts, axis=1), ((0, 0), (1, 0)))
 
 
+def micro_batched_token_logps(
+    graphdef: nnx.GraphDef,
+    lora_state: nnx.State,
+    base_state: nnx.State,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    micro_batches: int,
+) -> jax.Array:
+    """`sequence_token_logps` of R rows in ``micro_batches`` passes of R / micro_batches.
+
+    Gradient accumulation that is exact for any loss of the log-probs. The passes run in
+    a ``lax.scan`` whose body is under ``jax.checkpoint``: differentiated, the forward
+    keeps only each pass's token ids, and the backward pass recomputes and
+    differentiates one pass at a time, the scan summing the passes' adapter gradients,
+    so activation memory is that of R / micro_batches rows. Rows are independent, so the
+    [R, T] log-probs are those of one pass, and the loss that reads them sees the whole
+    minibatch: token means, means over valid rows or pairs, GRPO's per-sequence then
+    per-batch mean, unlikelihood's product of two means and TPAW's per-pair player
+    softmax all keep their full-batch normalisers, rows are sampled (``sample_rows``) on
+    the full batch before any split, and the step's loss, metrics and gradient equal
+    those of one pass up to float summation order. The price is one more forward pass
+    per step (2F + B instead of F + B; with ``model.remat`` "full" the layers' own
+    recomputation comes on top). Summing per-micro-batch losses instead would save that
+    pass, but is exact only for losses rewritten as per-row terms over full-batch
+    normalisers passed in, a second protocol every loss would have to follow.
+
+    When R is not a multiple of ``micro_batches`` (a user loss's odd row count) the last
+    pass is filled with copies of the last row, whose log-probs are dropped: a zero
+    cotangent, nothing added to the gradient. ``micro_batches`` 1 is
+    `sequence_token_logps` itself.
+    """
+    if micro_batches <= 1:
+        return sequence_token_logps(graphdef, lora_state, base_state, tokens, attention_mask)
+    rows, length = tokens.shape
+    size = -(-rows // micro_batches)
+    fill = ((0, size * micro_batches - rows), (0, 0))
+    tokens = jnp.pad(tokens, fill, mode="edge")
+    attention_mask = jnp.pad(attention_mask, fill, mode="edge")
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one_pass(lora, tok, att):
+        return sequence_token_logps(graphdef, lora, base_state, tok, att)
+
+    def body(_, xs):
+        return None, one_pass(lora_state, *xs)
+
+    def split(x):
+        return x.reshape(micro_batches, size, length)
+
+    _, logps = jax.lax.scan(body, None, (split(tokens), split(attention_mask)))
+    return logps.reshape(micro_batches * size, length)[:rows]
+
+
 LossFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -153,19 +211,22 @@ class LossContext(NamedTuple):
       base_state: the frozen base weights.
       start_state: θ_r, the round-start adapters the client starts from (GRPO's old and
         reference policy).
+      micro_batches: passes per `token_logps` call (`HParams.micro_batches`; 1: one).
     """
 
     graphdef: nnx.GraphDef
     hp: Any
     base_state: nnx.State
     start_state: nnx.State
+    micro_batches: int = 1
 
     def token_logps(
         self, lora_state: nnx.State, tokens: jax.Array, attention_mask: jax.Array
     ) -> jax.Array:
-        """`sequence_token_logps` under ``lora_state`` on this context's base."""
-        return sequence_token_logps(
-            self.graphdef, lora_state, self.base_state, tokens, attention_mask
+        """`sequence_token_logps` under ``lora_state`` on this context's base, in
+        ``micro_batches`` passes (`micro_batched_token_logps`)."""
+        return micro_batched_token_logps(
+            self.graphdef, lora_state, self.base_state, tokens, attention_mask, self.micro_batches
         )
 
 
@@ -175,6 +236,8 @@ MinibatchLoss = Callable[
 ]
 
 
+# Nothing to donate: θ_r (``lora_state``) is shared by every client and read again by the
+# server step, and the AdamW state and adapter carry live inside this program's scan.
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def local_train(
     minibatch_loss: MinibatchLoss,
@@ -196,7 +259,8 @@ def local_train(
       minibatch_loss: the algorithm's loss (static: one executable per loss function).
       graphdef: the split model's graph (static).
       hp: the loss's hyper-parameters (static, hashable).
-      fit_hp: the training loop's settings: steps, clipping, weight decay (static).
+      fit_hp: the training loop's settings: steps, clipping, weight decay, micro-batches
+        (static).
       base_state, lora_state: the frozen base and θ_r.
       batch_c: one client's `ClientBatch` (no C axis).
       key_c: the client's training key.
@@ -204,7 +268,7 @@ def local_train(
     Returns:
       (adapters, `client_stats`).
     """
-    ctx = LossContext(graphdef, hp, base_state, lora_state)
+    ctx = LossContext(graphdef, hp, base_state, lora_state, fit_hp.micro_batches)
     trained, metrics = fit(
         lambda lora, k: minibatch_loss(ctx, lora, batch_c, k), lora_state, key_c, batch_c.lr, fit_hp
     )

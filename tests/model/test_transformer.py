@@ -213,7 +213,8 @@ def test_load_into_abstract_model():
     assert np.abs(tiny.logits(model, ids, mask) - ref).max() < 1e-4
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
     config = ModelConfig.from_hf(tiny.tiny_hf_config("llama"))
     ids, mask = tiny.left_padded_batch(128, [6, 4], 6)
 
@@ -225,10 +226,16 @@ def test_remat_gives_the_same_gradients():
 
         return jax.jit(jax.grad(loss))(state)
 
-    plain, remat = grads(False), grads(True)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, remat)
+    plain, rematerialised = grads("none"), grads(remat)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, rematerialised)
     up = np.asarray(plain["layers"]["mlp"]["up_proj"]["kernel"].get_value())
     assert np.abs(up).max() > 0
+
+
+def test_unknown_remat_policy_names_the_choices():
+    config = ModelConfig.from_hf(tiny.tiny_hf_config("llama"))
+    with pytest.raises(ValueError, match=r"remat must be one of \('none', 'full', 'dots'\)"):
+        Transformer(config, rngs=nnx.Rngs(0), remat=True)
 
 
 def test_scan_compiles_the_layer_once():
