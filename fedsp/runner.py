@@ -13,8 +13,8 @@ nothing is written (the pool, if any, lives in memory).
 ``checkpoint.every`` rounds (the algorithm's client-side data beside it, never on the
 server) and, at the end, ``summary.json``. A run killed after round r and restarted in
 the same ``workdir`` continues with the numbers of an uninterrupted run; resuming with
-different settings raises, naming the fields (``log.*``, ``checkpoint.*`` and the memory
-levers ``model.remat`` and ``local.micro_batch_size`` may change).
+different settings raises, naming the fields (``log.*``, ``checkpoint.*``, ``fl.mesh`` and
+the memory levers ``model.remat`` and ``local.micro_batch_size`` may change).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def init_run(
         train_clients=map_clients(
             functools.partial(algo.local_train, graphdef),
             fl.backend,
-            mesh=mesh if fl.backend == "vmap" else None,
+            mesh=mesh,  # read by the vmap backend only
             in_axes=(None, None, 0, 0),
         ),
         mesh=mesh,

@@ -19,7 +19,8 @@ rounded up to a bucket (``bucket_length``); ``max_new_tokens``, ``temperature`` 
 greedy or not, top-p or not) reuse one executable.
 
 Token choice (greedy, temperature, top-p) is ``fedsp.model.next_token``; the decode step
-of the unrolled layer loop is ``fedsp.model.decode``.
+of the unrolled layer loop is ``fedsp.model.decode``; shared prompt heads and cached rows
+(`PrefixCache`, `gather_prefix`, re-exported here) are ``fedsp.model.prefixes``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,19 @@ from flax import nnx
 
 from fedsp.model.decode import decode_step, layer_weights
 from fedsp.model.next_token import select_tokens
+from fedsp.model.prefixes import (
+    PrefixCache,
+    bucket_length,
+    check_left_padded,
+    check_prefix_cache,
+    gather_prefix,
+    shared_prefixes,
+)
 from fedsp.model.sharding import shard_rows
 from fedsp.model.transformer import KVCache, default_positions, init_cache
+
+# PrefixCache, bucket_length and gather_prefix are re-exported: a sampler's callers use them.
+__all__ = ["MIN_ROWS", "PrefixCache", "SampleOutput", "bucket_length", "gather_prefix", "generate"]
 
 _EOS_SLOTS = 8
 MIN_ROWS = 4
@@ -49,31 +61,6 @@ class SampleOutput(NamedTuple):
     tokens: jax.Array
     lengths: jax.Array
     logprobs: jax.Array
-
-
-class PrefixCache(NamedTuple):
-    """Keys and values a sampler call computed, per row, to continue from later.
-
-    ``k``/``v``: [L, B, K, S, hd]; ``mask``: [B, S] True for the slots that hold one of
-    the row's tokens. A row's real slots, in slot order, hold its prompt (prefix
-    included) and then its generated tokens but the last (a token's key/value is
-    computed when it is fed, and the last one never is). Passed back as `generate`'s
-    ``prefix_cache`` (rows gathered and masked as needed), it stands for those tokens:
-    only the rest of a prompt is prefilled.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    mask: jax.Array
-
-
-def bucket_length(n: int, multiple: int = 64) -> int:
-    """Rounds n up to a power of two below ``multiple`` (min 8), else to a multiple of it."""
-    if n <= 0:
-        raise ValueError(f"length must be positive, got {n}")
-    if n >= multiple:
-        return -(-n // multiple) * multiple
-    return max(8, 1 << (n - 1).bit_length())
 
 
 def generate(
@@ -172,7 +159,7 @@ def generate(
     greedy = temperature == 0.0
     if not greedy and key is None:
         raise ValueError("key is required when temperature > 0")
-    _check_left_padded(prompt_mask)
+    check_left_padded(prompt_mask)
     eos = [int(eos_ids)] if isinstance(eos_ids, (int, np.integer)) else [int(e) for e in eos_ids]
     # A fixed-size array (padded with -1, which no token equals) keeps the EOS set a traced
     # value: another tokenizer's EOS ids reuse the compiled program.
@@ -180,11 +167,11 @@ def generate(
     eos_array[: len(eos)] = eos
 
     b, p = prompt_ids.shape
-    heads = _prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id, bucket_multiple)
+    heads = shared_prefixes(prefix_ids, prefix_mask, prefix_index, b, pad_id, bucket_multiple)
     if prefix_cache is not None:
         if heads is not None:
             raise ValueError("pass prefix_ids or prefix_cache, not both")
-        heads = _check_prefix_cache(prefix_cache, b)
+        heads = check_prefix_cache(prefix_cache, b)
     p_bucket = bucket_length(p, bucket_multiple)
     n_bucket = bucket_length(int(max_new_tokens), bucket_multiple)
     ids = jnp.pad(
@@ -225,99 +212,6 @@ def generate(
 _LAYER_LOOPS = ("auto", "unrolled", "scan")
 
 
-def _prefixes(prefix_ids, prefix_mask, prefix_index, batch, pad_id, bucket_multiple):
-    """(ids [U, L0], mask [U, L0], index [B]) of `generate`'s shared prefixes, or None;
-    L0 is left-padded up to its bucket like the prompts, so it adds no recompilation."""
-    if prefix_ids is None:
-        if prefix_mask is not None or prefix_index is not None:
-            raise ValueError("prefix_mask and prefix_index need prefix_ids")
-        return None
-    ids = np.asarray(prefix_ids, np.int32)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(
-            f"prefix_ids must be [L0] or [U, L0] token ids with L0 >= 1, got "
-            f"shape {np.shape(prefix_ids)}"
-        )
-    mask = np.ones(ids.shape, bool) if prefix_mask is None else np.asarray(prefix_mask, bool)
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"prefix_mask must have the shape of prefix_ids {ids.shape}, got {mask.shape}"
-        )
-    _check_left_padded(mask)
-    index = (
-        np.zeros((batch,), np.int32) if prefix_index is None else np.asarray(prefix_index, np.int32)
-    )
-    if index.shape != (batch,) or index.min() < 0 or index.max() >= ids.shape[0]:
-        raise ValueError(
-            f"prefix_index must hold one prefix in [0, {ids.shape[0]}) per row "
-            f"({batch}), got {index.tolist()}"
-        )
-    left = ((0, 0), (bucket_length(ids.shape[1], bucket_multiple) - ids.shape[1], 0))
-    ids = np.pad(np.where(mask, ids, pad_id).astype(np.int32), left, constant_values=pad_id)
-    return jnp.asarray(ids), jnp.asarray(np.pad(mask, left)), jnp.asarray(index)
-
-
-def gather_prefix(
-    sources: Sequence[tuple[PrefixCache, int]], keep: Sequence[int], bucket_multiple: int = 64
-) -> PrefixCache:
-    """A ``prefix_cache`` for a new batch from rows of earlier calls' caches.
-
-    Row r of the result is row ``sources[r][1]`` of cache ``sources[r][0]``, cut to its
-    first ``keep[r]`` cached tokens (the tokens it shares with its new prompt; later slots
-    are masked out). Caches of different slot counts are right-padded with masked slots
-    to a common bucketed width, so the new call's programs stay few.
-    """
-    if len(sources) != len(keep) or not sources:
-        raise ValueError(
-            f"need one keep count per source row, got {len(sources)} rows and {len(keep)} counts"
-        )
-    if min(keep) < 1:
-        raise ValueError(f"every row must keep at least one cached token, got {list(keep)}")
-    caches = list({id(c): c for c, _ in sources}.values())
-    width = bucket_length(max(c.k.shape[3] for c in caches), bucket_multiple)
-    offset, start = {}, 0
-    for cache in caches:
-        offset[id(cache)], start = start, start + cache.k.shape[1]
-
-    index = np.asarray([offset[id(c)] + i for c, i in sources])
-    # Every cache's slot axis right-padded to `width` with masked slots, their rows
-    # stacked, each new row taken from them.
-    mask = np.concatenate(
-        [np.pad(np.asarray(c.mask, bool), ((0, 0), (0, width - c.mask.shape[1]))) for c in caches]
-    )[index]
-    real = np.cumsum(mask, axis=1)
-    short = [r for r in range(len(sources)) if real[r, -1] < keep[r]]
-    if short:
-        raise ValueError(f"rows {short} keep more tokens than their cache holds")
-    mask &= real <= np.asarray(keep)[:, None]
-
-    def rows_of(arrays):
-        slots = ((0, 0), (0, 0), (0, 0))
-        padded = [jnp.pad(x, (*slots, (0, width - x.shape[3]), (0, 0))) for x in arrays]
-        return jnp.take(jnp.concatenate(padded, axis=1), index, axis=1)
-
-    k, v = rows_of([c.k for c in caches]), rows_of([c.v for c in caches])
-    return PrefixCache(k, v, jnp.asarray(mask))
-
-
-def _check_prefix_cache(cache: PrefixCache, batch: int) -> PrefixCache:
-    k, v, mask = cache
-    if k.ndim != 5 or k.shape != v.shape or k.shape[1] != batch:
-        raise ValueError(
-            f"prefix_cache k/v must both be [L, {batch}, K, S, hd], got "
-            f"{tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if tuple(mask.shape) != (batch, k.shape[3]):
-        raise ValueError(
-            f"prefix_cache mask must be [{batch}, {k.shape[3]}], got {tuple(mask.shape)}"
-        )
-    if not isinstance(mask, jax.core.Tracer) and not np.asarray(mask).any(axis=1).all():
-        raise ValueError("every row of prefix_cache mask needs at least one real slot")
-    return PrefixCache(k, v, jnp.asarray(mask, jnp.bool_))
-
-
 def _unroll(layer_loop: str) -> bool:
     if layer_loop not in _LAYER_LOOPS:
         raise ValueError(f"layer_loop must be one of {_LAYER_LOOPS}, got {layer_loop!r}")
@@ -346,20 +240,6 @@ def _batch_keys(key: jax.Array, batch: int) -> jax.Array:
 
 def _fold_in(keys: jax.Array, data: jax.Array | int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
-
-
-def _check_left_padded(prompt_mask: Any) -> None:
-    if isinstance(prompt_mask, jax.core.Tracer):
-        return
-    m = np.asarray(prompt_mask).astype(bool)
-    if not m[:, -1].all():
-        rows = np.flatnonzero(~m[:, -1]).tolist()
-        raise ValueError(
-            f"prompt_mask rows {rows} do not end with a real token; prompts must be "
-            "left-padded and non-empty"
-        )
-    if (m[:, :-1] & ~m[:, 1:]).any():
-        raise ValueError("prompt_mask has a 1 followed by a 0; prompts must be left-padded")
 
 
 # No buffer donation: the KV cache is created and updated inside this program (prefill,

@@ -203,6 +203,13 @@ def row_multiple() -> int:
     return int(mesh.shape["clients"])
 
 
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of `row_multiple`: the row count a batch of ``n``
+    rows is padded to so every device of the clients axis gets rows."""
+    multiple = row_multiple()
+    return -(-n // multiple) * multiple
+
+
 def shard_rows(x: jax.Array) -> jax.Array:
     """``x`` split by rows over the context mesh's "clients" axis, inside a jit.
 

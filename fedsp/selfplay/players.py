@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedsp.model.sharding import row_multiple, shard_rows
+from fedsp.model.sharding import padded_rows, shard_rows
 from fedsp.selfplay import packing, train
 from fedsp.selfplay.base import PackedSequences, PlayerLogps
 from fedsp.selfplay.opponents import Pair
@@ -83,10 +83,8 @@ def score_sequences(
     n = tokens.shape[0]
     if n == 0 or not player_mask.any():
         return np.zeros((player_mask.shape[0], n), np.float32)
-    chunk = min(batch_size, 1 << (n - 1).bit_length())
     # At least a row per device of the mesh's clients axis: fewer would run replicated.
-    multiple = row_multiple()
-    chunk = -(-chunk // multiple) * multiple
+    chunk = padded_rows(min(batch_size, 1 << (n - 1).bit_length()))
     padded = -(-n // chunk) * chunk
     fill = np.zeros(padded - n, np.int64)
     rows = [

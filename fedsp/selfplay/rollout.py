@@ -36,7 +36,7 @@ from flax import nnx
 
 from fedsp.data.base import Example, Task
 from fedsp.model import sampling
-from fedsp.model.sharding import row_multiple
+from fedsp.model.sharding import padded_rows
 from fedsp.model.tokenizer import Tokenizer
 from fedsp.selfplay.base import Policy
 
@@ -282,9 +282,7 @@ def sample_completions(
             # Repeating the last row up to a power of two keeps the set of compiled
             # batch sizes small; the copies are dropped below.
             # A multiple of the mesh's clients axis gives every device rows (`shard_rows`).
-            multiple = row_multiple()
-            size = -(-_pow2(len(chunk)) // multiple) * multiple
-            padded = chunk + [chunk[-1]] * (size - len(chunk))
+            padded = chunk + [chunk[-1]] * (padded_rows(_pow2(len(chunk))) - len(chunk))
             ids = np.full((len(padded), width), pad, np.int32)
             mask = np.zeros((len(padded), width), np.int32)
             for i, row in enumerate(padded):

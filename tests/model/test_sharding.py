@@ -22,6 +22,7 @@ from fedsp.model.sharding import (
     mesh_problem,
     mesh_shape,
     model_shardings,
+    padded_rows,
     replicate,
     row_multiple,
     shard_model,
@@ -154,8 +155,10 @@ def test_shard_rows_splits_rows_over_the_clients_axis_under_a_mesh():
     f = jax.jit(lambda x: shard_rows(x) * 2)
     assert f(x).sharding.is_fully_replicated or len(f(x).sharding.device_set) == 1
     mesh = make_mesh(clients=4, model=1)
+    assert padded_rows(3) == 3
     with jax.set_mesh(mesh):
         assert row_multiple() == 4
+        assert [padded_rows(n) for n in (1, 4, 5, 8)] == [4, 4, 8, 8]
         out = jax.jit(lambda x: shard_rows(x) * 2)(x)
         assert out.sharding.spec[0] == "clients"
         # 6 rows do not split 4 ways: left to XLA.

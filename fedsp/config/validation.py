@@ -1,34 +1,9 @@
-"""The experiment config: ``default_config()`` is the whole schema, ``validate`` checks it.
+"""``validate(config)``: checks every field a run reads against the schema, at once.
 
-Every run, table cell and notebook starts from ``default_config()`` and changes only what
-differs, so every field exists everywhere, ``--config.<section>.<field>=value`` works for
-all of them, and there is one set of defaults: the library's consumers (`HParams`,
-`SamplingParams`, the round loop) read validated fields and keep no defaults of their own.
-The config holds no run-directory paths: the run directory is ``fedsp.run``'s ``workdir``.
-
-Sections:
-  seed        the one seed every random choice derives from (with the round index);
-  model       path ("" = the default SmolLM2-135M-Instruct asset), dtype, lora, remat
-              (per-layer rematerialisation: none | full | dots);
-  task        name, data_dir ("" = $FEDSP_DATA_DIR), options, train/eval split;
-  data        num_clients, partition (iid | dirichlet over `Example.label`), alpha,
-              examples_per_client (cap per client, 0 = no cap), limit (train examples
-              loaded before partitioning, 0 = all);
-  algorithm   client algorithm and its hyper-parameters (see `fedsp.selfplay`);
-  rollout     prompts per client per round and sampling settings;
-  local       local training: steps, batch size, micro_batch_size (gradient
-              accumulation, 0 = none), learning-rate schedule, max_len;
-  fl          rounds, client sampling, client mapping backend, the (clients, model)
-              device mesh, server optimizer, client weighting and pruning;
-  eval        evaluation cadence and size;
-  checkpoint  run-state checkpoint cadence and retention;
-  log         TensorBoard and the progress bar.
-
-``validate(config)`` checks every field a run reads before anything heavy (model load,
-compilation) happens, and raises one ``ValueError`` that lists every problem, each
-naming the field (``fl.backend``), the value it got and what it accepts. The algorithm
-and task names it accepts come from the open registries (`fedsp.register_algorithm`,
-`fedsp.register_task`).
+It runs before anything heavy (model load, compilation) and raises one ``ValueError``
+listing every problem, each naming the field (``fl.backend``), the value it got and what it
+accepts. The algorithm and task names it accepts come from the open registries
+(`fedsp.register_algorithm`, `fedsp.register_task`).
 """
 
 from __future__ import annotations
@@ -43,181 +18,27 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
+from fedsp.config.schema import (
+    DTYPES,
+    MULTIPLE_CHOICE_EVALS,
+    PARTITIONS,
+    POOL_ON_ERROR,
+    default_config,
+    requested_mesh,
+)
 from fedsp.core.aggregation import SERVER_OPTIMIZERS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
 from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
-from fedsp.model.sharding import AUTO, mesh_problem
+from fedsp.model.sharding import mesh_problem
 from fedsp.model.transformer import REMAT_POLICIES
-from fedsp.selfplay.hparams import DEFAULT_PROTECTED_STRINGS, REWARDS
+from fedsp.selfplay.hparams import REWARDS
 from fedsp.selfplay.registry import algorithm_names
 
-__all__ = [
-    "DTYPES",
-    "MULTIPLE_CHOICE_EVALS",
-    "PARTITIONS",
-    "default_config",
-    "requested_mesh",
-    "validate",
-]
-
-POOL_ON_ERROR = ("raise", "drop")
-PARTITIONS = ("iid", "dirichlet")
-DTYPES = ("float32", "bfloat16", "float16")
-MULTIPLE_CHOICE_EVALS = ("loglik", "generate")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The whole schema with its defaults: SPEAR on synthetic arithmetic with
-    SmolLM2-135M-Instruct (see the module docstring for the sections)."""
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
-    config.model = ml_collections.ConfigDict()
-    config.model.path = ""
-    config.model.dtype = "float32"
-    config.model.lora = ml_collections.ConfigDict()
-    config.model.lora.rank = 16
-    config.model.lora.alpha = 32.0
-    config.model.lora.targets = tuple(LORA_TARGETS)
-    # Layer indices that get adapters; () means all. Negative indices count from the
-    # last layer, so the reference's `last_n_layers: n` is tuple(range(-n, 0)).
-    config.model.lora.layers = ()
-    # What the backward pass recomputes per layer instead of keeping (`fedsp.model.
-    # transformer.REMAT_POLICIES`): "none" keeps every activation (fastest, most memory);
-    # "dots" keeps the projections' outputs and recomputes attention and elementwise ops;
-    # "full" keeps only each layer's input and recomputes the layer (least memory, about
-    # one more forward pass). Gradients are the same.
-    config.model.remat = "none"
-
-    config.task = ml_collections.ConfigDict()
-    config.task.name = "arithmetic"
-    config.task.data_dir = ""
-    config.task.options = ml_collections.ConfigDict()
-    config.task.train_split = "train"
-    config.task.eval_split = "test"
-
-    config.data = ml_collections.ConfigDict()
-    config.data.num_clients = 4
-    config.data.partition = "dirichlet"
-    config.data.alpha = 1.0
-    config.data.examples_per_client = 0
-    config.data.limit = 0
-
-    config.algorithm = ml_collections.ConfigDict()
-    config.algorithm.name = "spear"
-    config.algorithm.feedback = "hint"
-    config.algorithm.max_revisions = 2
-    config.algorithm.lambda_win = 1.0
-    config.algorithm.lambda_lose = 0.1
-    config.algorithm.margin = 0.3
-    config.algorithm.tail_tokens = 0
-    # SPEAR's max_lose_ratio: lose traces are capped at rho × win traces.
-    config.algorithm.rho = 2.0
-    config.algorithm.group_size = 4
-    config.algorithm.clip_eps = 0.2
-    config.algorithm.kl_coef = 0.02
-    # AWR weighting of win traces; 0 turns it off (the SPEAR reference has none).
-    config.algorithm.awr_temperature = 0.0
-    config.algorithm.awr_max_weight = 20.0
-    config.algorithm.baseline_decay = 0.9
-    # Reward of a first answer: "verdict" (1/0) or "score" (the feedback's score).
-    config.algorithm.reward = "verdict"
-    # Token strings unlikelihood never pushes down (the answer format every reply writes).
-    config.algorithm.protected_strings = DEFAULT_PROTECTED_STRINGS
-    # Pairwise self-play (SPIN / TPAW / DPO, `fedsp.selfplay.pairs`). lam: the implicit
-    # reward scale λ of SPIN and TPAW (SPIN's β = 0.1, uclaml/SPIN configs/config.yaml);
-    # eta, gamma, n_max: TPAW's response weight η, player-weight sharpness γ and team
-    # size N_max (arXiv 2605.09922: 6, 0.5, 3); beta, label_smoothing: DPO's β and cDPO ε;
-    # opponent_rounds: rounds of opponent data trained per round, this round's included
-    # (None: the algorithm's own, SPIN 2, TPAW 3, DPO 1); pool_on_error: a damaged
-    # player-pool entry "raise"s or is "drop"ped with a warning.
-    config.algorithm.lam = 0.1
-    config.algorithm.eta = 6.0
-    config.algorithm.gamma = 0.5
-    config.algorithm.n_max = 3
-    config.algorithm.beta = 0.1
-    config.algorithm.label_smoothing = 0.0
-    config.algorithm.opponent_rounds = config_dict.placeholder(int)
-    config.algorithm.pool_on_error = "drop"
-
-    config.rollout = ml_collections.ConfigDict()
-    config.rollout.prompts_per_client = 16
-    config.rollout.max_new_tokens = 64
-    config.rollout.temperature = 0.8
-    config.rollout.top_p = 0.95
-    # Most rows per sampler call: the KV cache's memory bound.
-    config.rollout.batch_size = 64
-    # One sampler call per prompt-length bucket instead of per head bucket.
-    config.rollout.split_by_length = False
-    # SPEAR's revisions reuse the first answers' keys/values (prefill only the feedback
-    # turn); False saves that memory (`fedsp.selfplay.rollout.SamplingParams`).
-    config.rollout.reuse_cache = True
-
-    config.local = ml_collections.ConfigDict()
-    config.local.steps = 5
-    config.local.batch_size = 16
-    # Rows per forward/backward pass: each step's local.batch_size rows go through the
-    # model in local.batch_size / micro_batch_size passes (the SPEAR reference's
-    # grad_accum_steps = batch_size / micro_batch_size), so activation memory is that of
-    # micro_batch_size rows; the loss, metrics and gradient are the full batch's. Costs
-    # one extra forward pass per step (`fedsp.selfplay.train.micro_batched_token_logps`).
-    # 0 = the whole batch in one pass.
-    config.local.micro_batch_size = 0
-    config.local.lr = 5e-5
-    config.local.lr_min = 1e-5
-    config.local.warmup_ratio = 0.1
-    config.local.weight_decay = 0.0
-    # Global-norm clipping of each local step's gradient; 0 turns clipping off.
-    config.local.max_grad_norm = 1.0
-    config.local.max_len = 256
-
-    config.fl = ml_collections.ConfigDict()
-    config.fl.rounds = 10
-    config.fl.clients_per_round = 4
-    config.fl.backend = "vmap"
-    # The (clients, model) device mesh (`fedsp.model.sharding.mesh_shape`): clients
-    # splits the round's clients (and sampler rows) over devices, model shards the frozen
-    # base weights within each client group. "auto" fills the devices; the loop and pmap
-    # backends place clients themselves, so their auto clients axis is 1.
-    config.fl.mesh = ml_collections.ConfigDict()
-    # Each takes "auto" or an integer (an untyped field: --config.fl.mesh.model=2 works).
-    config.fl.mesh.clients = ml_collections.FieldReference(AUTO, field_type=object)
-    config.fl.mesh.model = ml_collections.FieldReference(1, field_type=object)
-    config.fl.server_optimizer = "fedavg"
-    config.fl.server_lr = 1.0
-    config.fl.b1 = 0.9
-    config.fl.b2 = 0.99
-    config.fl.tau = 1e-3
-    # Initial second moment of fedadam/fedyogi; None means tau² (the SPEAR reference).
-    config.fl.v0 = config_dict.placeholder(float)
-    config.fl.client_weighting = "examples"
-    config.fl.weight_temperature = 1.0
-    # Clients whose advantage is below it send nothing; None keeps every client.
-    config.fl.prune_threshold = config_dict.placeholder(float)
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.every = 1
-    config.eval.examples = 64
-    config.eval.max_new_tokens = 64
-    config.eval.batch_size = 32
-    config.eval.multiple_choice = "loglik"
-    # Evaluate on another task ("" = task.name) and split ("" = task.eval_split).
-    config.eval.task = ""
-    config.eval.split = ""
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every = 1
-    config.checkpoint.keep = 2
-
-    config.log = ml_collections.ConfigDict()
-    config.log.tensorboard = True
-    config.log.progress = True
-    return config
+__all__ = ["validate"]
 
 
 class _Errors:
@@ -511,15 +332,6 @@ def _check_data(e: _Errors) -> None:
     limit, clients = e.get("data.limit"), e.get("data.num_clients")
     if isinstance(limit, int) and isinstance(clients, int) and 0 < limit < clients:
         e.add("data.limit", f"{limit} examples cannot give {clients} clients one example each")
-
-
-def requested_mesh(fl: ml_collections.ConfigDict) -> tuple[int | str, int | str]:
-    """``(fl.mesh.clients, fl.mesh.model)`` as `fedsp.model.sharding.mesh_shape` takes
-    them: an auto clients axis is 1 for the loop and pmap backends."""
-    clients = fl.mesh.clients
-    if fl.backend != "vmap" and clients == AUTO:
-        clients = 1
-    return clients, fl.mesh.model
 
 
 def _check_fl(e: _Errors) -> None:
