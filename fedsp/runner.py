@@ -13,8 +13,14 @@ nothing is written (the pool, if any, lives in memory).
 ``checkpoint.every`` rounds (the algorithm's client-side data beside it, never on the
 server) and, at the end, ``summary.json``. A run killed after round r and restarted in
 the same ``workdir`` continues with the numbers of an uninterrupted run; resuming with
-different settings raises, naming the fields (``log.*``, ``checkpoint.*``, ``fl.mesh`` and
-the memory levers ``model.remat`` and ``local.micro_batch_size`` may change).
+different settings raises, naming the fields (``log.*``, ``checkpoint.*``,
+``distributed.*``, ``fl.mesh`` and the memory levers ``model.remat`` and
+``local.micro_batch_size`` may change).
+
+Multi-host (`fedsp.distributed`): every process calls `run` with the same config (but
+its own ``distributed.process_id``) and the same ``workdir``, which they must all see;
+the main process writes ``config.json``, ``metrics.jsonl``, TensorBoard and
+``summary.json``, and every process takes part in the checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from fedsp import compilation_cache, distributed
 from fedsp import data as data_lib
 from fedsp.checkpoint import (
     PlayerPool,
@@ -65,10 +72,18 @@ __all__ = ["init_run", "run", "save_checkpoint"]
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Config fields a resumed run may change: fl.mesh (other hardware gives the same numbers
-# up to float rounding) and the memory levers, which change what is kept or recomputed,
-# not the numbers, so a run that ran out of memory can resume with more.
-_RESUMABLE_CHANGES = ("log", "checkpoint", "fl.mesh", "model.remat", "local.micro_batch_size")
+# Config fields a resumed run may change: fl.mesh and distributed (other hardware, or
+# another host layout, gives the same numbers up to float rounding; every process has its
+# own distributed.process_id) and the memory levers, which change what is kept or
+# recomputed, not the numbers, so a run that ran out of memory can resume with more.
+_RESUMABLE_CHANGES = (
+    "log",
+    "checkpoint",
+    "distributed",
+    "fl.mesh",
+    "model.remat",
+    "local.micro_batch_size",
+)
 
 
 def init_run(
@@ -100,11 +115,15 @@ def init_run(
         leaves a client without examples, a model without a tokenizer, a model whose
         adapters differ from ``config.model.lora``, or checkpoints of other settings.
     """
+    distributed.initialize(config.distributed)  # first: it must precede any JAX work
+    compilation_cache.enable()
     validate(config)
     if workdir is not None:
         # Orbax requires absolute checkpoint paths; a relative --workdir is the usual case.
         workdir = pathlib.Path(workdir).absolute()
-        workdir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main_process():
+            workdir.mkdir(parents=True, exist_ok=True)
+        distributed.sync("fedsp.init_run.workdir")
     fl = config.fl
     (graphdef, lora_state, base_state), tokenizer = _model(config, model, tokenizer)
     mesh = None
@@ -133,13 +152,14 @@ def init_run(
     )
     algo = algorithm if algorithm is not None else get_algorithm(config.algorithm.name, config)
     optimizer = default_optimizer(fl)
-    base_key = jax.random.key(config.seed)
+    # Every array of the round state is placed on the whole mesh, so a multi-host run's
+    # processes hold (and Orbax saves) one global array each.
     state = RoundState(
         round=0,
         params=lora_state,
-        opt_state=optimizer.init(lora_state),
-        rng=base_key,
-        baselines=jnp.full((config.data.num_clients,), jnp.nan, jnp.float32),
+        opt_state=replicate(optimizer.init(lora_state), mesh),
+        rng=replicate(jax.random.key(config.seed), mesh),
+        baselines=replicate(jnp.full((config.data.num_clients,), jnp.nan, jnp.float32), mesh),
     )
     checkpointer = None
     if workdir is not None:
@@ -216,11 +236,14 @@ def save_checkpoint(state: RunState) -> None:
             "this run has no workdir to save checkpoints in (fedsp.init_run(config, workdir=...))"
         )
     algo, client_dir = run.algorithm, run.workdir / "client_state"
-    if hasattr(algo, "client_state"):
+    # Client state is host data every process holds alike: the main process writes it.
+    main = distributed.is_main_process()
+    if hasattr(algo, "client_state") and main:
         save_client_state(client_dir, state.round, algo.client_state())
-    run.checkpointer.save(state)
-    if hasattr(algo, "client_state"):
+    run.checkpointer.save(state)  # every process: Orbax writes multi-host checkpoints
+    if hasattr(algo, "client_state") and main:
         prune_client_state(client_dir, run.checkpointer.rounds())
+    distributed.sync(f"fedsp.save_checkpoint.{state.round}")
 
 
 def run(
@@ -251,16 +274,29 @@ def run(
 
     Raises:
       ValueError: see `init_run`.
+
+    In a multi-process run (``config.distributed``) an error ends the process instead of
+    raising (`fedsp.distributed.stop_all_on_error`).
     """
     start = time.perf_counter()
+    distributed.initialize(config.distributed)
+    # A failing process of a multi-host run ends at once, so the others stop too.
+    with distributed.stop_all_on_error():
+        return _run(config, workdir, hooks, model, tokenizer, algorithm, start)
+
+
+def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> dict[str, Any]:
     validate(config)
+    # In a multi-host run the main process writes the run files; all write checkpoints.
+    main = distributed.is_main_process()
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     state = init_run(config, model=model, tokenizer=tokenizer, workdir=workdir, algorithm=algorithm)
     context = state.run
     assert context is not None
-    logger = _Logger(workdir, config.log.tensorboard)
+    logger = _Logger(workdir if main else None, config.log.tensorboard)
     # metrics.jsonl as the checkpoint knows it (drops lines of an unfinished round).
     logger.rewrite(state.metrics_history)
     if not state.metrics_history:
@@ -276,7 +312,7 @@ def run(
         initial=state.round,
         total=fl.rounds,
         desc="rounds",
-        disable=not config.log.progress,
+        disable=not (config.log.progress and main),
     )
     for rnd in bar:
         state, record = run_round(state, hooks=hooks)
@@ -305,7 +341,8 @@ def run(
         "skipped_rounds": sum(bool(r.get("server_step_skipped")) for r in history),
         "wall_time_s": time.perf_counter() - start,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -378,20 +415,24 @@ def _model(config, model, tokenizer):
 
 
 class _Logger:
-    """``metrics.jsonl`` (one JSON record per line) and optional TensorBoard scalars."""
+    """``metrics.jsonl`` (one JSON record per line) and optional TensorBoard scalars;
+    without a workdir (a multi-host run's other processes) it writes nothing."""
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
-        self.path = workdir / "metrics.jsonl"
+    def __init__(self, workdir: pathlib.Path | None, tensorboard: bool):
+        self.path = None if workdir is None else workdir / "metrics.jsonl"
         self.writer = None
-        if tensorboard:
+        if tensorboard and workdir is not None:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
     def rewrite(self, history: Sequence[Mapping[str, Any]]) -> None:
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        if self.path is not None:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

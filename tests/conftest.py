@@ -16,6 +16,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
+from fedsp import compilation_cache  # noqa: E402
+
+# Test processes (and the workers they start) share compiled programs through the
+# persistent cache, as runs do; FEDSP_COMPILATION_CACHE=off turns it off.
+compilation_cache.enable()
+
 import pathlib  # noqa: E402
 
 # Benchmark files are read from ../shared/data beside the checkout (never copied into the

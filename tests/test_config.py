@@ -100,6 +100,22 @@ def test_default_config_is_valid():
             {"eval__task": "arc_challenge", "eval__split": "dev"},
             r"eval.split: got 'dev'; eval.task 'arc_challenge' has splits",
         ),
+        (
+            {"distributed__initialize": "yes"},
+            r"distributed.initialize: got 'yes'; choose 'auto', True or False",
+        ),
+        (
+            {"distributed__coordinator_address": "10.0.0.1"},
+            r"distributed.coordinator_address: must be 'host:port' or '', got '10.0.0.1'",
+        ),
+        (
+            {"distributed__num_processes": 2, "distributed__process_id": 2},
+            r"distributed.process_id: 2 is not below num_processes = 2",
+        ),
+        (
+            {"distributed__heartbeat_timeout_s": 0},
+            r"distributed.heartbeat_timeout_s: must be a whole number of seconds >= 1, got 0",
+        ),
     ],
 )
 def test_errors_name_the_field(changes, expected):

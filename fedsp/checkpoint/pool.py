@@ -19,6 +19,11 @@ the index is lost, rebuilds it from the newest entries). For exact resume the in
 also part of the run state (`state_dict` / `from_state_dict`): restoring it removes
 entries pushed after that run state was saved, so the resumed run pushes them again.
 
+In a multi-host run every process holds the same pool and calls the same methods: Orbax
+writes each entry with all of them, and only the main process changes other files (the
+index, deletions, renames), the others waiting for it (`fedsp.distributed`). The
+directory must be one every process sees (a shared file system or bucket).
+
 ``PlayerPool(None, ...)`` keeps the players in memory instead (a run without a work
 directory writes no files); it has the same interface and holds the same values.
 
@@ -55,6 +60,7 @@ from fedsp.checkpoint.trees import (
     quarantine,
     save_tree,
 )
+from fedsp.distributed import is_main_process, sync
 
 PyTree = Any
 OnError = Literal["raise", "drop"]
@@ -130,11 +136,13 @@ class PlayerPool:
             self._memory = {}
             return
         self._directory = epath.Path(directory)
-        self._directory.mkdir(parents=True, exist_ok=True)
-        for path in self._directory.iterdir():
-            # Leftovers of a push that crashed before Orbax's final rename.
-            if _ENTRY_RE.match(path.name) and ".orbax-checkpoint-tmp" in path.name:
-                path.rmtree()
+        if is_main_process():
+            self._directory.mkdir(parents=True, exist_ok=True)
+            for path in self._directory.iterdir():
+                # Leftovers of a push that crashed before Orbax's final rename.
+                if _ENTRY_RE.match(path.name) and ".orbax-checkpoint-tmp" in path.name:
+                    path.rmtree()
+        sync("fedsp.pool.open")
         entries = self._read_index()
         if entries is None:
             entries = self._scan()
@@ -142,6 +150,7 @@ class PlayerPool:
             self._write_index()
         else:
             self._entries = entries[-self._max_players :]
+        sync("fedsp.pool.opened")
 
     # ------------------------------------------------------------------ inspection
 
@@ -223,7 +232,7 @@ class PlayerPool:
         return entries[::-1]
 
     def _write_index(self) -> None:
-        if self._memory is not None:
+        if self._memory is not None or not is_main_process():
             return
         path = self._directory / _INDEX
         tmp = self._directory / f"{_INDEX}.tmp"
@@ -232,6 +241,8 @@ class PlayerPool:
 
     def _collect_garbage(self) -> None:
         """Deletes entry files that neither the pool nor a recent run state needs."""
+        if not is_main_process():
+            return
         in_pool = set(self.rounds)
         newest = max(in_pool, default=-1)
         dropped = 0
@@ -288,10 +299,12 @@ class PlayerPool:
             keep = set(sorted(self._memory)[-(self._max_players + self._keep_dropped) :])
             self._memory = {r: a for r, a in self._memory.items() if r in keep}
             return entry
-        for stale_round, path in self._entry_dirs().items():
-            # Written by a push whose round was never committed to the index.
-            if stale_round >= round_:
-                path.rmtree()
+        if is_main_process():
+            for stale_round, path in self._entry_dirs().items():
+                # Written by a push whose round was never committed to the index.
+                if stale_round >= round_:
+                    path.rmtree()
+        sync(f"fedsp.pool.push.{round_}")
         assert entry.path is not None  # a pool with a directory gives every entry a path
         try:
             save_tree(
@@ -304,6 +317,7 @@ class PlayerPool:
         self._entries = [*self._entries, entry][-self._max_players :]
         self._write_index()
         self._collect_garbage()
+        sync(f"fedsp.pool.pushed.{round_}")
         return entry
 
     def drop(self, round: int) -> None:
@@ -315,10 +329,12 @@ class PlayerPool:
         path = self._path(round)
         if self._memory is not None:
             self._memory.pop(round, None)
-        elif path is not None and path.exists():
+        elif path is not None and path.exists() and is_main_process():
             quarantine(path)
         self._entries = [e for e in self._entries if e.round != round]
         self._write_index()
+        if self._memory is None:
+            sync(f"fedsp.pool.drop.{round}")
 
     # ------------------------------------------------------------------ loading
 
@@ -440,10 +456,12 @@ class PlayerPool:
             ) from e
         pool._entries = entries[-pool._max_players :]
         newest = max(pool.rounds, default=-1)
-        for round_, path in pool._entry_dirs().items():
-            if round_ > newest:
-                path.rmtree()
+        if is_main_process():
+            for round_, path in pool._entry_dirs().items():
+                if round_ > newest:
+                    path.rmtree()
         pool._write_index()
+        sync("fedsp.pool.restored")
         return pool
 
 

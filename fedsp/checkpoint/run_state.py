@@ -57,6 +57,7 @@ from fedsp.checkpoint.trees import (
     read_tree,
     to_json,
 )
+from fedsp.distributed import is_main_process, sync
 
 
 def config_fingerprint(config: Any, *, ignore: Iterable[str] = ()) -> dict[str, JsonValue]:
@@ -317,8 +318,10 @@ class RunCheckpointer:
         )
 
     def _quarantine(self, steps: Sequence[int]) -> None:
-        for step in steps:
-            quarantine(self.path(step))
+        if is_main_process():
+            for step in steps:
+                quarantine(self.path(step))
+        sync("fedsp.checkpoint.quarantine")
         self._checkpointer.reload()
 
     def close(self) -> None:

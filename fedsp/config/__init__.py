@@ -24,6 +24,7 @@ Sections:
   fl          rounds, client sampling, client mapping backend, the (clients, model)
               device mesh, server optimizer, client weighting and pruning;
   eval        evaluation cadence and size;
+  distributed how the processes of a multi-host run find each other (`fedsp.distributed`);
   checkpoint  run-state checkpoint cadence and retention;
   log         TensorBoard and the progress bar.
 

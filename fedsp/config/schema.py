@@ -168,6 +168,21 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.task = ""
     config.eval.split = ""
 
+    # Multi-host runs (`fedsp.distributed`): every host runs the same command; these
+    # fields say how the processes find each other. initialize: "auto" joins when a
+    # coordinator address is set (here or as $JAX_COORDINATOR_ADDRESS), True always joins
+    # (unset fields detected by JAX on Cloud TPU / SLURM / Open MPI), False never.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = ml_collections.FieldReference(AUTO, field_type=object)
+    config.distributed.coordinator_address = ""
+    # "" binds the coordinator on every interface (JAX's default), "127.0.0.1:port" on one.
+    config.distributed.coordinator_bind_address = ""
+    config.distributed.num_processes = 0  # 0: detected
+    config.distributed.process_id = -1  # -1: detected
+    config.distributed.initialization_timeout_s = 300
+    # A process silent for this long is declared dead and the others stop with an error.
+    config.distributed.heartbeat_timeout_s = 100
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 1
     config.checkpoint.keep = 2

@@ -31,6 +31,7 @@ from fedsp.core.aggregation import SERVER_OPTIMIZERS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
 from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
+from fedsp.distributed import distributed_problems
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
 from fedsp.model.sharding import mesh_problem
@@ -110,8 +111,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         path or data directory that does not exist (naming the path and
         ``task.data_dir`` / ``$FEDSP_DATA_DIR``); rounds, steps, sizes or learning rates
         out of range; ``fl.clients_per_round`` > ``data.num_clients``; more clients per
-        round than the pmap backend can place on the devices; an ``fl.mesh`` that does
-        not divide the round's clients or fit the devices.
+        round than the pmap backend can place on the devices (or pmap in a multi-process
+        run); an ``fl.mesh`` that does not divide the round's clients or fit the devices;
+        bad ``distributed.*`` fields.
     """
     missing = _missing_fields(config, default_config())
     if missing:
@@ -172,6 +174,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e.choice("eval.multiple_choice", MULTIPLE_CHOICE_EVALS)
     e.integer("checkpoint.every", 1)
     e.integer("checkpoint.keep", 1)
+    for field, message in distributed_problems(config.distributed):
+        e.add(f"distributed.{field}", message)
     for field in (
         "rollout.reuse_cache",
         "rollout.split_by_length",
@@ -344,7 +348,9 @@ def _check_fl(e: _Errors) -> None:
     else:
         e.integer("fl.clients_per_round", 1)
     e.choice("fl.backend", BACKENDS)
-    if e.get("fl.backend") == "pmap" and isinstance(per_round, int) and per_round >= 1:
+    if e.get("fl.backend") == "pmap" and jax.process_count() > 1:
+        e.add("fl.backend", "'pmap' places clients on one host's devices; use 'vmap' on several")
+    elif e.get("fl.backend") == "pmap" and isinstance(per_round, int) and per_round >= 1:
         devices = jax.local_device_count()
         if per_round > devices and per_round % devices:
             e.add(

@@ -28,6 +28,7 @@ from flax import nnx
 
 from fedsp.core.logprobs import token_logprobs
 from fedsp.data.base import Example, Task
+from fedsp.distributed import to_host
 from fedsp.model.sampling import SampleOutput, bucket_length, generate
 from fedsp.model.sharding import shard_rows
 from fedsp.model.tokenizer import Tokenizer
@@ -96,8 +97,9 @@ def generation_accuracy(
                 pad_id=tokenizer.pad_token_id,
             ),
         )
-        lengths = np.asarray(out.lengths)[:real]
-        texts = tokenizer.batch_decode(np.asarray(out.tokens)[:real])
+        out_tokens, lengths = to_host((out.tokens, out.lengths))
+        lengths = lengths[:real]
+        texts = tokenizer.batch_decode(out_tokens[:real])
         correct += sum(task.is_correct(text, ex) for text, ex in zip(texts, chunk[:real]))
         tokens += int(lengths.sum())
     total = len(examples)
@@ -178,9 +180,7 @@ def loglik_accuracy(
             attention[r, : len(row_ids)] = 1
             target[r, start : len(row_ids)] = 1
         scores.append(
-            np.asarray(_continuation_logprobs(graphdef, tuple(states), ids, attention, target))[
-                :real
-            ]
+            to_host(_continuation_logprobs(graphdef, tuple(states), ids, attention, target))[:real]
         )
     flat = np.concatenate(scores)
     owners_arr, lengths = np.asarray(owners), np.asarray(char_lengths, np.float64)

@@ -66,8 +66,10 @@ import optax
 from fedsp import data as data_lib
 from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
 from fedsp.core.aggregation import server_optimizer
+from fedsp.distributed import check_agreement, to_host
 from fedsp.eval import evaluate as evaluate_examples
 from fedsp.federated.server import server_step
+from fedsp.model.sharding import replicate
 from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
 
 __all__ = [
@@ -334,12 +336,14 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         baselines=baselines[clients],
         **extra,
     )
+    # Every process packed the batch itself; a multi-host run checks they agree.
+    check_agreement(batch, f"client batches in round {rnd}")
     keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
     client_lora, stats = run.train_clients(run.policy.base_state, state.params, batch, keys)
     uploads = ClientUploads(
         clients=np.asarray(clients),
         params=client_lora,
-        stats={k: np.asarray(v) for k, v in stats.items()},
+        stats=to_host(dict(stats)),
     )
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
@@ -349,7 +353,8 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     missing = [k for k in SERVER_DIAGNOSTICS if k not in server]
     if missing:
         raise ValueError(f"the server step's diagnostics lack {missing}")
-    finite, keep, weights = (np.asarray(server.pop(k)) for k in ("finite", "keep", "weights"))
+    server = to_host(server)
+    finite, keep, weights = (server.pop(k) for k in ("finite", "keep", "weights"))
     stats = uploads.stats
     # The baseline comes from the client's rewards (host side), not from its update, so
     # it is kept even when the update itself is rejected.
@@ -383,7 +388,11 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         **{f"collect/{k}": _json_number(v) for k, v in _scalars(dict(collect_metrics)).items()},
     }
     new = dataclasses.replace(
-        state, round=rnd, params=new_lora, opt_state=opt_state, baselines=jnp.asarray(baselines)
+        state,
+        round=rnd,
+        params=new_lora,
+        opt_state=opt_state,
+        baselines=replicate(jnp.asarray(baselines), run.mesh),
     )
     if rnd == fl.rounds or (config.eval.every and rnd % config.eval.every == 0):
         record.update(evaluate(new))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsp.distributed import to_host
+
 __all__ = [
     "PrefixCache",
     "bucket_length",
@@ -111,7 +113,10 @@ def gather_prefix(
     # Every cache's slot axis right-padded to `width` with masked slots, their rows
     # stacked, each new row taken from them.
     mask = np.concatenate(
-        [np.pad(np.asarray(c.mask, bool), ((0, 0), (0, width - c.mask.shape[1]))) for c in caches]
+        [
+            np.pad(to_host(c.mask).astype(bool), ((0, 0), (0, width - c.mask.shape[1])))
+            for c in caches
+        ]
     )[index]
     real = np.cumsum(mask, axis=1)
     short = [r for r in range(len(sources)) if real[r, -1] < keep[r]]

@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedsp.distributed import put
+
 MESH_AXES = ("clients", "model")
 AUTO = "auto"
 
@@ -172,14 +174,16 @@ def shard_state(
     def place(var):
         names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
         spec = logical_to_spec(names, var.get_value().shape, mesh, rules)
-        return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
+        return var.replace(put(var.get_value(), NamedSharding(mesh, spec)))
 
     return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every array leaf of ``tree`` replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Every array leaf of ``tree`` replicated on every device of ``mesh`` (a mesh may
+    span hosts: every process passes the same values, `fedsp.distributed.put`); without
+    a mesh (the pmap backend) ``tree`` as it is."""
+    return tree if mesh is None else put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_model(

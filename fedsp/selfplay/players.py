@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp.distributed import to_host
 from fedsp.model.sharding import padded_rows, shard_rows
 from fedsp.selfplay import packing, train
 from fedsp.selfplay.base import PackedSequences, PlayerLogps
@@ -96,7 +97,7 @@ def score_sequences(
         _score_chunk(graphdef, players, mask, base_state, *(x[s : s + chunk] for x in rows))
         for s in range(0, padded, chunk)
     ]
-    return np.concatenate(jax.device_get(parts), axis=1)[:, :n]
+    return np.concatenate(to_host(parts), axis=1)[:, :n]
 
 
 def _widen(seqs: PackedSequences, width: int, pad_id: int) -> PackedSequences:

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from fedsp.data.base import Example, Task
+from fedsp.distributed import to_host
 from fedsp.model import sampling
 from fedsp.model.sharding import padded_rows
 from fedsp.model.tokenizer import Tokenizer
@@ -328,7 +329,7 @@ def sample_completions(
             if keep_cache:
                 # `sampling.generate` has no overloads on return_cache: with it, a pair.
                 result, kv = cast(tuple[sampling.SampleOutput, sampling.PrefixCache], result)
-            tokens, lengths, logprobs = jax.device_get(result)
+            tokens, lengths, logprobs = to_host(result)
             for i, row in enumerate(chunk):
                 k = int(lengths[i])
                 reply = np.asarray(tokens[i, :k], np.int32)

@@ -16,6 +16,7 @@ on although the random model never answers right.
 
 from __future__ import annotations
 
+import gc
 import pathlib
 import sys
 
@@ -93,6 +94,12 @@ def main(model_dir: str, out: str) -> None:
                     number = isinstance(value, (int, float)) and not isinstance(value, bool)
                     if number and "time" not in key:
                         arrays[f"{tag}/round{rnd}/metric/{key}"] = np.asarray(value, np.float64)
+            # Each run compiles its own programs for its own mesh: drop them before the
+            # next one, or ten runs' executables and weights add up to >10 GB.
+            state.run.close()
+            del state, base
+            gc.collect()
+            jax.clear_caches()
             print(tag, "done", flush=True)
     np.savez(out, **arrays)
 
