@@ -10,7 +10,9 @@ is 0 when it fits, 1 when it does not.
 
 ``--topology``: a TPU topology ("v5e:2x4", "v5p:2x2x1", "v4:2x2x1" or "v5e-8", "v5p-8",
 "v4-8"; needs ``pip install -e '.[plan]'``), "cpu:N" (N simulated CPU devices), or
-"h100x8" (an estimate: compiled for 8 CPU devices, judged against 80 GB). ``--mesh``
+"h100x8" (an estimate: compiled for 8 CPU devices, judged against 80 GB); by default
+the target the config file names in ``PLAN_TARGET`` (the paper configs are fitted for
+theirs), else "cpu:1". ``--mesh``
 overrides ``fl.mesh`` (each axis an int or "auto"). The architecture comes from
 ``model.path``'s config.json, else from ``--model_config`` (a config.json, a model
 directory, or a name of `MODEL_CONFIGS`), else from the name in ``model.path`` when it is
@@ -57,7 +59,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file", lock_config=True
 )
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "cpu:1", "target: a TPU topology (v5e:2x4, v5p-8, ...), cpu:N or h100x8"
+    "topology",
+    None,
+    "target: a TPU topology (v5e:2x4, v5p-8, ...), cpu:N or h100x8 (default: the config "
+    "file's PLAN_TARGET, else cpu:1)",
 )
 _MESH = flags.DEFINE_string("mesh", None, "C,M: the (clients, model) mesh (overrides fl.mesh)")
 _MODEL_CONFIG = flags.DEFINE_string(
@@ -108,6 +113,30 @@ def model_config(model_path: str, override: str | None):
     )
 
 
+def levers(config) -> dict[str, object]:
+    """The config fields that change a round's memory but not its numbers."""
+    return {
+        "fl.clients_per_round": config.fl.clients_per_round,
+        "model.remat": config.model.remat,
+        "local.micro_batch_size": config.local.micro_batch_size,
+        "rollout.batch_size": config.rollout.batch_size,
+        "rollout.reuse_cache": config.rollout.reuse_cache,
+        "eval.batch_size": config.eval.batch_size,
+    }
+
+
+def file_target(config_file: str) -> str:
+    """The ``PLAN_TARGET`` a config file declares, else "cpu:1"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_planned_config", config_file)
+    if spec is None or spec.loader is None:
+        return "cpu:1"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(getattr(module, "PLAN_TARGET", "cpu:1"))
+
+
 def parse_mesh(text: str | None) -> tuple[int | str, int | str] | None:
     """``"C,M"`` → (C, M), each an int or "auto"; None stays None.
 
@@ -131,8 +160,9 @@ def main(argv: list[str]) -> None:
     from fedsp.plan.report import format_plan, plan_dict
 
     config = _CONFIG.value
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
-        target = get_target(_TOPOLOGY.value)
+        target = get_target(_TOPOLOGY.value or file_target(config_file))
         plan = plan_round(
             config,
             target,
@@ -145,10 +175,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(err)) from None
     print(format_plan(plan))
     if _JSON.value:
-        record = {
-            "config": config_flags.get_config_filename(flags.FLAGS["config"]),
-            **plan_dict(plan),
-        }
+        record = {"config": config_file, "levers": levers(config), **plan_dict(plan)}
         with open(_JSON.value, "a") as f:
             f.write(json.dumps(record) + "\n")
     sys.stdout.flush()

@@ -158,7 +158,7 @@ def plan_round(
     device_mesh = make_mesh(*shape, devices=target.devices)
     plans = tuple(
         _compile(program)
-        for program in round_programs(config, model_config, device_mesh, target.platform, shapes)
+        for program in round_programs(config, model_config, device_mesh, target.runs_on, shapes)
         if programs is None or program.name in programs
     )
     return Plan(target, shape, model_config, shapes, plans)

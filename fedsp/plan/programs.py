@@ -78,8 +78,8 @@ class Program:
       shape: its main arguments in words (rows × tokens, clients).
       lower: lowers it (under the target's mesh).
       calls: how many times a round runs it (``None``: once per evaluation).
-      held: per-device bytes of other buffers alive while it runs, given its compiled
-        form (the rollout's kept caches, `rollout_held_bytes`).
+      held: per-device bytes of other buffers alive while it (or its phase of the
+        round) runs, given its compiled form (SPEAR's kept caches, `rollout_held_bytes`).
     """
 
     name: str
@@ -102,8 +102,9 @@ def round_programs(
       config: a validated experiment config.
       model_config: the architecture of ``config.model``.
       mesh: the ("clients", "model") mesh of the target's devices.
-      platform: "cpu" or "tpu": the sampler's layer loop follows it as ``generate``'s
-        "auto" does (unrolled on CPU, scanned elsewhere).
+      platform: where the run would execute ("cpu", "tpu", "gpu"): the sampler's layer
+        loop follows it as ``generate``'s "auto" does (unrolled on CPU, scanned
+        elsewhere).
       shapes: the sequence lengths (default `Shapes()`).
 
     Raises:
@@ -180,16 +181,18 @@ def _rollout(config, policy, algorithm, rows: RoundRows, seq_len, layer_loop, me
 
 
 def rollout_held_bytes(compiled: jax.stages.Compiled, calls: int) -> int:
-    """Per-device bytes of the keys/values the earlier ``calls − 1`` sampler calls of a
-    round keep (SPEAR's ``keep_cache``) while the last one runs: that many copies of the
-    cache the compiled program returns."""
+    """Per-device bytes of the keys/values a SPEAR round keeps (``keep_cache``) beside a
+    sampler call: the ``calls`` first-answer calls' caches (each the size the compiled
+    program returns) and, while a revision call gathers its rows from them
+    (`fedsp.model.prefixes.gather_prefix` concatenates every kept cache, eagerly, before
+    taking rows), a second copy of them; the call's own cache is its output. So
+    (2 · calls − 1) caches: an estimate of the revision phase, whose gather is not a
+    compiled program the planner could read."""
     outputs = jax.tree.leaves(compiled.out_info)
     shardings = jax.tree.leaves(compiled.output_shardings)
     # The program returns (SampleOutput: 3 arrays, PrefixCache: k, v, mask).
-    per_device = sum(
-        _shard_bytes(out, sharding) for out, sharding in zip(outputs[3:], shardings[3:])
-    )
-    return (calls - 1) * per_device
+    per_call = sum(_shard_bytes(out, sharding) for out, sharding in zip(outputs[3:], shardings[3:]))
+    return (2 * calls - 1) * per_call
 
 
 def _shard_bytes(out: Any, sharding: jax.sharding.Sharding) -> int:

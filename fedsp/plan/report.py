@@ -67,6 +67,12 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "memory_bytes": plan.target.memory_bytes,
         "estimate": plan.target.estimate,
         "mesh": list(plan.mesh),
+        "model": {
+            "model_type": plan.model.model_type,
+            "num_hidden_layers": plan.model.num_hidden_layers,
+            "hidden_size": plan.model.hidden_size,
+            "vocab_size": plan.model.vocab_size,
+        },
         "shapes": dataclasses.asdict(plan.shapes),
         "peak_bytes": plan.peak_bytes,
         "fits": plan.fits,

@@ -78,6 +78,8 @@ class Target:
         peak is at most this.
       estimate: True when the programs are compiled for another platform than the
         target's (GPUs), so the bytes are XLA:CPU's, not the target's compiler's.
+      runs_on: the platform the run itself would use ("gpu" for a GPU estimate): the
+        sampler's layer loop follows it (`fedsp.model.sampling.generate`'s "auto").
     """
 
     name: str
@@ -86,6 +88,11 @@ class Target:
     device_kind: str
     memory_bytes: int
     estimate: bool = False
+    runs_on: str = ""
+
+    def __post_init__(self):
+        if not self.runs_on:
+            object.__setattr__(self, "runs_on", self.platform)
 
     @property
     def num_devices(self) -> int:
@@ -118,6 +125,7 @@ def get_target(name: str, *, cpu_memory_bytes: int | None = None) -> Target:
             _cpu_target(count, memory, name),
             device_kind=f"{name} (compiled for XLA:CPU)",
             estimate=True,
+            runs_on="gpu",
         )
     cpu = re.fullmatch(r"cpu:(\d+)", topology)
     if cpu:

@@ -122,8 +122,8 @@ def test_tpu_topology_compiles_server_and_evaluation(model_config):
 
 
 def test_rollout_keeps_spear_caches(model_config):
-    # 2 clients × 8 prompts in calls of 4 rows: SPEAR keeps the keys/values of the first 3
-    # calls while the last one runs (its revisions continue from them).
+    # 2 clients × 8 prompts in calls of 4 rows: SPEAR keeps the keys/values of the 4 calls
+    # for its revisions, which gather rows from a concatenated copy of them.
     config = small_config(rollout__prompts_per_client=8, rollout__batch_size=4)
     (rollout,) = plan_round(
         config, get_target("cpu:2"), model_config, mesh=(2, 1), programs=["rollout"]
@@ -136,7 +136,7 @@ def test_rollout_keeps_spear_caches(model_config):
     per_call = (
         2 * c.num_hidden_layers * c.num_key_value_heads * slots * c.head_dim * 4 + slots
     ) * 2
-    assert rollout.held_bytes == 3 * per_call
+    assert rollout.held_bytes == (2 * 4 - 1) * per_call
     plain = small_config(
         rollout__prompts_per_client=8, rollout__batch_size=4, rollout__reuse_cache=False
     )
