@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -216,15 +217,16 @@ def _compile(program: Program) -> ProgramPlan:
 
 
 def _argument_bytes(lowered: jax.stages.Lowered) -> int:
-    """Per-device bytes of a lowered program's arguments (their shards on one device)."""
+    """Per-device bytes of a lowered program's arguments (their shards on one device).
+
+    Read from the lowering's own (kept) input avals and shardings: the public
+    ``args_info`` carries no shardings, and would count every argument whole.
+    """
+    compile_args = lowered._lowering.compile_args
     total = 0
-    for info in jax.tree.leaves(lowered.args_info):
-        sharding = getattr(info, "sharding", None)
-        shape = tuple(info.shape)
-        if sharding is not None:
+    for aval, sharding in zip(compile_args["global_in_avals"], compile_args["in_shardings"]):
+        shape = tuple(aval.shape)
+        if isinstance(sharding, jax.sharding.Sharding):
             shape = sharding.shard_shape(shape)
-        size = 1
-        for d in shape:
-            size *= d
-        total += size * info.dtype.itemsize
+        total += math.prod(shape) * aval.dtype.itemsize
     return total

@@ -156,10 +156,16 @@ def test_a_round_that_cannot_fit_says_so(model_config):
     # tokens of float32 logits over 128 ids are 16 GiB on every device.
     tpu = get_target("v5e-8")
     huge = loglik_config(eval__batch_size=8192)
-    plan = plan_round(huge, tpu, model_config, shapes=Shapes(eval_len=4096), programs=["eval"])
+    plan = plan_round(
+        huge, tpu, model_config, mesh=(1, 4), shapes=Shapes(eval_len=4096), programs=["eval"]
+    )
     (program,) = plan.programs
     assert program.error is not None and "RESOURCE_EXHAUSTED" in program.error
     assert program.peak_bytes > tpu.memory_bytes and not plan.fits
+    # With no executable to ask, the arguments are counted from their placement: the base
+    # split four ways, as on CPU devices.
+    base, lora = placed_bytes(model_config, huge, make_mesh(1, 4))
+    assert program.argument_bytes == base + lora + 3 * 8192 * 4096 * 4
 
 
 @pytest.mark.parametrize(
