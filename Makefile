@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,plan]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -54,6 +54,10 @@ EXTRAS_REQUIRE = {
         "peft>=0.17,<1",
     ],
     "data": ["datasets>=3.0"],
+    # The capacity planner's TPU targets (fedsp.plan): jax[tpu] brings the libtpu of the
+    # installed jax (0.10.2: libtpu 0.0.42.*, ~680 MB), which compiles for TPU topologies
+    # without TPU hardware. make test installs it: tests/plan compile for a v5e-8.
+    "plan": ["jax[tpu]>=0.10.0,<0.12"],
 }
 
 setup(

@@ -17,6 +17,13 @@ Deliberate differences: feedback is our non-leaking "hint" provider (the referen
 reference's math_mcqa turns MATH into multiple choice); model.path names the Hugging
 Face model and must be pointed at its downloaded directory
 (``--config.model.path=/path/to/Qwen2.5-1.5B``).
+
+Hardware: every setting is fitted for a TPU v5e-8 (`PLAN_TARGET`: 8 chips of 16 GiB) by
+the capacity planner, ``python -m experiments.plan --config=<file>`` (BENCHMARKS.md,
+"Capacity planner", has the table): `FITTED` sets the mesh, ``model.remat``,
+``local.micro_batch_size``, ``rollout.batch_size`` / ``rollout.reuse_cache`` and
+``eval.batch_size``, none of which changes the numbers (the effective batch stays
+``local.batch_size``), only what a device holds at once.
 """
 
 from __future__ import annotations
@@ -189,6 +196,26 @@ SETTINGS = {
         max_len=1024,
     ),
 }
+# The device target the settings below are fitted for (`fedsp.plan.targets`).
+PLAN_TARGET = "v5e-8"
+# (task, model) -> memory levers that fit PLAN_TARGET. The mesh is ("auto", "auto"): on
+# 8 devices the clients axis takes the largest divisor of fl.clients_per_round that fits
+# (3 or 5) and the model axis the rest (8 // 3 = 2, 8 // 5 = 1), and the same config
+# still validates on fewer devices. reuse_cache is off: keeping every first answer's
+# keys/values for the revisions (and the copy gather_prefix makes of them) takes more
+# than a device holds at 2048-token sequences, so revisions prefill their whole prompt.
+_QWEN = dict(remat="full", micro_batch=4, rollout_batch=64, reuse_cache=False)
+_LLAMA = dict(remat="full", micro_batch=2, rollout_batch=32, reuse_cache=False)
+FITTED = {
+    ("arc_challenge", "qwen2p5_1p5b"): dict(_QWEN, eval_batch=24),
+    ("arc_challenge", "llama3p2_3b"): dict(_LLAMA, eval_batch=24),
+    ("hellaswag", "qwen2p5_1p5b"): dict(_QWEN, eval_batch=40),
+    ("hellaswag", "llama3p2_3b"): dict(_LLAMA, eval_batch=40),
+    ("math", "qwen2p5_1p5b"): dict(_QWEN, eval_batch=24),
+    ("math", "llama3p2_3b"): dict(_LLAMA, eval_batch=24),
+    ("strategyqa", "qwen2p5_1p5b"): dict(_QWEN, eval_batch=30),
+    ("strategyqa", "llama3p2_3b"): dict(_LLAMA, eval_batch=30),
+}
 _SPLITS = {
     "arc_challenge": ("train", "test"),
     "hellaswag": ("train", "validation"),
@@ -240,7 +267,19 @@ def spear_config(task: str, model: str, algorithm: str = "spear") -> ml_collecti
     config.eval.max_new_tokens = s["max_new_tokens"]
     config.eval.batch_size = s["eval_batch"]
     config.eval.examples = 500
+    fit_levers(config, FITTED[(task, model)])
     return config
+
+
+def fit_levers(config: ml_collections.ConfigDict, fitted: dict) -> None:
+    """Sets the memory levers of `FITTED` (see the module docstring) on ``config``."""
+    config.fl.mesh.clients = "auto"
+    config.fl.mesh.model = "auto"
+    config.model.remat = fitted["remat"]
+    config.local.micro_batch_size = fitted["micro_batch"]
+    config.rollout.batch_size = fitted["rollout_batch"]
+    config.rollout.reuse_cache = fitted["reuse_cache"]
+    config.eval.batch_size = fitted["eval_batch"]
 
 
 def centralized_config(task: str, model: str) -> ml_collections.ConfigDict:

@@ -27,15 +27,34 @@ Deliberate differences, all because fedsp trains LoRA adapters in federated roun
 - ``model.path`` names the base model: TPAW and SPIN start from an SFT model, so first
   fine-tune it (e.g. ``experiments/configs/baselines/sft_*`` style, or any SFT
   checkpoint) and point ``--config.model.path`` at that directory.
+
+Hardware: the settings are fitted by the capacity planner (``python -m experiments.plan
+--config=<file>``; BENCHMARKS.md, "Capacity planner") for `PLAN_TARGETS` of the model: a
+TPU v5e-8 (8 chips of 16 GiB) for Qwen2.5-1.5B, a TPU v5p-8 (4 chips of 95 GiB) for
+Llama-3.1-8B. `FITTED` sets the mesh, ``model.remat``, ``local.micro_batch_size`` and the
+evaluation batch; none changes the numbers (the effective batch stays 64 pairs). One
+client cannot split rows over a clients axis, so the mesh is (1, all devices): the model
+axis shards the frozen base.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from experiments.configs import reference
 from fedsp.config import default_config
 
-MODELS = {"qwen2p5_1p5b": "Qwen/Qwen2.5-1.5B"}
+MODELS = {"qwen2p5_1p5b": "Qwen/Qwen2.5-1.5B", "llama3p1_8b": "meta-llama/Llama-3.1-8B"}
+# The device target each model's settings are fitted for (`fedsp.plan.targets`).
+PLAN_TARGETS = {"qwen2p5_1p5b": "v5e-8", "llama3p1_8b": "v5p-8"}
+# (dataset, model) -> memory levers that fit PLAN_TARGETS[model] (`reference.fit_levers`).
+_PAIRS = dict(remat="full", micro_batch=8, rollout_batch=64, reuse_cache=True)
+FITTED = {
+    ("gsm8k", "qwen2p5_1p5b"): dict(_PAIRS, eval_batch=64),
+    # ARC-Challenge log-likelihood rows: [rows, T, 151,936] float32 logits per batch.
+    ("ultrachat", "qwen2p5_1p5b"): dict(_PAIRS, eval_batch=16),
+    ("gsm8k", "llama3p1_8b"): dict(_PAIRS, eval_batch=64),
+}
 GSM8K_TRAIN = 7473  # openai/gsm8k main/train
 GSM8K_TEST = 1319
 ULTRACHAT_PROMPTS = 50_000  # SPIN's 50k UltraChat-200k prompts
@@ -103,6 +122,7 @@ def selfplay_config(algorithm: str, dataset: str, model: str) -> ml_collections.
 
     config.eval.every = 1
     config.eval.batch_size = 64
+    reference.fit_levers(config, FITTED[(dataset, model)])
     return config
 
 

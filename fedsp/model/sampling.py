@@ -48,7 +48,15 @@ from fedsp.model.sharding import shard_rows
 from fedsp.model.transformer import KVCache, default_positions, init_cache
 
 # PrefixCache, bucket_length and gather_prefix are re-exported: a sampler's callers use them.
-__all__ = ["MIN_ROWS", "PrefixCache", "SampleOutput", "bucket_length", "gather_prefix", "generate"]
+__all__ = [
+    "MIN_ROWS",
+    "PrefixCache",
+    "SampleOutput",
+    "bucket_length",
+    "gather_prefix",
+    "generate",
+    "lower_generate",
+]
 
 _EOS_SLOTS = 8
 MIN_ROWS = 4
@@ -207,6 +215,60 @@ def generate(
         out, cache = out
         return SampleOutput(out.tokens[:, :n], out.lengths, out.logprobs[:, :n]), cache
     return SampleOutput(out.tokens[:, :n], out.lengths, out.logprobs[:, :n])
+
+
+def lower_generate(
+    graphdef: nnx.GraphDef,
+    states: Sequence[Any],
+    *,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    bucket_multiple: int = 64,
+    compact: bool = True,
+    merge_lora: bool = True,
+    layer_loop: str = "auto",
+    return_cache: bool = False,
+    input_sharding: jax.sharding.Sharding | None = None,
+) -> jax.stages.Lowered:
+    """The program `generate` runs for ``batch`` prompts of ``prompt_len`` tokens, lowered
+    without running it: for capacity planning (`fedsp.plan`).
+
+    ``states`` may hold ``jax.ShapeDtypeStruct`` leaves (with shardings); the prompt-side
+    arguments are shapes too, placed by ``input_sharding`` (None: unplaced, as `generate`
+    passes host arrays). The other arguments are `generate`'s: the program is the one a
+    `generate` call with them compiles (prompts and new tokens rounded up to their
+    buckets, no shared prefix). Call it under ``jax.set_mesh`` when the run has a mesh
+    (rows are split over its "clients" axis).
+    """
+
+    def shape(dims: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(dims, dtype, sharding=input_sharding)
+
+    p_bucket = bucket_length(prompt_len, bucket_multiple)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    return _generate_jit.lower(
+        graphdef,
+        tuple(states),
+        None,
+        shape((batch, p_bucket), jnp.int32),
+        shape((batch, p_bucket), jnp.bool_),
+        shape(keys.shape, keys.dtype),
+        shape((_EOS_SLOTS,), jnp.int32),
+        shape((), jnp.int32),
+        shape((), jnp.float32),
+        shape((), jnp.float32),
+        n_bucket=bucket_length(int(max_new_tokens), bucket_multiple),
+        greedy=temperature == 0.0,
+        use_top_p=top_p < 1.0,
+        pad_id=0,
+        compact=bool(compact),
+        merge_lora=bool(merge_lora),
+        unroll=_unroll(layer_loop),
+        return_cache=bool(return_cache),
+    )
 
 
 _LAYER_LOOPS = ("auto", "unrolled", "scan")

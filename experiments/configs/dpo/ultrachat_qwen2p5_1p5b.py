@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from experiments.configs import selfplay_reference
 
+# Fitted for a TPU v5e-8 (mesh, remat, micro-batch, eval batch: selfplay_reference.FITTED);
+# `python -m experiments.plan --config=<this file>` checks it.
+PLAN_TARGET = selfplay_reference.PLAN_TARGETS["qwen2p5_1p5b"]
+
 
 def get_config():
     return selfplay_reference.selfplay_config("dpo", "ultrachat", "qwen2p5_1p5b")

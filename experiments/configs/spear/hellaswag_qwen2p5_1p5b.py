@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from experiments.configs import reference
 
+# Fitted for a TPU v5e-8 (mesh, remat, micro-batch, rollout and eval batches:
+# reference.FITTED); `python -m experiments.plan --config=<this file>` checks it.
+PLAN_TARGET = reference.PLAN_TARGET
+
 
 def get_config():
     return reference.spear_config("hellaswag", "qwen2p5_1p5b")
