@@ -164,6 +164,9 @@ def _tpu_target(name: str, generation: str, shape: str) -> Target:
     bounds = tuple(min(d, h) for d, h in zip(dims3, chip.host_bounds))
     # No metadata server to ask outside Google Cloud: libtpu would wait for it.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes /tmp/libtpu_lockfile so that one process owns the chips; compiling
+    # for a topology owns none, and planners (or test workers) may run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topology = topologies.get_topology_desc(
             platform="tpu",
