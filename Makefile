@@ -1,5 +1,6 @@
 # fedsp — every target sets up what it needs, so a fresh clone needs no manual steps.
-#   make test    venv + deps + default model, make lint, then the whole test suite (slow tests too)
+#   make test    venv + deps (and libtpu, for the planner) + default model, make lint, then
+#                the whole test suite (slow tests too)
 #   make lint    ruff (lint + format check, ruff.toml) and mypy on fedsp/ (mypy.ini)
 #   make test-fast   the suite without the tests marked slow
 #   make bench   the benchmarks in benchmarks/ (results go to BENCHMARKS.md by hand)
@@ -18,16 +19,25 @@ export FEDSP_DATA_DIR ?= $(abspath ../shared/data)
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup assets lint test test-fast bench bench-round demo tables clean
+.PHONY: setup setup-plan assets lint test test-fast bench bench-round demo tables clean
 
 # Re-installs only when setup.py changes, so a second `make test` starts at once.
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev,plan]'
+	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# libtpu (~680 MB) for the capacity planner's TPU targets: the tests need it, the demo
+# does not.
+PLAN_STAMP := $(VENV)/.fedsp-plan-installed
+$(PLAN_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,plan]'
+	@touch $(PLAN_STAMP)
+
+setup-plan: $(PLAN_STAMP)
 
 # Fetches SmolLM2-135M-Instruct (GGUF) into $$FEDSP_CACHE (default ~/.cache/fedsp) once.
 assets: setup
@@ -38,10 +48,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: setup assets lint
+test: setup-plan assets lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-test-fast: setup assets
+test-fast: setup-plan assets
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: setup assets bench-round
