@@ -3,7 +3,7 @@ markdown table of BENCHMARKS.md ("Capacity planner"):
 
     python -m benchmarks.plan_table runs/plan/paper.jsonl
 
-One row per planned config: its target and mesh, the memory levers it sets, each
+One row per planned config: its model, target, clients per round and mesh, the memory levers it sets, each
 program's per-device peak (arguments + outputs + temporaries, and the caches the rollout
 keeps) and whether the round fits one device.
 """
@@ -37,9 +37,12 @@ def row(record: dict[str, Any]) -> str:
             text += f" (kept caches {gib(p['held_bytes'])})"
         cells.append(("≥ " if p.get("error") else "") + text)
     config = pathlib.Path(record["config"])
+    model = record["model"]
     return (
-        f"| {config.parent.name}/{config.stem} | {record['target']} "
-        f"({record['devices']} × {gib(record['memory_bytes'])} GiB) "
+        f"| {config.parent.name}/{config.stem} "
+        f"| {model['model_type']} L={model['num_hidden_layers']} D={model['hidden_size']} "
+        f"| {record['target']} ({record['devices']} × {gib(record['memory_bytes'])} GiB) "
+        f"| {levers.get('fl.clients_per_round', '?')} "
         f"| ({record['mesh'][0]}, {record['mesh'][1]}) "
         f"| {levers.get('model.remat', '?')} / {levers.get('local.micro_batch_size', '?')} "
         f"| {levers.get('rollout.batch_size', '?')}"
@@ -52,10 +55,11 @@ def row(record: dict[str, Any]) -> str:
 
 def table(records: Sequence[dict[str, Any]]) -> str:
     head = (
-        "| config | target | mesh (clients, model) | remat / micro-batch | rollout / eval batch "
+        "| config | model | target | clients | mesh (clients, model) | remat / micro-batch "
+        "| rollout / eval batch "
         "| rollout | train | server | players | eval | peak (GiB per device) | fits |"
     )
-    rule = "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+    rule = "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"
     return "\n".join([head, rule, *(row(r) for r in records)])
 
 
