@@ -253,7 +253,13 @@ def test_top_level_exports_resolve():
 
 # Each package layer may import only the layers before it (and itself).
 LAYERS = (
-    ("fedsp.core", "fedsp.hostalloc", "fedsp.assets"),
+    (
+        "fedsp.core",
+        "fedsp.hostalloc",
+        "fedsp.assets",
+        "fedsp.distributed",
+        "fedsp.compilation_cache",
+    ),
     ("fedsp.model",),
     ("fedsp.data",),
     ("fedsp.eval", "fedsp.checkpoint"),
@@ -261,6 +267,7 @@ LAYERS = (
     ("fedsp.federated",),
     ("fedsp.config",),
     ("fedsp.runner",),
+    ("fedsp.plan",),
 )
 
 
