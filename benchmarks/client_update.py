@@ -1,24 +1,38 @@
 """The "spear_client_update" work unit (BENCHMARKS.md, "spear_client_update"): one SPEAR
-client update on SmolLM2-135M-Instruct, against the official SPEAR code's 55.4 s.
+client update on SmolLM2-135M-Instruct, side by side with the official SPEAR code.
 
-    python -m benchmarks.client_update                  # the figures in BENCHMARKS.md
-    python -m benchmarks.client_update --repeats 1      # a quick check
+    python -m benchmarks.client_update --reference <refbench>/results/client.json
+    python -m benchmarks.client_update --repeats 1      # fedsp alone, a quick check
 
-The work unit, as the reference measurement: LoRA r16 / α32 on q,k,v,o,gate,up,down of
-all 30 layers (float32); 16 ARC-Challenge prompts (the local test split in
-``$FEDSP_DATA_DIR``, the first 16 after the loader's seed-0 shuffle); one sample per
-prompt, then up to 2 feedback-guided revisions of the wrong ones (non-leaking hints), 64
-new tokens at T = 0.8, top-p 0.95; traces packed (max_len 256); 2 AdamW steps of batch 4
-(`fedsp.selfplay.spear`: each step reads 4 win rows for the likelihood term and 4 lose
-rows for the unlikelihood term).
+The work unit, as the reference measurement (``../shared/refbench``): LoRA r16 / α32 on
+q,k,v,o,gate,up,down of all 30 layers (float32); 16 ARC-Challenge prompts (the local
+test split in ``$FEDSP_DATA_DIR``, the first 16 after the loader's seed-0 shuffle); one
+sample per prompt, then up to 2 feedback-guided revisions of the wrong ones (non-leaking
+hints), 64 new tokens at T = 0.8, top-p 0.95; traces packed (max_len 256); 2 AdamW steps
+of batch 4 (`fedsp.selfplay.spear`: each step reads 4 win rows for the likelihood term
+and 4 lose rows for the unlikelihood term), the backward pass rematerialising each
+layer (``--remat full``, as the reference's default gradient checkpointing).
 
 Generation is the whole of ``Spear.collect`` (sampling, feedback on the host, packing);
 training is ``Spear.local_train`` (jitted, both steps). One warm-up update compiles,
 then ``--repeats`` timed updates run on the same prompts and keys (same shapes, nothing
 recompiles); times are medians. Peak RSS: the whole process (``ru_maxrss``: model load,
-compilation, every update; the reference's 2.9 GB is of that kind) and the timed updates
-alone (the kernel's peak reset after the warm-up). The run is a child process, so the
-peak is not the parent's.
+compilation, every update, as the reference's ``peak_rss_mib_process``) and the timed
+updates alone (the kernel's peak reset after the warm-up). The run is a child process,
+so the peak is not the parent's.
+
+Ratios are printed only against a reference run of the same sitting (``--reference``,
+refbench's ``client.json``); its generated and trained token counts are shown beside
+ours, with the time per generated token and per trained token, since the two sides
+sample different replies and so revise and train different amounts.
+
+The FLOP floor: the useful FLOPs of the work (every request's prompt prefilled once and
+every generated token decoded once, 2 FLOPs per weight and token plus attention over the
+context; training 2 × the forward FLOPs of the real trained tokens: the forward and the
+gradient with respect to the activations, since the frozen weights need no weight
+gradient; rematerialised recomputation is not useful work) divided by the matmul peak
+measured in the same process (float32 2048² ``jnp.dot``; ``--matmul`` adds refbench's
+torch figure).
 """
 
 from __future__ import annotations
@@ -33,11 +47,6 @@ from typing import Any
 
 from benchmarks import common
 from fedsp import hostalloc
-
-# The project's reference figures (BENCHMARKS.md, "spear_client_update"): lee3296/SPEAR (PyTorch + transformers + peft) on
-# this machine class (2 cores, fp32), the same work unit.
-REFERENCE = {"total_s": 55.4, "generation_s": 38.6, "training_s": 17.2, "peak_rss_gb": 2.9}
-TARGET = {"total_s": 11.0, "peak_rss_gb": 1.5}
 
 
 def work_unit_config(args: argparse.Namespace):
@@ -61,24 +70,39 @@ def work_unit_config(args: argparse.Namespace):
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import jax
+    from flax import nnx
 
+    from fedsp import compilation_cache
     from fedsp import data as data_lib
     from fedsp.selfplay import get_algorithm
     from fedsp.selfplay.base import Policy
 
     config = work_unit_config(args)
+    cache = compilation_cache.enable()
+    peak_gflops = matmul_gflops()
     start = time.perf_counter()
-    graphdef, lora, base_state, tokenizer = common.load_policy(16, 32.0)
+    graphdef, lora, base_state, tokenizer = common.load_policy(16, 32.0, remat=args.remat)
     load_s = time.perf_counter() - start
     task = data_lib.get_task("arc_challenge")
     data_dir = os.environ.get("FEDSP_DATA_DIR") or None
     examples = task.load("test", data_dir, limit=args.prompts, seed=0)
     feedback = data_lib.get_feedback("hint", task)
     algo = get_algorithm("spear", config)
+    requests: list[tuple[int, int]] = []  # (prompt tokens, generated tokens) per request
+    sample = algo.generate_fn
+
+    def counted(policy, lora_state, prompts, keys, params, **kwargs):
+        out = sample(policy, lora_state, prompts, keys, params, **kwargs)
+        requests.extend((len(p), len(c.tokens)) for p, c in zip(prompts, out))
+        return out
+
+    algo.generate_fn = counted
     policy = Policy(graphdef, base_state, tokenizer)
+    model_config = nnx.merge(graphdef, lora, base_state).config
     key, train_key = jax.random.split(jax.random.key(0))
 
     def update() -> dict[str, Any]:
+        requests.clear()
         t0 = time.perf_counter()
         batch, metrics = algo.collect(policy, lora, [examples], task, feedback, key, 1)
         common.block(batch)
@@ -86,7 +110,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         client = jax.tree.map(lambda x: x[0], batch)
         _, stats = common.block(algo.local_train(graphdef, base_state, lora, client, train_key))
         t2 = time.perf_counter()
+        trained = trained_rows(client, config.local.steps, config.local.batch_size)
         return {
+            "requests": len(requests),
+            "prompt_tokens": sum(p for p, _ in requests),
+            "generated_tokens": sum(g for _, g in requests),
+            "trained_tokens": int(sum(trained)),
+            "gen_flops": sum(generation_flops(model_config, p, g) for p, g in requests),
+            "train_flops": 2 * sum(forward_flops(model_config, n) for n in trained),
             "generation_s": t1 - t0,
             "training_s": t2 - t1,
             "total_s": t2 - t0,
@@ -99,19 +130,38 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "lose_shape": list(batch.lose.tokens.shape),
         }
 
+    clock = compilation_cache.compile_clock()
     warm = update()
+    compiled = compilation_cache.compile_clock().since(clock)
     warm_peak = common.peak_rss_bytes()
     reset = common.reset_peak_rss()
     rss_after_warmup = common.current_rss_bytes()
     runs = [update() for _ in range(args.repeats)]
     med = {
-        k: statistics.median(r[k] for r in runs) for k in ("generation_s", "training_s", "total_s")
+        k: statistics.median(r[k] for r in runs)
+        for k in (
+            "generation_s",
+            "training_s",
+            "total_s",
+            "requests",
+            "prompt_tokens",
+            "generated_tokens",
+            "trained_tokens",
+            "gen_flops",
+            "train_flops",
+        )
     }
     out = {
         **med,
         "runs_total_s": [r["total_s"] for r in runs],
         "warmup_total_s": warm["total_s"],
         "warmup_phases_s": [warm["generation_s"], warm["training_s"]],
+        "warmup_compile_s": compiled.total_s,
+        "warmup_cache_hits": compiled.cache_hits,
+        "warmup_cache_misses": compiled.cache_misses,
+        "compilation_cache": str(cache) if cache else None,
+        "remat": args.remat,
+        "matmul_gflops": peak_gflops,
         "rss_after_warmup_mib": common.mib(rss_after_warmup),
         **{
             k: runs[0][k]
@@ -129,17 +179,155 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "process_peak_rss_mib": common.mib(max(warm_peak, common.peak_rss_bytes())),
         "update_peak_rss_mib": common.mib(common.peak_rss_bytes()) if reset else None,
     }
-    out["speedup_vs_reference"] = REFERENCE["total_s"] / out["total_s"]
+    out["floor_s"] = (out["gen_flops"] + out["train_flops"]) / (peak_gflops * 1e9)
     return out
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 ``n × n`` matmul throughput of this process (median of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def forward_flops(
+    cfg: Any, tokens: int, *, context: int = 0, logits: int | None = None, rank: int = 16
+) -> float:
+    """FLOPs of a forward pass over ``tokens`` consecutive positions after ``context``
+    earlier ones: 2 per weight and token in the layers (with rank-``rank`` LoRA on all
+    seven projections), causal attention scores and values (4 · layers · heads ·
+    head_dim per attended position), and the LM head on ``logits`` of the positions
+    (default all)."""
+    d, hd = cfg.hidden_size, cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    q, kv, ff = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    layer = 2 * d * q + 2 * d * kv + 3 * d * ff
+    lora = rank * ((d + q) * 2 + (d + kv) * 2 + (d + ff) * 3)
+    dense = 2 * cfg.num_hidden_layers * (layer + lora) * tokens
+    # Position i (0-based, after `context`) attends to context + i + 1 positions.
+    attended = tokens * context + tokens * (tokens + 1) // 2
+    attention = 4 * cfg.num_hidden_layers * heads * hd * attended
+    head = 2 * d * cfg.vocab_size * (tokens if logits is None else logits)
+    return float(dense + attention + head)
+
+
+def generation_flops(cfg: Any, prompt: int, generated: int) -> float:
+    """Useful FLOPs of one request: its prompt prefilled once (LM head on the last
+    position), then each generated token but the last decoded against the context."""
+    flops = forward_flops(cfg, prompt, logits=1)
+    if generated > 1:
+        flops += forward_flops(cfg, generated - 1, context=prompt)
+    return flops
+
+
+def trained_rows(client: Any, steps: int, batch_size: int) -> list[int]:
+    """Real tokens of the rows local training reads, expected: each step reads
+    ``batch_size`` rows from each of the win and lose sets (fewer when a set has fewer
+    valid rows), counted at the set's mean row length."""
+    import numpy as np
+
+    rows = []
+    for seqs in (client.train, client.lose):
+        valid = np.asarray(seqs.valid)
+        lengths = np.asarray(seqs.attention_mask).sum(-1)[valid]
+        if lengths.size:
+            rows += [int(lengths.mean())] * (min(batch_size, lengths.size) * steps)
+    return rows
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed updates after the warm-up")
     p.add_argument("--prompts", type=int, default=16, help="ARC prompts (the work unit: 16)")
+    p.add_argument(
+        "--reference",
+        help="refbench's client.json from this sitting (../shared/refbench: refbench.py client)",
+    )
+    p.add_argument("--matmul", help="refbench's matmul.json (torch's float32 peak), optional")
+    p.add_argument(
+        "--remat", default="full", help="model.remat: full (as the reference's default) or none"
+    )
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def reference_figures(path: str) -> dict[str, Any]:
+    """The timed repetitions' medians from refbench's ``client.json`` (`refbench.py
+    client`), in this benchmark's units; ValueError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        summary = data["summary"]
+        median = {k: v["median"] for k, v in summary.items() if isinstance(v, dict)}
+        generation = median["generation_seconds"] + median.get("feedback_seconds", 0.0)
+        return {
+            "total_s": median["total_seconds"],
+            "generation_s": generation,
+            "training_s": median["train_phase_seconds"],
+            "generated_tokens": median["generated_tokens"],
+            "trained_tokens": statistics.median(
+                r["train_tokens_real"] for r in data["reps"] if not r["warmup"]
+            ),
+            "process_peak_rss_mib": data["peak_rss_mib_process"],
+            "others_cores": median.get("others_cores_during_rep"),
+            "cpu": data.get("env", {}).get("cpu"),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--reference {path}: not a refbench client.json ({e!r})") from e
+
+
+def table(result: dict[str, Any], ref: dict[str, Any] | None, peak_torch: float | None) -> str:
+    """The markdown table of BENCHMARKS.md ("spear_client_update")."""
+    rows = [
+        ("client update (s)", "total_s", "{:.1f}"),
+        ("generation (s)", "generation_s", "{:.1f}"),
+        ("training (s)", "training_s", "{:.1f}"),
+        ("generated tokens", "generated_tokens", "{:.0f}"),
+        ("trained tokens", "trained_tokens", "{:.0f}"),
+        ("peak RSS, process (GiB)", "process_peak_rss_mib", "{:.2f}"),
+    ]
+    out = ["| | fedsp | SPEAR reference | reference / fedsp |", "|---|---:|---:|---:|"]
+    for name, key, fmt in rows:
+        ours = result[key] / 1024 if key.endswith("_mib") else result[key]
+        if ref is None:
+            out.append(f"| {name} | {fmt.format(ours)} | not run | |")
+            continue
+        theirs = ref[key] / 1024 if key.endswith("_mib") else ref[key]
+        out.append(f"| {name} | {fmt.format(ours)} | {fmt.format(theirs)} | {theirs / ours:.2f}× |")
+    if ref is not None:
+        for name, time_key, count_key in (
+            ("ms per generated token", "generation_s", "generated_tokens"),
+            ("ms per trained token", "training_s", "trained_tokens"),
+        ):
+            ours = 1e3 * result[time_key] / result[count_key]
+            theirs = 1e3 * ref[time_key] / ref[count_key]
+            out.append(f"| {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}× |")
+    flops = result["gen_flops"] + result["train_flops"]
+    out.append("")
+    out.append(
+        f"useful work: {flops / 1e12:.3f} TFLOP (generation {result['gen_flops'] / 1e12:.3f}, "
+        f"training {result['train_flops'] / 1e12:.3f}); float32 matmul peak "
+        f"{result['matmul_gflops']:.1f} GFLOP/s (jnp.dot 2048²)"
+        + (f", torch {peak_torch:.1f} GFLOP/s" if peak_torch else "")
+        + f"; floor {result['floor_s']:.2f} s; fedsp at {result['total_s'] / result['floor_s']:.1f}× "
+        "the floor"
+    )
+    out.append(
+        f"first update (compiles): {result['warmup_total_s']:.1f} s, of which compiling "
+        f"{result['warmup_compile_s']:.1f} s ({result['warmup_cache_hits']} programs from the "
+        f"persistent cache, {result['warmup_cache_misses']} compiled)"
+    )
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -147,31 +335,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         common.emit(child(args))
         return
+    # Read first: a bad path fails before the long run.
+    ref = reference_figures(args.reference) if args.reference else None
+    peak_torch = None
+    if args.matmul:
+        with open(args.matmul) as f:
+            peak_torch = json.load(f)["gflops"]["median"]
     result = common.run_child(
         "benchmarks.client_update",
-        ["--child", "--repeats", str(args.repeats), "--prompts", str(args.prompts)],
+        [
+            "--child",
+            *("--repeats", str(args.repeats)),
+            *("--prompts", str(args.prompts)),
+            *("--remat", args.remat),
+        ],
     )
     print(json.dumps(result))
-    ref = REFERENCE
-    peak_gb = result["process_peak_rss_mib"] * 2**20 / 1e9
     print(f"\nspear_client_update ({args.prompts} ARC prompts, median of {args.repeats}):")
-    print("| | fedsp | SPEAR reference | ratio |\n|---|---:|---:|---:|")
-    for key, name in (
-        ("total_s", "client update"),
-        ("generation_s", "generation"),
-        ("training_s", "training"),
-    ):
-        print(
-            f"| {name} | {result[key]:.1f} s | {ref[key]:.1f} s | {ref[key] / result[key]:.2f}× |"
-        )
-    print(
-        f"| peak RSS (process) | {peak_gb:.2f} GB | {ref['peak_rss_gb']:.1f} GB | "
-        f"{ref['peak_rss_gb'] / peak_gb:.2f}× |"
-    )
-    print(
-        f"\ntargets: ≤ {TARGET['total_s']:.0f} s ({ref['total_s'] / TARGET['total_s']:.0f}×), "
-        f"≤ {TARGET['peak_rss_gb']} GB RSS"
-    )
+    print(table(result, ref, peak_torch))
+    if ref is None:
+        print("\n(no ratio: pass --reference with refbench's client.json of this sitting)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "result": result, "reference": ref}, f, indent=2)

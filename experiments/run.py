@@ -23,10 +23,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed
 
 
 def accuracy_table(summary: dict) -> str:
-    """The per-round accuracy of ``summary`` as a fixed-width text table."""
-    lines = ["round  accuracy"]
+    """The per-round accuracy and wall time of ``summary`` as a fixed-width text table
+    (round 0 is the evaluation before training; its time is that evaluation's)."""
+    times = summary.get("time_by_round", {})
+    lines = ["round  accuracy  time (s)"]
     for rnd, acc in summary["accuracy_by_round"].items():
-        lines.append(f"{int(rnd):>5}  {acc:8.3f}")
+        seconds = times.get(rnd)
+        shown = f"{seconds:8.1f}" if seconds is not None else f"{'-':>8}"
+        lines.append(f"{int(rnd):>5}  {acc:8.3f}  {shown}")
     return "\n".join(lines)
 
 

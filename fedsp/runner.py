@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import pathlib
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fedsp import compilation_cache, distributed
+from fedsp import compilation_cache, distributed, progress
 from fedsp import data as data_lib
 from fedsp.checkpoint import (
     PlayerPool,
@@ -269,7 +270,8 @@ def run(
     Returns:
       The summary: ``initial_accuracy`` (round 0), ``final_accuracy``,
       ``best_accuracy``, ``accuracy_by_round``, ``rounds``, ``bytes_sent``,
-      ``bytes_saved``, ``rejected_updates``, ``skipped_rounds``, ``wall_time_s``,
+      ``bytes_saved``, ``rejected_updates``, ``skipped_rounds``, ``time_by_round``
+      (each round's wall time; round 0's is the first evaluation), ``wall_time_s``,
       ``workdir``.
 
     Raises:
@@ -293,35 +295,47 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    state = init_run(config, model=model, tokenizer=tokenizer, workdir=workdir, algorithm=algorithm)
-    context = state.run
-    assert context is not None
-    logger = _Logger(workdir if main else None, config.log.tensorboard)
-    # metrics.jsonl as the checkpoint knows it (drops lines of an unfinished round).
-    logger.rewrite(state.metrics_history)
-    if not state.metrics_history:
-        record = {"round": 0, **evaluate(state)}
-        state = dataclasses.replace(state, metrics_history=(record,))
-        logger.write(record)
-
     from tqdm.auto import tqdm
 
     fl = config.fl
-    bar = tqdm(
-        range(state.round + 1, fl.rounds + 1),
-        initial=state.round,
-        total=fl.rounds,
-        desc="rounds",
-        disable=not (config.log.progress and main),
-    )
-    for rnd in bar:
-        state, record = run_round(state, hooks=hooks)
-        logger.write(record)
-        if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
-            save_checkpoint(state)
-        bar.set_postfix(
-            round=rnd, acc=_last(state.metrics_history, "eval/accuracy"), loss=record["loss"]
+    # One bar for the whole run: its description says what the run is doing, its
+    # postfix how far the current phase is (`fedsp.progress`).
+    bar = tqdm(total=fl.rounds, desc="loading model", disable=not (config.log.progress and main))
+
+    def show(phase: str, done: int, total: int) -> None:
+        bar.set_postfix_str(f"{phase} {done}/{total}")
+
+    with progress.listening(show):
+        state = init_run(
+            config, model=model, tokenizer=tokenizer, workdir=workdir, algorithm=algorithm
         )
+        context = state.run
+        assert context is not None
+        logger = _Logger(workdir if main else None, config.log.tensorboard)
+        # metrics.jsonl as the checkpoint knows it (drops lines of an unfinished round).
+        logger.rewrite(state.metrics_history)
+        bar.update(state.round)
+        if not state.metrics_history:
+            bar.set_description_str("round 0: evaluating (compiling on first use)")
+            eval_start = time.perf_counter()
+            record = {"round": 0, **evaluate(state)}
+            record["time/eval_s"] = time.perf_counter() - eval_start
+            state = dataclasses.replace(state, metrics_history=(record,))
+            logger.write(record)
+        first = state.round + 1
+        for rnd in range(first, fl.rounds + 1):
+            note = " (compiling: first round only)" if rnd == first else ""
+            bar.set_description_str(f"round {rnd}/{fl.rounds}{note}")
+            state, record = run_round(state, hooks=hooks)
+            logger.write(record)
+            if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
+                bar.set_description_str(f"round {rnd}/{fl.rounds}: checkpoint")
+                save_checkpoint(state)
+            bar.update(1)
+            line = round_times(record)
+            _log.info(line)
+            if not bar.disable:
+                bar.write(line, file=sys.stderr)  # where the bar is, above it
     bar.close()
     context.close()
     logger.close()
@@ -339,11 +353,35 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
         "bytes_saved": sum(r.get("bytes_saved", 0) for r in history),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in history),
         "skipped_rounds": sum(bool(r.get("server_step_skipped")) for r in history),
+        # Round 0 is the evaluation before training.
+        "time_by_round": {str(r["round"]): r.get("time_s", r.get("time/eval_s")) for r in history},
         "wall_time_s": time.perf_counter() - start,
     }
     if main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def round_times(record: dict[str, Any]) -> str:
+    """One line with a round's wall time and its parts (`fedsp.run_round`'s ``time/*``),
+    its accuracy and loss when it has them."""
+    parts = ", ".join(
+        f"{name} {record[f'time/{key}_s']:.1f}"
+        for key, name in (
+            ("rollout", "rollout"),
+            ("train", "training"),
+            ("server", "server"),
+            ("eval", "evaluation"),
+            ("compile", "of which compiling"),
+        )
+        if f"time/{key}_s" in record
+    )
+    text = f"round {record['round']}: {record['time_s']:.1f} s ({parts})"
+    if record.get("eval/accuracy") is not None:
+        text += f", accuracy {record['eval/accuracy']:.3f}"
+    if record.get("loss") is not None:
+        text += f", loss {record['loss']:.4f}"
+    return text
 
 
 def client_shards(
@@ -444,10 +482,3 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _last(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    for record in reversed(history):
-        if key in record:
-            return record[key]
-    return None

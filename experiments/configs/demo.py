@@ -4,9 +4,12 @@ Four clients with non-IID operation mixes (Dirichlet α = 0.5 over the operation
 all four playing every round: each samples one answer per prompt, gets a non-leaking
 hint on wrong answers, revises once, and trains its LoRA adapter on wins plus
 unlikelihood on confident wrong answers; the server averages the adapters (FedAvg).
-Sized for 2 CPU cores: two rounds, evaluated before training and after each round on
-the same 64 held-out problems (README.md gives the measured time and accuracies). The
-learning rate is higher than the paper's (few rounds, tiny adapters). Longer runs:
+Sized for 2 CPU cores and a laptop's memory: two rounds, evaluated before training and
+after each round on the same 64 held-out problems (README.md gives the measured time,
+memory and accuracies). Local training rematerialises each layer in the backward pass
+and accumulates each step's gradient over two micro-batches of 2 rows, which keeps the
+four clients' training program small (BENCHMARKS.md, "make demo: memory"). The learning
+rate is higher than the paper's (few rounds, tiny adapters). Longer runs:
 --config.fl.rounds=6.
 """
 
@@ -19,6 +22,7 @@ def get_config():
     config = default_config()
     config.model.lora.rank = 8
     config.model.lora.alpha = 16.0
+    config.model.remat = "full"
 
     config.task.name = "arithmetic"
     config.data.num_clients = 4
@@ -39,6 +43,7 @@ def get_config():
     config.local.lr_min = 1e-4
     config.local.warmup_ratio = 0.0
     config.local.max_len = 160
+    config.local.micro_batch_size = 2
 
     config.fl.rounds = 2
     config.fl.clients_per_round = 4

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp import progress
 from fedsp.core.logprobs import token_logprobs
 from fedsp.data.base import Example, Task
 from fedsp.distributed import to_host
@@ -79,7 +80,7 @@ def generation_accuracy(
     """
     if not examples:
         raise ValueError("examples is empty: nothing to evaluate")
-    correct, tokens = 0, 0
+    correct, tokens, done = 0, 0, 0
     for chunk, real in _batches(list(examples), batch_size):
         prompts = tokenizer.apply_chat_template([task.messages(ex) for ex in chunk])
         ids, mask = tokenizer.encode_batch(prompts)
@@ -102,6 +103,8 @@ def generation_accuracy(
         texts = tokenizer.batch_decode(out_tokens[:real])
         correct += sum(task.is_correct(text, ex) for text, ex in zip(texts, chunk[:real]))
         tokens += int(lengths.sum())
+        done += real
+        progress.report("evaluation problems", done, len(examples))
     total = len(examples)
     return {
         "accuracy": correct / total,

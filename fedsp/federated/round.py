@@ -64,7 +64,9 @@ import numpy as np
 import optax
 
 from fedsp import data as data_lib
+from fedsp import progress
 from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
+from fedsp.compilation_cache import compile_clock
 from fedsp.core.aggregation import server_optimizer
 from fedsp.distributed import check_agreement, to_host
 from fedsp.eval import evaluate as evaluate_examples
@@ -269,7 +271,12 @@ def run_round(
       the record) and the round's record: clients, weights, advantages, rejected and
       pruned clients, bytes sent and saved, the mean loss of the kept clients,
       ``client/*`` (means of the clients' stats), ``server/*``, ``collect/*``,
-      ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, and ``time_s``.
+      ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, the round's wall time
+      ``time_s`` and its parts ``time/rollout_s`` (sampling, feedback, packing),
+      ``time/train_s`` (local training of every client), ``time/server_s`` (the server
+      step), ``time/eval_s`` (0 on rounds without evaluation) and, of all these,
+      ``time/compile_s`` (tracing and compiling programs, or loading them from the
+      persistent compilation cache: the first round of a process pays it).
 
     Raises:
       ValueError: the run has already done ``fl.rounds`` rounds, or ``state`` is not the
@@ -293,6 +300,7 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
             "it returned (or start again with fedsp.init_run)"
         )
     round_start = time.perf_counter()
+    compile_start = compile_clock()
     clients = data_lib.sample_clients(
         config.data.num_clients, fl.clients_per_round, config.seed, rnd
     )
@@ -338,13 +346,18 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     )
     # Every process packed the batch itself; a multi-host run checks they agree.
     check_agreement(batch, f"client batches in round {rnd}")
+    rollout_end = time.perf_counter()
+    progress.report("training clients", 0, len(clients))
     keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
     client_lora, stats = run.train_clients(run.policy.base_state, state.params, batch, keys)
     uploads = ClientUploads(
         clients=np.asarray(clients),
-        params=client_lora,
+        params=jax.block_until_ready(client_lora),
         stats=to_host(dict(stats)),
     )
+    del batch  # the rollout's rows are not needed past training
+    progress.report("training clients", len(clients), len(clients))
+    train_end = time.perf_counter()
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
     step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
@@ -354,6 +367,7 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     if missing:
         raise ValueError(f"the server step's diagnostics lack {missing}")
     server = to_host(server)
+    server_end = time.perf_counter()
     finite, keep, weights = (server.pop(k) for k in ("finite", "keep", "weights"))
     stats = uploads.stats
     # The baseline comes from the client's rewards (host side), not from its update, so
@@ -394,8 +408,10 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         opt_state=opt_state,
         baselines=replicate(jnp.asarray(baselines), run.mesh),
     )
+    eval_start = time.perf_counter()
     if rnd == fl.rounds or (config.eval.every and rnd % config.eval.every == 0):
         record.update(evaluate(new))
+    eval_end = time.perf_counter()
     if pool is not None:
         record["pool/rounds"] = list(pool.rounds)
         record["pool/dropped"] = pool_dropped
@@ -407,6 +423,11 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         )
         new = dataclasses.replace(new, pool=pool.state_dict())
     record["time_s"] = time.perf_counter() - round_start
+    record["time/rollout_s"] = rollout_end - round_start
+    record["time/train_s"] = train_end - rollout_end
+    record["time/server_s"] = server_end - train_end
+    record["time/eval_s"] = eval_end - eval_start
+    record["time/compile_s"] = compile_clock().since(compile_start).total_s
     run.newest_round[0] = rnd
     return dataclasses.replace(new, metrics_history=(*state.metrics_history, record)), record
 

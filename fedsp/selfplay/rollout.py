@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp import progress
 from fedsp.data.base import Example, Task
 from fedsp.distributed import to_host
 from fedsp.model import sampling
@@ -275,6 +276,7 @@ def sample_completions(
         head_width = sampling.bucket_length(cut) if cut and not cached else 0
         groups.setdefault((cached, head_width, width), []).append(row)
     out: list[Completion | None] = [None] * n
+    done = 0
     for (cached, head_width, _), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: -suffix[r])
         for start in range(0, len(rows), params.batch_size):
@@ -347,6 +349,8 @@ def sample_completions(
                         else None
                     ),
                 )
+            done += len(chunk)
+            progress.report("rollout rows", done, n)
     return out  # type: ignore[return-value]
 
 

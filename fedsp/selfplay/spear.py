@@ -186,13 +186,17 @@ class Spear(Collector, tr.LocalTraining):
 
         pad = tok.pad_token_id
         lr = round_lr(hp, round)
+        # A client has at most one win and one lose row per prompt: packing that many
+        # rows whatever the round's outcome keeps S fixed, so training compiles once.
+        most = max(sum(row[0] == c for row in rows) for c in range(num_clients))
         batch = client_batch(
-            packing.pack(wins, hp.max_len, pad),
+            packing.pack(wins, hp.max_len, pad, min_rows=most),
             lose=(
                 packing.pack(
                     loses,
                     hp.max_len,
                     pad,
+                    min_rows=most,
                     end_ids=tok.eos_token_ids,
                     protected_ids=packing.protected_token_ids(tok, hp.protected_strings),
                     tail_tokens=hp.tail_tokens,

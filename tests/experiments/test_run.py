@@ -50,14 +50,24 @@ def test_runner_applies_overrides_and_prints_the_table(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == "round  accuracy"
-    assert [line.split()[0] for line in lines[1:3]] == ["0", "1"]
+    assert lines[0] == "round  accuracy  time (s)"
+    rows = [line.split() for line in lines[1:3]]
+    assert [row[0] for row in rows] == ["0", "1"]
+    assert all(float(row[2]) > 0 for row in rows)
     assert lines[-1] == f"run directory: {workdir}"
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["fl"]["rounds"] == 1 and saved["model"]["path"] == str(model_dir)
     assert saved["data"]["num_clients"] == demo.get_config().data.num_clients
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["rounds"] == 1 and set(summary["accuracy_by_round"]) == {"0", "1"}
+    # The round's wall time is the sum of its phases (plus bookkeeping between them),
+    # and the first round of a process compiles.
+    record = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][1]
+    parts = sum(record[f"time/{k}_s"] for k in ("rollout", "train", "server", "eval"))
+    assert parts <= record["time_s"] <= parts + 1.0
+    assert 0 < record["time/compile_s"] < record["time_s"]
+    assert summary["time_by_round"]["1"] == record["time_s"]
+    assert "round 1: " in result.stderr and "of which compiling" in result.stderr
 
 
 def test_runner_rejects_unknown_override(tmp_path):

@@ -257,11 +257,7 @@ def _config(model_dir, **overrides):
 
 def _history(workdir):
     return [
-        {
-            k: v
-            for k, v in json.loads(line).items()
-            if k != "time_s" and not k.startswith("collect/time/")
-        }
+        {k: v for k, v in json.loads(line).items() if not k.startswith(("time", "collect/time/"))}
         for line in (workdir / "metrics.jsonl").read_text().splitlines()
     ]
 
