@@ -64,9 +64,16 @@ def mib(n: float | None) -> float | None:
     return None if n is None else n / 2**20
 
 
-def load_policy(rank: int = 16, alpha: float = 32.0, seed: int = 0, remat: str = "none"):
-    """SmolLM2-135M-Instruct (float32) with LoRA on q,k,v,o,gate,up,down of every layer,
-    its backward pass rematerialising ``remat`` (`fedsp.model.Transformer`).
+def load_policy(
+    rank: int = 16,
+    alpha: float = 32.0,
+    seed: int = 0,
+    remat: str = "none",
+    dtype: str = "float32",
+):
+    """SmolLM2-135M-Instruct (``dtype`` weights, float32 by default) with LoRA on
+    q,k,v,o,gate,up,down of every layer, its backward pass rematerialising ``remat``
+    (`fedsp.model.Transformer`).
 
     Returns ``(graphdef, lora_state, base_state, tokenizer)``.
     """
@@ -76,7 +83,7 @@ def load_policy(rank: int = 16, alpha: float = 32.0, seed: int = 0, remat: str =
     from fedsp.model import from_pretrained
     from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 
-    model, tokenizer = from_pretrained(default_model_path())
+    model, tokenizer = from_pretrained(default_model_path(), dtype)
     model.remat = remat
     apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=LORA_TARGETS), rngs=nnx.Rngs(seed))
     graphdef, lora_state, base_state = split_lora(model)

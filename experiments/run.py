@@ -47,7 +47,13 @@ def main(argv: list[str]) -> None:
         json.dumps(
             {
                 k: summary[k]
-                for k in ("initial_accuracy", "final_accuracy", "best_accuracy", "wall_time_s")
+                for k in (
+                    "initial_accuracy",
+                    "final_accuracy",
+                    "best_accuracy",
+                    "wall_time_s",
+                    "compile_s",
+                )
             }
         )
     )

@@ -14,8 +14,8 @@ nothing is written (the pool, if any, lives in memory).
 server) and, at the end, ``summary.json``. A run killed after round r and restarted in
 the same ``workdir`` continues with the numbers of an uninterrupted run; resuming with
 different settings raises, naming the fields (``log.*``, ``checkpoint.*``,
-``distributed.*``, ``fl.mesh`` and the memory levers ``model.remat`` and
-``local.micro_batch_size`` may change).
+``distributed.*``, ``fl.mesh`` and the memory levers ``model.remat``,
+``local.micro_batch_size`` and ``fl.clients_at_once`` may change).
 
 Multi-host (`fedsp.distributed`): every process calls `run` with the same config (but
 its own ``distributed.process_id``) and the same ``workdir``, which they must all see;
@@ -84,6 +84,7 @@ _RESUMABLE_CHANGES = (
     "fl.mesh",
     "model.remat",
     "local.micro_batch_size",
+    "fl.clients_at_once",
 )
 
 
@@ -210,6 +211,7 @@ def init_run(
             fl.backend,
             mesh=mesh,  # read by the vmap backend only
             in_axes=(None, None, 0, 0),
+            clients_at_once=fl.clients_at_once,
         ),
         mesh=mesh,
         initial_params=lora_state,
@@ -272,7 +274,10 @@ def run(
       ``best_accuracy``, ``accuracy_by_round``, ``rounds``, ``bytes_sent``,
       ``bytes_saved``, ``rejected_updates``, ``skipped_rounds``, ``time_by_round``
       (each round's wall time; round 0's is the first evaluation), ``wall_time_s``,
-      ``workdir``.
+      ``compile_s`` (of it, tracing and compiling, or loading compiled programs from the
+      persistent cache) and ``compile`` (that time split into ``trace_s``, tracing and
+      lowering, and ``backend_s``, XLA compiling or loading from the cache, with the
+      cache's ``cache_hits`` and ``cache_misses``), ``workdir``.
 
     Raises:
       ValueError: see `init_run`.
@@ -297,6 +302,7 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     from tqdm.auto import tqdm
 
+    compile_start = compilation_cache.compile_clock()
     fl = config.fl
     # One bar for the whole run: its description says what the run is doing, its
     # postfix how far the current phase is (`fedsp.progress`).
@@ -356,6 +362,14 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
         # Round 0 is the evaluation before training.
         "time_by_round": {str(r["round"]): r.get("time_s", r.get("time/eval_s")) for r in history},
         "wall_time_s": time.perf_counter() - start,
+    }
+    compiled = compilation_cache.compile_clock().since(compile_start)
+    summary["compile_s"] = compiled.total_s
+    summary["compile"] = {
+        "trace_s": compiled.trace_s,
+        "backend_s": compiled.backend_s,
+        "cache_hits": compiled.cache_hits,
+        "cache_misses": compiled.cache_misses,
     }
     if main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

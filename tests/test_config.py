@@ -43,6 +43,11 @@ def test_default_config_is_valid():
             r"fl.backend: got 'tpu'; choose one of \('vmap', 'pmap', 'loop'\)",
         ),
         ({"fl__client_weighting": "loss"}, r"fl.client_weighting: got 'loss'; choose one of"),
+        ({"fl__clients_at_once": -1}, r"fl.clients_at_once: must be >= 0, got -1"),
+        (
+            {"fl__backend": "loop", "fl__clients_at_once": 2},
+            r"fl.clients_at_once: applies to the vmap backend only",
+        ),
         ({"algorithm__feedback": "gold"}, r"algorithm.feedback: got 'gold'"),
         (
             {"data__partition": "shards"},

@@ -21,7 +21,8 @@ Sections:
   rollout     prompts per client per round and sampling settings;
   local       local training: steps, batch size, micro_batch_size (gradient
               accumulation, 0 = none), learning-rate schedule, max_len;
-  fl          rounds, client sampling, client mapping backend, the (clients, model)
+  fl          rounds, client sampling, client mapping backend (and clients_at_once:
+              a device's clients trained together, or k at a time), the (clients, model)
               device mesh, server optimizer, client weighting and pruning;
   eval        evaluation cadence and size;
   distributed how the processes of a multi-host run find each other (`fedsp.distributed`);

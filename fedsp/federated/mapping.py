@@ -10,6 +10,9 @@ the same numbers; they differ in where clients run:
   ``spmd_axis_name="clients"`` plus sharding constraints over a ``"clients"`` mesh axis:
   each device simulates C/D clients, and the outputs stay sharded over that axis. A
   mesh with a second ``"model"`` axis shards the frozen weights within a client group.
+  With ``clients_at_once=k`` a device runs its C/D clients k at a time instead, one
+  group after another inside the same program (``jax.shard_map`` over the clients axis,
+  ``jax.lax.map`` within a device): the memory of k clients' temporaries, not C/D.
 - ``"pmap"``: ``jax.pmap``, one client per device; C > D clients run as D groups of C/D
   clients, vmapped inside each device.
 - ``"loop"``: a plain Python loop over clients, outputs stacked; for debugging
@@ -29,6 +32,7 @@ from typing import Any
 import drjax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 BACKENDS = ("vmap", "pmap", "loop")
 CLIENTS_AXIS = "clients"
@@ -123,11 +127,48 @@ def _under_transformation(args: tuple[Any, ...]) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
 
 
+def _in_groups(
+    fn: Callable[..., Any], mesh: jax.sharding.Mesh, axes: Axes, clients_at_once: int
+) -> Callable[..., Any]:
+    """The clients of each device ``clients_at_once`` at a time, in one program."""
+
+    def program(*args: Any) -> Any:
+        frozen, stacked = _split(args, axes)
+
+        def local(frozen: tuple[Any, ...], stacked: tuple[Any, ...]) -> Any:
+            def per_client(slices: tuple[Any, ...]) -> Any:
+                return fn(*_join(axes, frozen, slices))
+
+            # batch_size None is a plain scan, one client at a time.
+            group = clients_at_once if clients_at_once > 1 else None
+            return jax.lax.map(per_client, stacked, batch_size=group)
+
+        clients = PartitionSpec(CLIENTS_AXIS)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            # Frozen arguments are replicated over the clients axis (a "model" axis
+            # still shards them: only the clients axis is manual here).
+            in_specs=(PartitionSpec(), clients),
+            out_specs=clients,
+            axis_names={CLIENTS_AXIS},
+            check_vma=False,
+        )(frozen, stacked)
+
+    return jax.jit(program)
+
+
 def _vmap_backend(
-    fn: Callable[..., Any], mesh: jax.sharding.Mesh, in_axes: int | Axes | None
+    fn: Callable[..., Any],
+    mesh: jax.sharding.Mesh,
+    in_axes: int | Axes | None,
+    clients_at_once: int = 0,
 ) -> Callable[..., Any]:
     @functools.cache
     def program_for(num_clients: int, axes: Axes) -> Callable[..., Any]:
+        if clients_at_once:
+            return _in_groups(fn, mesh, axes, clients_at_once)
+
         @drjax.program(placements={CLIENTS_AXIS: num_clients})
         def program(*args: Any) -> Any:
             frozen, stacked = _split(args, axes)
@@ -209,6 +250,7 @@ def map_clients(
     *,
     mesh: jax.sharding.Mesh | None = None,
     in_axes: InAxes = 0,
+    clients_at_once: int = 0,
 ) -> Callable[..., Any]:
     """Maps ``fn`` over the leading client axis of its stacked arguments.
 
@@ -230,6 +272,9 @@ def map_clients(
       in_axes: one entry per positional argument, 0 (stacked: every leaf has a leading
         client axis C) or None (frozen: passed whole to every client); a single 0 or
         None applies to all arguments. At least one argument must be stacked.
+      clients_at_once: vmap backend only: 0 (default) runs all of a device's clients
+        together (vmapped); k ≥ 1 runs them k at a time, sequentially within the same
+        program, so the temporaries are those of k clients (see the module docstring).
 
     Returns:
       A function of the same positional arguments returning ``fn``'s output with every
@@ -242,12 +287,20 @@ def map_clients(
 
     Raises:
       ValueError: for an unknown ``backend`` (listing the choices), a mesh without a
-        ``"clients"`` axis or bad ``in_axes``; when called, if the stacked arguments
+        ``"clients"`` axis, bad ``in_axes`` or ``clients_at_once`` (negative, or set for
+        another backend than vmap); when called, if the stacked arguments
         disagree on C, or for pmap if C is above and not a multiple of the device count.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     in_axes = _normalize_in_axes(in_axes)
+    if isinstance(clients_at_once, bool) or not isinstance(clients_at_once, int):
+        raise ValueError(f"clients_at_once must be an integer, got {clients_at_once!r}")
+    if clients_at_once < 0 or (clients_at_once and backend != "vmap"):
+        raise ValueError(
+            f"clients_at_once must be 0 or, with the vmap backend, >= 1; got "
+            f"{clients_at_once} with backend {backend!r}"
+        )
     if backend == "vmap":
         mesh = client_mesh() if mesh is None else mesh
         if CLIENTS_AXIS not in mesh.axis_names:
@@ -255,7 +308,7 @@ def map_clients(
                 f"mesh must have a {CLIENTS_AXIS!r} axis for the vmap backend, got axes "
                 f"{mesh.axis_names}"
             )
-        return _vmap_backend(fn, mesh, in_axes)
+        return _vmap_backend(fn, mesh, in_axes, clients_at_once)
     if backend == "pmap":
         return _pmap_backend(fn, in_axes)
     return _loop_backend(fn, in_axes)

@@ -218,7 +218,13 @@ def _train(config, policy: AbstractPolicy, algorithm, rows, seq_len, mesh) -> Pr
         args, calls, shown = (policy.base, policy.lora, batch, key), clients, 1
     else:
         # As fedsp.runner.init_run maps it: base and θ_r frozen, batch and keys stacked.
-        fn = map_clients(local_train, "vmap", mesh=mesh, in_axes=(None, None, 0, 0))
+        fn = map_clients(
+            local_train,
+            "vmap",
+            mesh=mesh,
+            in_axes=(None, None, 0, 0),
+            clients_at_once=fl.clients_at_once,
+        )
         batch = abstract_batch(config, rows, clients, seq_len, mesh)
         keys = stacked(jax.eval_shape(lambda: jax.random.key(0)), clients, mesh)
         args, calls, shown = (policy.base, policy.lora, batch, keys), 1, clients

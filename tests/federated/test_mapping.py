@@ -184,6 +184,45 @@ def test_two_dimensional_clients_model_mesh():
         assert sorted({s.index[0].start for s in leaf.addressable_shards}) == [0, 2]
 
 
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_clients_in_groups_match_vmap_and_stay_sharded(at_once):
+    # 8 clients on 4 devices: each device runs its 2 clients one by one (1) or together (2).
+    num_clients = 8
+    base, heads, data = _problem(num_clients, seed=5)
+    want = map_clients(local_sgd, "vmap", in_axes=(None, 0, 0))(base, heads, data)
+    mapped = map_clients(local_sgd, "vmap", in_axes=(None, 0, 0), clients_at_once=at_once)
+    got = mapped(base, heads, data)
+    _assert_trees_close(got, want)
+    for leaf in jax.tree.leaves(got):
+        assert leaf.sharding.spec[0] == CLIENTS_AXIS
+        assert sorted(s.index[0].start for s in leaf.addressable_shards) == [0, 2, 4, 6]
+
+    # Under an outer jit and grad too (the frozen base gets the summed gradient).
+    def total(b):
+        head, stats = mapped(b, heads, data)
+        return jnp.sum(head["w"]) + jnp.sum(stats["loss"])
+
+    def total_loop(b):
+        head, stats = map_clients(local_sgd, "loop", in_axes=(None, 0, 0))(b, heads, data)
+        return jnp.sum(head["w"]) + jnp.sum(stats["loss"])
+
+    _assert_trees_close(jax.jit(jax.grad(total))(base), jax.grad(total_loop)(base), rtol=1e-4)
+
+
+def test_clients_in_groups_on_a_clients_model_mesh():
+    mesh = jax.make_mesh(
+        (2, 2), (CLIENTS_AXIS, "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    base, heads, data = _problem(4, seed=3)
+    base = jax.device_put(base, NamedSharding(mesh, P(None, "model")))
+    plain = functools.partial(_sgd_step, constrain=False)
+    got = map_clients(plain, "vmap", mesh=mesh, in_axes=(None, 0, 0), clients_at_once=1)(
+        base, heads, data
+    )
+    want = map_clients(plain, "loop", in_axes=(None, 0, 0))(np.asarray(base), heads, data)
+    _assert_trees_close(got, want)
+
+
 def test_pmap_groups_more_clients_than_devices_in_order():
     num_clients = 12
     offsets = jnp.arange(num_clients, dtype=jnp.float32)
@@ -232,6 +271,12 @@ def test_bad_in_axes_and_mesh():
         map_clients(local_sgd, "vmap", in_axes=None)(*_problem(4))
     with pytest.raises(ValueError, match=r"argument 0 is stacked .* got a scalar"):
         map_clients(lambda x: x, "loop")(jnp.float32(1.0))
+    with pytest.raises(
+        ValueError, match=r"clients_at_once must be 0 or.* got 2 with backend 'loop'"
+    ):
+        map_clients(local_sgd, "loop", clients_at_once=2)
+    with pytest.raises(ValueError, match=r"clients_at_once must be 0 or.* got -1"):
+        map_clients(local_sgd, "vmap", clients_at_once=-1)
     model_only = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     with pytest.raises(ValueError, match=r"mesh must have a 'clients' axis.*\('model',\)"):
         map_clients(local_sgd, "vmap", mesh=model_only)

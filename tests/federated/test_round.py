@@ -237,7 +237,7 @@ def test_resume_with_other_settings_names_the_field(model_dir, tmp_path):
         run(config, tmp_path / "run", algorithm=fixtures.StandInAlgorithm())
 
 
-@pytest.mark.parametrize("backend", ["vmap", "pmap"])
+@pytest.mark.parametrize("backend", ["vmap", "pmap", "vmap, one client at a time"])
 def test_backends_give_the_loop_result(model_dir, tmp_path, backend):
     recorder = Recorder()
     run(
@@ -246,9 +246,10 @@ def test_backends_give_the_loop_result(model_dir, tmp_path, backend):
         recorder,
         algorithm=fixtures.StandInAlgorithm(),
     )
+    at_once = {"fl__clients_at_once": 1} if "at a time" in backend else {}
     run(
-        fixtures.tiny_config(model_dir, fl__rounds=1, fl__backend=backend),
-        tmp_path / backend,
+        fixtures.tiny_config(model_dir, fl__rounds=1, fl__backend=backend.split(",")[0], **at_once),
+        tmp_path / "other",
         recorder,
         algorithm=fixtures.StandInAlgorithm(),
     )
