@@ -332,6 +332,7 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
         for rnd in range(first, fl.rounds + 1):
             note = " (compiling: first round only)" if rnd == first else ""
             bar.set_description_str(f"round {rnd}/{fl.rounds}{note}")
+            bar.set_postfix_str("")
             state, record = run_round(state, hooks=hooks)
             logger.write(record)
             if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
