@@ -45,8 +45,8 @@ def test_default_config_is_valid():
         ({"fl__client_weighting": "loss"}, r"fl.client_weighting: got 'loss'; choose one of"),
         ({"fl__clients_at_once": -1}, r"fl.clients_at_once: must be >= 0, got -1"),
         (
-            {"fl__backend": "loop", "fl__clients_at_once": 2},
-            r"fl.clients_at_once: applies to the vmap backend only",
+            {"fl__backend": "pmap", "fl__clients_at_once": 2},
+            r"fl.clients_at_once: the pmap backend places clients itself",
         ),
         ({"algorithm__feedback": "gold"}, r"algorithm.feedback: got 'gold'"),
         (

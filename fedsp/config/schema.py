@@ -139,7 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.fl.clients_per_round = 4
     config.fl.backend = "vmap"
     # vmap backend: 0 trains all of a device's clients of a round together; k >= 1 trains
-    # them k at a time, one group after another in the same program (less memory).
+    # them k at a time, one group after another in the same program (less memory). The
+    # loop backend trains one at a time anyway; pmap takes 0 only.
     config.fl.clients_at_once = 0
     # The (clients, model) device mesh (`fedsp.model.sharding.mesh_shape`): clients
     # splits the round's clients (and sampler rows) over devices, model shards the frozen

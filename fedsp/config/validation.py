@@ -350,8 +350,8 @@ def _check_fl(e: _Errors) -> None:
     e.choice("fl.backend", BACKENDS)
     e.integer("fl.clients_at_once", 0)
     at_once = e.get("fl.clients_at_once")
-    if isinstance(at_once, int) and at_once > 0 and e.get("fl.backend") != "vmap":
-        e.add("fl.clients_at_once", "applies to the vmap backend only; leave it 0")
+    if isinstance(at_once, int) and at_once > 0 and e.get("fl.backend") == "pmap":
+        e.add("fl.clients_at_once", "the pmap backend places clients itself; leave it 0")
     if e.get("fl.backend") == "pmap" and jax.process_count() > 1:
         e.add("fl.backend", "'pmap' places clients on one host's devices; use 'vmap' on several")
     elif e.get("fl.backend") == "pmap" and isinstance(per_round, int) and per_round >= 1:

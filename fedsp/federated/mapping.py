@@ -272,9 +272,10 @@ def map_clients(
       in_axes: one entry per positional argument, 0 (stacked: every leaf has a leading
         client axis C) or None (frozen: passed whole to every client); a single 0 or
         None applies to all arguments. At least one argument must be stacked.
-      clients_at_once: vmap backend only: 0 (default) runs all of a device's clients
+      clients_at_once: vmap backend: 0 (default) runs all of a device's clients
         together (vmapped); k ≥ 1 runs them k at a time, sequentially within the same
         program, so the temporaries are those of k clients (see the module docstring).
+        The loop backend ignores it (one client at a time); pmap takes 0 only.
 
     Returns:
       A function of the same positional arguments returning ``fn``'s output with every
@@ -287,8 +288,8 @@ def map_clients(
 
     Raises:
       ValueError: for an unknown ``backend`` (listing the choices), a mesh without a
-        ``"clients"`` axis, bad ``in_axes`` or ``clients_at_once`` (negative, or set for
-        another backend than vmap); when called, if the stacked arguments
+        ``"clients"`` axis, bad ``in_axes`` or ``clients_at_once`` (negative, or set with
+        the pmap backend); when called, if the stacked arguments
         disagree on C, or for pmap if C is above and not a multiple of the device count.
     """
     if backend not in BACKENDS:
@@ -296,10 +297,11 @@ def map_clients(
     in_axes = _normalize_in_axes(in_axes)
     if isinstance(clients_at_once, bool) or not isinstance(clients_at_once, int):
         raise ValueError(f"clients_at_once must be an integer, got {clients_at_once!r}")
-    if clients_at_once < 0 or (clients_at_once and backend != "vmap"):
+    if clients_at_once < 0 or (clients_at_once and backend == "pmap"):
         raise ValueError(
-            f"clients_at_once must be 0 or, with the vmap backend, >= 1; got "
-            f"{clients_at_once} with backend {backend!r}"
+            f"clients_at_once must be 0, or >= 1 with the vmap backend (the loop backend "
+            f"runs one client at a time anyway); got {clients_at_once} with backend "
+            f"{backend!r}"
         )
     if backend == "vmap":
         mesh = client_mesh() if mesh is None else mesh

@@ -3,9 +3,13 @@ SmolLM2 tokenizer, a small arithmetic config, and a deterministic stand-in algor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import pathlib
+import tempfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,6 +22,21 @@ from fedsp.assets import default_model_path
 from fedsp.config import default_config
 from fedsp.model import ModelConfig, Tokenizer, Transformer, save_pretrained
 from tests.model import tiny
+
+
+@contextlib.contextmanager
+def one_process_group_at_a_time() -> Iterator[None]:
+    """A machine-wide lock for the tests that start several JAX processes of their own
+    (the 8-device mesh worker, the multi-host jobs): each group holds several GB and two
+    cores' worth of work, so two pytest workers running them at once only overcommit the
+    machine (and its memory: the kernel's OOM killer ends one)."""
+    path = pathlib.Path(tempfile.gettempdir()) / "fedsp-tests-process-groups.lock"
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def save_tiny_model(directory: pathlib.Path) -> pathlib.Path:

@@ -272,10 +272,10 @@ def test_bad_in_axes_and_mesh():
     with pytest.raises(ValueError, match=r"argument 0 is stacked .* got a scalar"):
         map_clients(lambda x: x, "loop")(jnp.float32(1.0))
     with pytest.raises(
-        ValueError, match=r"clients_at_once must be 0 or.* got 2 with backend 'loop'"
+        ValueError, match=r"clients_at_once must be 0, or.* got 2 with backend 'pmap'"
     ):
-        map_clients(local_sgd, "loop", clients_at_once=2)
-    with pytest.raises(ValueError, match=r"clients_at_once must be 0 or.* got -1"):
+        map_clients(local_sgd, "pmap", clients_at_once=2)
+    with pytest.raises(ValueError, match=r"clients_at_once must be 0, or.* got -1"):
         map_clients(local_sgd, "vmap", clients_at_once=-1)
     model_only = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     with pytest.raises(ValueError, match=r"mesh must have a 'clients' axis.*\('model',\)"):

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.federated.fixtures import save_tiny_model
+from tests.federated.fixtures import one_process_group_at_a_time, save_tiny_model
 from tests.federated.mesh_worker import ALGORITHMS, MESHES
 
 pytestmark = pytest.mark.slow
@@ -40,13 +40,14 @@ def runs(tmp_path_factory):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
-    subprocess.run(
-        [sys.executable, "-m", "tests.federated.mesh_worker", str(model_dir), str(out)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=1500,
-    )
+    with one_process_group_at_a_time():
+        subprocess.run(
+            [sys.executable, "-m", "tests.federated.mesh_worker", str(model_dir), str(out)],
+            cwd=REPO,
+            env=env,
+            check=True,
+            timeout=1500,
+        )
     with np.load(out) as data:
         return dict(data)
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.federated.fixtures import save_tiny_model
+from tests.federated.fixtures import one_process_group_at_a_time, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,13 @@ def _wait(procs: list[_Process], timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    with one_process_group_at_a_time():
+        return _jobs(tmp_path_factory)
+
+
+def _jobs(tmp_path_factory):
+    """The one-process job, the two-process job whose process 1 is killed, and the
+    two-process job run again (resuming SPEAR)."""
     tmp = tmp_path_factory.mktemp("multihost")
     model_dir = save_tiny_model(tmp / "model")
     one, two = tmp / "one", tmp / "two"
