@@ -5,8 +5,10 @@ client update on SmolLM2-135M-Instruct, side by side with the official SPEAR cod
     python -m benchmarks.client_update --repeats 1      # fedsp alone, a quick check
 
 The work unit, as the reference measurement (``../shared/refbench``): LoRA r16 / α32 on
-q,k,v,o,gate,up,down of all 30 layers (float32); 16 ARC-Challenge prompts (the local
-test split in ``$FEDSP_DATA_DIR``, the first 16 after the loader's seed-0 shuffle); one
+q,k,v,o,gate,up,down of all 30 layers (float32); 16 ARC-Challenge questions (with
+``--reference``, the reference's own: the items of its recorded first-answer prompts, so both
+sides answer the same questions, each in its own prompt format; without it, the first 16 of
+the local test split after the loader's seed-0 shuffle, ``$FEDSP_DATA_DIR``); one
 sample per prompt, then up to 2 feedback-guided revisions of the wrong ones (non-leaking
 hints), 64 new tokens at T = 0.8, top-p 0.95; traces packed (max_len 256); 2 AdamW steps
 of batch 4 (`fedsp.selfplay.spear`: each step reads 4 win rows for the likelihood term
@@ -40,7 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -87,7 +91,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     task = data_lib.get_task("arc_challenge")
     data_dir = os.environ.get("FEDSP_DATA_DIR") or None
-    examples = task.load("test", data_dir, limit=args.prompts, seed=0)
+    if args.questions:
+        with open(args.questions) as f:
+            examples = matching_examples(task.load("test", data_dir), json.load(f))
+    else:
+        examples = task.load("test", data_dir, limit=args.prompts, seed=0)
     feedback = data_lib.get_feedback("hint", task)
     algo = get_algorithm("spear", config)
     requests: list[tuple[int, int]] = []  # (prompt tokens, generated tokens) per request
@@ -248,6 +256,44 @@ def trained_rows(client: Any, steps: int, batch_size: int) -> list[int]:
     return rows
 
 
+_REFERENCE_ITEM = re.compile(r"\[QUESTION\]\n(.*?)\n\n\[OPTIONS\]\n(.*?)\n\nAnswer:", re.S)
+
+
+def reference_questions(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ARC items of the reference's first-answer prompts, in its order:
+    ``[{"question": str, "options": [str, ...]}]`` parsed from the warm-up repetition's
+    recorded prompts in refbench's ``client.json`` (its `_arc_to_ex` layout: a
+    ``[QUESTION]`` block, then ``[OPTIONS]`` lines "A. text")."""
+    calls = [c for c in data["reps"][0]["gen_calls_detail"] if c.get("kind") == "y0"]
+    if not calls or "prompts" not in calls[0]:
+        raise ValueError("no first-answer prompts recorded in the warm-up repetition")
+    items = []
+    for prompt in calls[0]["prompts"]:
+        match = _REFERENCE_ITEM.search(prompt)
+        if match is None:
+            raise ValueError(f"a first-answer prompt without [QUESTION]/[OPTIONS]: {prompt!r}")
+        options = [line.split(". ", 1)[1] for line in match.group(2).split("\n")]
+        items.append({"question": match.group(1), "options": options})
+    return items
+
+
+def matching_examples(examples: Sequence[Any], items: Sequence[dict[str, Any]]) -> list[Any]:
+    """The ``examples`` whose question and option texts are ``items``' (whitespace
+    normalised), in ``items``' order; ValueError naming an item that has no match."""
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    index = {(norm(e.question), tuple(map(norm, e.choices))): e for e in examples}
+    out = []
+    for item in items:
+        found = index.get((norm(item["question"]), tuple(map(norm, item["options"]))))
+        if found is None:
+            raise ValueError(f"no ARC-Challenge test item matches {item['question']!r}")
+        out.append(found)
+    return out
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed updates after the warm-up")
@@ -268,6 +314,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--questions", help=argparse.SUPPRESS)  # the child's: reference_questions
     return p.parse_args(argv)
 
 
@@ -291,6 +338,7 @@ def reference_figures(path: str) -> dict[str, Any]:
             "process_peak_rss_mib": data["peak_rss_mib_process"],
             "others_cores": median.get("others_cores_during_rep"),
             "cpu": data.get("env", {}).get("cpu"),
+            "questions": reference_questions(data),
         }
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--reference {path}: not a refbench client.json ({e!r})") from e
@@ -347,22 +395,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     # Read first: a bad path fails before the long run.
     ref = reference_figures(args.reference) if args.reference else None
+    if ref is not None:
+        args.prompts = len(ref["questions"])
     peak_torch = None
     if args.matmul:
         with open(args.matmul) as f:
             peak_torch = json.load(f)["gflops"]["median"]
-    result = common.run_child(
-        "benchmarks.client_update",
-        [
+    with tempfile.TemporaryDirectory() as tmp:
+        child_args = [
             "--child",
             *("--repeats", str(args.repeats)),
             *("--prompts", str(args.prompts)),
             *("--remat", args.remat),
             *("--dtype", args.dtype),
-        ],
-    )
+        ]
+        if ref is not None:
+            # Both sides answer the same 16 questions: the reference's client's.
+            questions = os.path.join(tmp, "questions.json")
+            with open(questions, "w") as f:
+                json.dump(ref["questions"], f)
+            child_args += ["--questions", questions]
+        result = common.run_child("benchmarks.client_update", child_args)
     print(json.dumps(result))
-    print(f"\nspear_client_update ({args.prompts} ARC prompts, median of {args.repeats}):")
+    prompts = "the reference's" if ref is not None else f"{args.prompts}"
+    print(f"\nspear_client_update ({prompts} ARC prompts, median of {args.repeats}):")
     print(table(result, ref, peak_torch))
     if ref is None:
         print("\n(no ratio: pass --reference with refbench's client.json of this sitting)")

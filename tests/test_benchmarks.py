@@ -43,6 +43,22 @@ def test_forward_flops_matches_xla_cost_analysis():
     assert client_update.generation_flops(cfg, 127, 2) == pytest.approx(prefill + step)
 
 
+def _reference_prompt(question, options):
+    # The layout of the reference's ARC prompts (spear_fl.data._arc_to_ex).
+    lines = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options))
+    return (
+        "Answer the multiple-choice question by choosing the best option.\n"
+        "Respond with ONLY the letter (A, B, C, or D).\n\n"
+        f"[QUESTION]\n{question}\n\n[OPTIONS]\n{lines}\n\nAnswer:"
+    )
+
+
+_ITEMS = [
+    ("Which is a gas at room temperature?", ["iron", "oxygen", "salt", "wood"]),
+    ("What does a plant need\nto make food?", ["sunlight", "sand", "rocks", "noise"]),
+]
+
+
 def _refbench_client(path, reps):
     summary = {
         "total_seconds": {"median": 200.0},
@@ -57,6 +73,10 @@ def _refbench_client(path, reps):
         "peak_rss_mib_process": 3100.0,
         "env": {"cpu": "some CPU"},
     }
+    data["reps"][0]["gen_calls_detail"] = [
+        {"kind": "y0", "prompts": [_reference_prompt(q, o) for q, o in _ITEMS]},
+        {"kind": "revision", "prompts": ["a revision prompt"]},
+    ]
     path.write_text(json.dumps(data))
 
 
@@ -67,6 +87,28 @@ def test_reference_figures_read_refbench_output(tmp_path):
     assert ref["total_s"] == 200.0 and ref["generation_s"] == 141.0 and ref["training_s"] == 59.0
     assert ref["trained_tokens"] == 1200  # median of the timed repetitions, not the warm-up
     assert ref["process_peak_rss_mib"] == 3100.0 and ref["cpu"] == "some CPU"
+    assert ref["questions"] == [{"question": q, "options": o} for q, o in _ITEMS]
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match=r"bad\.json: not a refbench client\.json"):
         client_update.reference_figures(str(tmp_path / "bad.json"))
+
+
+def test_the_reference_questions_select_the_same_items_in_its_order():
+    from fedsp.data import Example
+
+    def example(uid, question, options):
+        return Example(uid=uid, question=question, answer="A", choices=tuple(options))
+
+    pool = [
+        example("x", "Which is a gas at room temperature?", ["iron", "oxygen", "salt"]),
+        example(
+            "b", "What does a plant need  to make food?", ["sunlight", "sand", "rocks", "noise"]
+        ),
+        example("a", _ITEMS[0][0], _ITEMS[0][1]),
+        example("c", "Unrelated?", ["1", "2", "3", "4"]),
+    ]
+    items = [{"question": q, "options": o} for q, o in _ITEMS]
+    # Same question but other options is not a match; whitespace is normalised.
+    assert [e.uid for e in client_update.matching_examples(pool, items)] == ["a", "b"]
+    with pytest.raises(ValueError, match="no ARC-Challenge test item matches 'Gone\\?'"):
+        client_update.matching_examples(pool, [{"question": "Gone?", "options": ["1", "2"]}])
