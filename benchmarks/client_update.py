@@ -7,8 +7,9 @@ client update on SmolLM2-135M-Instruct, side by side with the official SPEAR cod
 The work unit, as the reference measurement (``../shared/refbench``): LoRA r16 / α32 on
 q,k,v,o,gate,up,down of all 30 layers (float32); 16 ARC-Challenge questions (with
 ``--reference``, the reference's own: the items of its recorded first-answer prompts, so both
-sides answer the same questions, each in its own prompt format; without it, the first 16 of
-the local test split after the loader's seed-0 shuffle, ``$FEDSP_DATA_DIR``); one
+sides answer the same questions; without it, the first 16 of the local test split after the
+loader's seed-0 shuffle, ``$FEDSP_DATA_DIR``), posed in the reference's prompt
+(``--prompt-style spear``, `fedsp.data.multiple_choice`; ``fedsp`` for fedsp's own); one
 sample per prompt, then up to 2 feedback-guided revisions of the wrong ones (non-leaking
 hints), 64 new tokens at T = 0.8, top-p 0.95; traces packed (max_len 256); 2 AdamW steps
 of batch 4 (`fedsp.selfplay.spear`: each step reads 4 win rows for the likelihood term
@@ -59,6 +60,8 @@ def work_unit_config(args: argparse.Namespace):
     config = default_config()
     config.model.lora.rank, config.model.lora.alpha = 16, 32.0
     config.task.name = "arc_challenge"
+    config.task.options.prompt_style = args.prompt_style
+    config.rollout.reuse_cache = args.reuse_cache == "on"
     config.algorithm.name = "spear"
     config.algorithm.feedback = "hint"
     config.algorithm.max_revisions = 2
@@ -89,7 +92,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         16, 32.0, remat=args.remat, dtype=args.dtype
     )
     load_s = time.perf_counter() - start
-    task = data_lib.get_task("arc_challenge")
+    task = data_lib.get_task(config.task.name, **dict(config.task.options))
     data_dir = os.environ.get("FEDSP_DATA_DIR") or None
     if args.questions:
         with open(args.questions) as f:
@@ -312,6 +315,20 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="model weights and compute: float32 (the work unit, as the reference) or "
         "bfloat16 (an extra row on CPUs with AVX-512 BF16)",
     )
+    p.add_argument(
+        "--prompt-style",
+        default="spear",
+        choices=("spear", "fedsp"),
+        help="task.options.prompt_style: the reference's ARC prompt (the work unit) or fedsp's",
+    )
+    p.add_argument(
+        "--reuse-cache",
+        default="on",
+        choices=("on", "off"),
+        help="rollout.reuse_cache: revisions continue from the first answers' keys/values "
+        "(on, fedsp's default) or prefill their whole prompt as the reference does (off: "
+        "less memory)",
+    )
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--questions", help=argparse.SUPPRESS)  # the child's: reference_questions
@@ -408,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             *("--prompts", str(args.prompts)),
             *("--remat", args.remat),
             *("--dtype", args.dtype),
+            *("--prompt-style", args.prompt_style),
+            *("--reuse-cache", args.reuse_cache),
         ]
         if ref is not None:
             # Both sides answer the same 16 questions: the reference's client's.

@@ -170,6 +170,11 @@ def test_missing_split_file_names_the_file(tmp_path):
     assert "task.train_split" not in message
 
 
+def test_a_bad_task_option_names_task_options():
+    message = _error(task__name="arc_challenge", task__options={"prompt_style": "paper"})
+    assert "task.options: prompt_style must be one of ('fedsp', 'spear'), got 'paper'" in message
+
+
 def test_split_slices_validate_against_the_whole_splits_file(tmp_path, monkeypatch):
     # The offline ARC folder holds only the test file: slices of it are on disk, "train" is not.
     monkeypatch.delenv("FEDSP_DATA_DIR", raising=False)

@@ -10,7 +10,9 @@ algorithm.rho; optim.batch_size × optim.grad_accum_steps → local.batch_size (
 effective batch; local.micro_batch_size = optim.batch_size passes as many rows per
 forward as the reference); model.max_seq_len → local.max_len; data.eval_every →
 eval.every.
-The reference's server is FedAvg (its default ``fl.aggregation``).
+The reference's server is FedAvg (its default ``fl.aggregation``). ARC-Challenge and
+HellaSwag pose the reference's prompt (``task.options.prompt_style = "spear"``,
+`fedsp.data.multiple_choice`).
 
 Deliberate differences: feedback is our non-leaking "hint" provider (the reference's
 "oracle" hints quote the gold option); "math" is our MATH generation task (the
@@ -237,6 +239,8 @@ def spear_config(task: str, model: str, algorithm: str = "spear") -> ml_collecti
     config.model.lora.layers = tuple(range(-min(s["last_n_layers"], num_layers), 0))
     config.task.name = task
     config.task.train_split, config.task.eval_split = _SPLITS[task]
+    if task in ("arc_challenge", "hellaswag"):
+        config.task.options.prompt_style = "spear"  # the reference's lettered-option prompt
     config.data.num_clients = s["num_clients"]
     config.data.partition = "dirichlet"
     config.data.alpha = s["dirichlet_alpha"]

@@ -81,8 +81,9 @@ class Task(abc.ABC):
     splits: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
     """What to do, e.g. "Solve the math word problem step by step."."""
-    format_reminder: ClassVar[str]
-    """How to state the final answer, e.g. "End your reply with 'Answer: <number>'."."""
+    format_reminder: str
+    """How to state the final answer, e.g. "End your reply with 'Answer: <number>'."; a
+    class default an instance may replace (a task option's wording)."""
     generic_hint: ClassVar[str]
     """The hint given when no specific hint is safe; must never depend on the gold."""
 

@@ -4,6 +4,15 @@ Both are scored two ways: generation (the model names an option letter, `is_corr
 log-likelihood of each option given a context (`choices`, as lm-evaluation-harness does).
 Options are always lettered A, B, C, ... in their benchmark order, whatever the source's
 own labels (22 ARC items use "1".."4" on the hub).
+
+``prompt_style`` (``task.options.prompt_style``) chooses the wording: "fedsp" (the
+default) asks for a reply ending in "Answer: <letter>"; "spear" is the SPEAR reference's
+prompt (``spear_fl.data``: a generic system turn, then "Respond with ONLY the letter" above
+``[QUESTION]`` / ``[CONTEXT]`` and ``[OPTIONS]`` blocks, ending in "Answer:"), for runs and
+benchmarks that must pose exactly the reference's questions. Its revisions stay chat turns
+(feedback, then the reference's ARC/HellaSwag revision instruction), so they still continue
+from the first answer's keys and values; the reference instead re-sends the whole task
+inside one rewritten prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from fedsp.data.base import Example, FileTask, register_task, stable_rng
 
 __all__ = [
     "LETTERS",
+    "PROMPT_STYLES",
     "ArcChallenge",
     "HellaSwag",
     "MultipleChoiceTask",
@@ -25,6 +35,7 @@ __all__ = [
 ]
 
 LETTERS = "ABCDE"
+PROMPT_STYLES = ("fedsp", "spear")
 _NOT_LETTER = "(?![A-Za-z0-9])"
 _SPAN_LETTER_RE = re.compile(rf"^[\s*_\"'(\[]*([A-E]){_NOT_LETTER}")
 _SPAN_NAMED_RE = re.compile(rf"\b(?:[Oo]ption|[Cc]hoice|is)\s*[(\[]?([A-E]){_NOT_LETTER}")
@@ -71,14 +82,53 @@ class MultipleChoiceTask(FileTask):
     """Shared prompting, extraction, scoring and hints for lettered options.
 
     `Example.answer` and `Example.label` are the gold letter.
+
+    Args:
+      prompt_style: "fedsp" or "spear" (the SPEAR reference's prompt; module docstring).
+      source, system_prompt: see `FileTask`.
     """
 
     format_reminder = "End your reply with 'Answer: <letter>'."
     generic_hint = "Re-read the question and weigh every option against it."
     options_heading: ClassVar[str] = "Options"
+    # The SPEAR reference's wording ("spear" prompt style): its system turn, the lines above
+    # the question block and that block's heading, and its revision instruction.
+    spear_system = "You are a helpful assistant."
+    spear_header: ClassVar[str] = (
+        "Answer the multiple-choice question by choosing the best option.\n"
+        "Respond with ONLY the letter ({letters})."
+    )
+    spear_block: ClassVar[str] = "QUESTION"
+    spear_reminder = 'Answer with a single letter choice like "A", "B", "C", or "D".'
+
+    def __init__(
+        self, *, prompt_style: str = "fedsp", source: str = "auto", system_prompt: bool = True
+    ):
+        super().__init__(source=source, system_prompt=system_prompt)
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        self.prompt_style = prompt_style
+        if prompt_style == "spear":
+            self.format_reminder = self.spear_reminder
+
+    @property
+    def instruction(self) -> str:
+        return self.spear_system if self.prompt_style == "spear" else super().instruction
 
     def prompt(self, example: Example) -> str:
         options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(example.choices))
+        if self.prompt_style == "spear":
+            letters = list(LETTERS[: len(example.choices)])
+            named = (
+                f"{', '.join(letters[:-1])}, or {letters[-1]}"
+                if len(letters) > 2
+                else (" or ".join(letters))
+            )
+            header = self.spear_header.format(letters=named)
+            return (
+                f"{header}\n\n[{self.spear_block}]\n{example.question}\n\n"
+                f"[OPTIONS]\n{options}\n\nAnswer:"
+            )
         return f"{example.question}\n\n{self.options_heading}:\n{options}"
 
     def extract_answer(self, text: str) -> str | None:
@@ -204,6 +254,10 @@ class HellaSwag(MultipleChoiceTask):
     hub_name = "Rowan/hellaswag"
     description = "Choose the ending that best completes the text."
     options_heading = "Endings"
+    spear_header = (
+        "Choose the best continuation of the context. Respond with ONLY the letter ({letters})."
+    )
+    spear_block = "CONTEXT"
 
     def _hub_records(self, split: str) -> list[dict[str, Any]]:
         return [

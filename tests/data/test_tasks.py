@@ -423,6 +423,46 @@ def test_multiple_choice_prompt_and_loglikelihood_choices(load_split):
         data.get_task("gsm8k").choices(load_split("gsm8k", "test")[0])
 
 
+def test_spear_prompt_style_is_the_reference_prompt(load_split):
+    arc = load_split("arc_challenge", "test")[0]
+    task = data.get_task("arc_challenge", prompt_style="spear")
+    # spear_fl.data._arc_to_ex's prompt, under spear_fl.prompting's default system turn.
+    reference = (
+        "Answer the multiple-choice question by choosing the best option.\n"
+        "Respond with ONLY the letter (A, B, C, or D).\n\n"
+        f"[QUESTION]\n{arc.question}\n\n"
+        "[OPTIONS]\nA. Planetary density will decrease.\nB. Planetary years will become "
+        "longer.\nC. Planetary days will become shorter.\nD. Planetary gravity will become "
+        "stronger.\n\nAnswer:"
+    )
+    assert task.messages(arc) == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": reference},
+    ]
+    # A revision is a chat turn ending in the reference's ARC revision instruction.
+    assert task.messages(arc, previous="B", feedback="Not B.")[2:] == [
+        {"role": "assistant", "content": "B"},
+        {
+            "role": "user",
+            "content": "Not B.\nPlease try again. Answer with a single letter choice like "
+            '"A", "B", "C", or "D".',
+        },
+    ]
+    assert task.is_correct("C", arc) and task.is_correct("C. Planetary days", arc)
+    three = data.Example(uid="t", question="Q?", answer="A", choices=("x", "y", "z"))
+    assert "Respond with ONLY the letter (A, B, or C)." in task.prompt(three)
+    hs_task = data.get_task("hellaswag", prompt_style="spear")
+    hs = load_split("hellaswag", "validation")[0]
+    assert hs_task.prompt(hs).startswith(
+        "Choose the best continuation of the context. Respond with ONLY the letter "
+        f"(A, B, C, or D).\n\n[CONTEXT]\n{hs.question}\n\n[OPTIONS]\nA. "
+    )
+    # The default is unchanged, and a bad style names the option.
+    assert data.get_task("arc_challenge").prompt(arc).startswith(arc.question)
+    with pytest.raises(ValueError, match="prompt_style must be one of"):
+        data.get_task("arc_challenge", prompt_style="reference")
+
+
 def test_multiple_choice_correctness_by_letter_number_or_text(load_split):
     task, ex = data.get_task("arc_challenge"), load_split("arc_challenge", "test")[0]  # gold C
     assert task.is_correct("Answer: C", ex) and task.is_correct("Answer: 3", ex)
