@@ -274,7 +274,7 @@ def run_round(
       ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, the round's wall time
       ``time_s`` and its parts ``time/rollout_s`` (sampling, feedback, packing),
       ``time/train_s`` (local training of every client), ``time/server_s`` (the server
-      step), ``time/eval_s`` (0 on rounds without evaluation) and, of all these,
+      step), ``time/eval_s`` (microseconds on rounds without evaluation) and, of all these,
       ``time/compile_s`` (tracing and compiling programs, or loading them from the
       persistent compilation cache: the first round of a process pays it).
 
