@@ -275,7 +275,10 @@ def reference_questions(data: dict[str, Any]) -> list[dict[str, Any]]:
         match = _REFERENCE_ITEM.search(prompt)
         if match is None:
             raise ValueError(f"a first-answer prompt without [QUESTION]/[OPTIONS]: {prompt!r}")
-        options = [line.split(". ", 1)[1] for line in match.group(2).split("\n")]
+        lines = match.group(2).split("\n")
+        if not all(re.match(r"[A-Z]\. ", line) for line in lines):
+            raise ValueError(f"an [OPTIONS] line is not 'X. text': {lines!r}")
+        options = [line[3:] for line in lines]
         items.append({"question": match.group(1), "options": options})
     return items
 

@@ -88,6 +88,17 @@ def test_reference_figures_read_refbench_output(tmp_path):
     assert ref["trained_tokens"] == 1200  # median of the timed repetitions, not the warm-up
     assert ref["process_peak_rss_mib"] == 3100.0 and ref["cpu"] == "some CPU"
     assert ref["questions"] == [{"question": q, "options": o} for q, o in _ITEMS]
+    data = json.loads(path.read_text())
+    data["reps"][0]["gen_calls_detail"][0]["prompts"][1] = _reference_prompt("Q?", ["x"]).replace(
+        "A. x", "x"
+    )
+    (tmp_path / "odd.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"odd\.json: .*an \[OPTIONS\] line is not 'X\. text'"):
+        client_update.reference_figures(str(tmp_path / "odd.json"))
+    data["reps"][0]["gen_calls_detail"] = data["reps"][0]["gen_calls_detail"][1:]
+    (tmp_path / "none.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no first-answer prompts recorded"):
+        client_update.reference_figures(str(tmp_path / "none.json"))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match=r"bad\.json: not a refbench client\.json"):
         client_update.reference_figures(str(tmp_path / "bad.json"))

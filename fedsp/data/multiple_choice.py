@@ -118,12 +118,8 @@ class MultipleChoiceTask(FileTask):
     def prompt(self, example: Example) -> str:
         options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(example.choices))
         if self.prompt_style == "spear":
-            letters = list(LETTERS[: len(example.choices)])
-            named = (
-                f"{', '.join(letters[:-1])}, or {letters[-1]}"
-                if len(letters) > 2
-                else (" or ".join(letters))
-            )
+            *rest, last = LETTERS[: len(example.choices)]
+            named = ", ".join(rest) + ("," if len(rest) > 1 else "") + f" or {last}"
             header = self.spear_header.format(letters=named)
             return (
                 f"{header}\n\n[{self.spear_block}]\n{example.question}\n\n"
