@@ -118,7 +118,7 @@ class MultipleChoiceTask(FileTask):
     def prompt(self, example: Example) -> str:
         options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(example.choices))
         if self.prompt_style == "spear":
-            *rest, last = LETTERS[: len(example.choices)]
+            *rest, last = list(LETTERS[: len(example.choices)])
             named = ", ".join(rest) + ("," if len(rest) > 1 else "") + f" or {last}"
             header = self.spear_header.format(letters=named)
             return (
