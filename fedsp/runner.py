@@ -95,6 +95,7 @@ def init_run(
     tokenizer: Tokenizer | None = None,
     workdir: str | pathlib.Path | None = None,
     algorithm: Any | None = None,
+    train_data: bool = True,
 ) -> RunState:
     """The state a run starts (or, with a ``workdir`` that holds checkpoints, resumes) from.
 
@@ -111,6 +112,9 @@ def init_run(
         ``workdir/pool``. None writes nothing.
       algorithm: a client algorithm object (`fedsp.selfplay.base.Algorithm`) to use
         instead of ``fedsp.get_algorithm(config.algorithm.name, config)``.
+      train_data: False for a run whose clients hold the training data elsewhere (the
+        server of a `fedsp.flower` federation): the training split is not read, and
+        ``Run.train`` and ``Run.shards`` are empty.
 
     Raises:
       ValueError: an invalid config (see `fedsp.config.validate`), a partition that
@@ -140,8 +144,12 @@ def init_run(
         lora_state = replicate(lora_state, mesh)
     task = data_lib.get_task(config.task.name, **dict(config.task.options))
     data_dir = config.task.data_dir or None
-    train = task.load(
-        config.task.train_split, data_dir, limit=config.data.limit or None, seed=config.seed
+    train = (
+        task.load(
+            config.task.train_split, data_dir, limit=config.data.limit or None, seed=config.seed
+        )
+        if train_data
+        else []
     )
     # eval.task (optional) scores on another benchmark, e.g. chat SFT data evaluated on
     # ARC as in SPIN / TPAW.
@@ -201,7 +209,7 @@ def init_run(
         eval_task=eval_task,
         train=train,
         eval_set=eval_set,
-        shards=client_shards(config, train),
+        shards=client_shards(config, train) if train_data else [],
         feedback=data_lib.get_feedback(config.algorithm.feedback, task),
         algorithm=algo,
         optimizer=optimizer,
@@ -257,6 +265,7 @@ def run(
     model: Transformer | None = None,
     tokenizer: Tokenizer | None = None,
     algorithm: Any | None = None,
+    train_data: bool = True,
 ) -> dict[str, Any]:
     """Runs (or resumes) a federated self-play experiment into ``workdir``.
 
@@ -266,8 +275,9 @@ def run(
         the run resumes from the newest one.
       hooks: observe the clients' uploads or wrap / replace the server step
         (`fedsp.federated.RoundHooks`).
-      model, tokenizer, algorithm: an in-memory model and its tokenizer, a client
-        algorithm object (see `init_run`).
+      model, tokenizer, algorithm, train_data: an in-memory model and its tokenizer, a
+        client algorithm object, whether to read the training split (see `init_run`;
+        without it, ``hooks.client_updates`` must bring the clients' updates).
 
     Returns:
       The summary: ``initial_accuracy`` (round 0), ``final_accuracy``,
@@ -289,10 +299,17 @@ def run(
     distributed.initialize(config.distributed)
     # A failing process of a multi-host run ends at once, so the others stop too.
     with distributed.stop_all_on_error():
-        return _run(config, workdir, hooks, model, tokenizer, algorithm, start)
+        return _run(config, workdir, hooks, model, tokenizer, algorithm, train_data, start)
 
 
-def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> dict[str, Any]:
+def _run(
+    config, workdir, hooks, model, tokenizer, algorithm, train_data: bool, start: float
+) -> dict[str, Any]:
+    if not train_data and (hooks is None or hooks.client_updates is None):
+        raise ValueError(
+            "run(train_data=False) needs hooks.client_updates: without the training data "
+            "the clients' updates must come from elsewhere (e.g. fedsp.flower)"
+        )
     validate(config)
     # In a multi-host run the main process writes the run files; all write checkpoints.
     main = distributed.is_main_process()
@@ -313,7 +330,12 @@ def _run(config, workdir, hooks, model, tokenizer, algorithm, start: float) -> d
 
     with progress.listening(show):
         state = init_run(
-            config, model=model, tokenizer=tokenizer, workdir=workdir, algorithm=algorithm
+            config,
+            model=model,
+            tokenizer=tokenizer,
+            workdir=workdir,
+            algorithm=algorithm,
+            train_data=train_data,
         )
         context = state.run
         assert context is not None

@@ -81,7 +81,9 @@ __all__ = [
     "RunState",
     "ServerStep",
     "client_prompts",
+    "client_updates",
     "evaluate",
+    "round_keys",
     "run_round",
     "server_step_from_config",
 ]
@@ -128,10 +130,18 @@ class RoundHooks:
         step to use this round; return a wrapper of ``default`` to observe the server's
         inputs and outputs, or another function to replace it. Its diagnostics must hold
         ``weights``, ``keep``, ``finite`` ([C]) and ``applied`` (scalar).
+      client_updates: replaces `client_updates` (steps 2-4: the clients' rollouts and
+        local training) and is called with its arguments; `fedsp.flower`'s server asks
+        the federation's nodes instead. Its uploads may hold fewer clients than were
+        sampled (nodes that did not answer): the round goes on with those, and the
+        record's ``dropped`` names the others.
     """
 
     on_uploads: Callable[[int, ClientUploads], None] | None = None
     server_step: Callable[[ServerStep], ServerStep] | None = None
+    client_updates: Callable[..., tuple[ClientUploads, dict[str, Any], dict[str, float]]] | None = (
+        None
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -261,6 +271,89 @@ def evaluate(state: RunState, params: PyTree | None = None) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in result.items()}
 
 
+def round_keys(rng: jax.Array, round: int) -> tuple[jax.Array, jax.Array]:
+    """``(collect_key, train_key)`` of round ``round`` from the run's key ``rng``."""
+    collect_key, train_key = jax.random.split(jax.random.fold_in(rng, round))
+    return collect_key, train_key
+
+
+def client_updates(
+    run: Run,
+    params: PyTree,
+    rng: jax.Array,
+    round: int,
+    clients: Sequence[int] | np.ndarray,
+    baselines: np.ndarray,
+    *,
+    slots: Sequence[int] | np.ndarray | None = None,
+    context: RoundContext | None = None,
+) -> tuple[ClientUploads, dict[str, Any], dict[str, float]]:
+    """Steps 2-4 of a round (the module docstring) for ``clients``: their prompts, one
+    batched rollout with feedback, and their local training from ``params``.
+
+    `run_round` calls it for every sampled client at once; a `fedsp.flower` node calls
+    it for its own client alone, with ``slots=[its position among the sampled
+    clients]``, so it draws the prompts and keys the simulator draws for that client.
+
+    Args:
+      run: the run's context (`fedsp.init_run`).
+      params: θ_r, the round's global adapters.
+      rng: the run's key (``RunState.rng``); with ``round`` it fixes every draw.
+      round: the round, 1-based.
+      clients: [C] global ids of the clients to update.
+      baselines: [C] their reward baselines (NaN: none yet).
+      slots: [C] their positions among the round's sampled clients; None: 0..C-1.
+      context: the `RoundContext` of an algorithm with ``uses_context``.
+
+    Returns:
+      ``(uploads, collect_metrics, times)``: the clients' `ClientUploads`, the rollout's
+      metrics and the seconds spent in ``rollout_s`` and ``train_s``.
+    """
+    start = time.perf_counter()
+    config = run.config
+    client_examples = [
+        [
+            run.train[i]
+            for i in client_prompts(
+                run.shards[k], config.rollout.prompts_per_client, config.seed, round, k
+            )
+        ]
+        for k in clients
+    ]
+    collect_key, train_key = round_keys(rng, round)
+    extra: dict[str, Any] = {}
+    if context is not None:
+        extra["context"] = context
+    if slots is not None:
+        extra["slots"] = slots
+    batch, collect_metrics = run.algorithm.collect(
+        run.policy,
+        params,
+        client_examples,
+        run.task,
+        run.feedback,
+        collect_key,
+        round,
+        baselines=np.asarray(baselines),
+        **extra,
+    )
+    # Every process packed the batch itself; a multi-host run checks they agree.
+    check_agreement(batch, f"client batches in round {round}")
+    rollout_end = time.perf_counter()
+    progress.report("training clients", 0, len(clients))
+    keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
+    client_lora, stats = run.train_clients(run.policy.base_state, params, batch, keys)
+    uploads = ClientUploads(
+        clients=np.asarray(clients),
+        params=jax.block_until_ready(client_lora),
+        stats=to_host(dict(stats)),
+    )
+    del batch  # the rollout's rows are not needed past training
+    progress.report("training clients", len(clients), len(clients))
+    times = {"rollout_s": rollout_end - start, "train_s": time.perf_counter() - rollout_end}
+    return uploads, dict(collect_metrics), times
+
+
 def run_round(
     state: RunState, *, hooks: RoundHooks | None = None
 ) -> tuple[RunState, dict[str, Any]]:
@@ -268,8 +361,9 @@ def run_round(
 
     Returns:
       ``(state', record)``: the state after the round (its ``metrics_history`` ends with
-      the record) and the round's record: clients, weights, advantages, rejected and
-      pruned clients, bytes sent and saved, the mean loss of the kept clients,
+      the record) and the round's record: clients, weights, advantages, rejected,
+      pruned and dropped (sampled but without an update, `RoundHooks.client_updates`)
+      clients, bytes sent and saved, the mean loss of the kept clients,
       ``client/*`` (means of the clients' stats), ``server/*``, ``collect/*``,
       ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, the round's wall time
       ``time_s`` and its parts ``time/rollout_s`` (sampling, feedback, packing),
@@ -304,16 +398,6 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     clients = data_lib.sample_clients(
         config.data.num_clients, fl.clients_per_round, config.seed, rnd
     )
-    client_examples = [
-        [
-            run.train[i]
-            for i in client_prompts(
-                run.shards[k], config.rollout.prompts_per_client, config.seed, rnd, k
-            )
-        ]
-        for k in clients
-    ]
-    collect_key, train_key = jax.random.split(jax.random.fold_in(state.rng, rnd))
     baselines = np.array(state.baselines)
     extra: dict[str, Any] = {}
     pool_dropped: list[int] = []
@@ -333,31 +417,15 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
             player_mask=player_mask,
             player_rounds=pool.rounds if pool else (),
         )
-    batch, collect_metrics = algo.collect(
-        run.policy,
-        state.params,
-        client_examples,
-        run.task,
-        run.feedback,
-        collect_key,
-        rnd,
-        baselines=baselines[clients],
-        **extra,
+    update = hooks.client_updates or client_updates
+    uploads, collect_metrics, times = update(
+        run, state.params, state.rng, rnd, clients, baselines[clients], **extra
     )
-    # Every process packed the batch itself; a multi-host run checks they agree.
-    check_agreement(batch, f"client batches in round {rnd}")
-    rollout_end = time.perf_counter()
-    progress.report("training clients", 0, len(clients))
-    keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
-    client_lora, stats = run.train_clients(run.policy.base_state, state.params, batch, keys)
-    uploads = ClientUploads(
-        clients=np.asarray(clients),
-        params=jax.block_until_ready(client_lora),
-        stats=to_host(dict(stats)),
-    )
-    del batch  # the rollout's rows are not needed past training
-    progress.report("training clients", len(clients), len(clients))
     train_end = time.perf_counter()
+    rollout_end = train_end - times["train_s"]
+    returned = set(np.asarray(uploads.clients).tolist())
+    dropped = [int(k) for k in clients if int(k) not in returned]
+    clients = np.asarray(uploads.clients)
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
     step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
@@ -390,6 +458,7 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         "client_advantage": [_json_number(a) for a in client_adv],
         "rejected": rejected,
         "pruned": pruned,
+        "dropped": dropped,
         "server_step_skipped": not applied,
         "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
         "bytes_saved": run.adapter_bytes * len(pruned),

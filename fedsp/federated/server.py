@@ -30,7 +30,7 @@ from jax.typing import ArrayLike
 from fedsp.core.aggregation import server_update
 from fedsp.core.weighting import client_weights
 
-__all__ = ["check_arrays_only", "server_step", "tree_bytes"]
+__all__ = ["check_arrays_only", "finite_client_weights", "server_step", "tree_bytes"]
 
 PyTree = Any
 
@@ -69,6 +69,22 @@ def _finite_per_client(stacked: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, per_leaf)
 
 
+def finite_client_weights(
+    num_examples: jax.Array,
+    client_adv: jax.Array,
+    finite: jax.Array,
+    mode: str = "examples",
+    temperature: float = 1.0,
+    threshold: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`client_weights` of the round's clients, a rejected client (``finite`` False)
+    counting as one with no examples and advantage 0: ``(weights, keep)``, each [C].
+    The server step weights with it; `fedsp.flower` asks it whom to request uploads from."""
+    counts = jnp.where(finite, num_examples, 0.0)
+    adv = jnp.where(finite & jnp.isfinite(client_adv), client_adv, 0.0)
+    return client_weights(counts, adv, mode, temperature, threshold)
+
+
 # No buffer donation: θ_r stays in use after the step (the pool's newest player, DPO's
 # reference in round 1, a replaced server step that returns it), and opt_state belongs to
 # the caller's RoundState, which `run_round` leaves valid (a hook or a second call reads it).
@@ -91,9 +107,9 @@ def _server_step(
         client_params,
         server_params,
     )
-    counts = jnp.where(finite, num_examples, 0.0)
-    adv = jnp.where(finite & jnp.isfinite(client_adv), client_adv, 0.0)
-    weights, keep = client_weights(counts, adv, mode, temperature, threshold)
+    weights, keep = finite_client_weights(
+        num_examples, client_adv, finite, mode, temperature, threshold
+    )
     new_params, new_state, metrics = server_update(
         server_params, opt_state, sanitized, weights, optimizer
     )

@@ -196,6 +196,11 @@ class Algorithm(Protocol):
           key: the round's PRNG key; with ``round`` and the attempt it fixes every sample.
           round: the training round, 1-based (the LR schedule's step).
           baselines: [C] previous reward baselines (NaN or None: none yet).
+
+        An algorithm may also take ``slots``: [C] each client's position among the
+        round's sampled clients, the client index of its rollout keys (None: 0..C-1).
+        A client that runs on its own (a `fedsp.flower` node) passes its position, so
+        it samples what the in-process simulator samples for it; `Collector` takes it.
         """
         ...
 
@@ -229,7 +234,8 @@ class RoundInputs:
     """One round's `Algorithm.collect` arguments, validated, as `Collector` passes them.
 
     The fields are ``collect``'s arguments, except ``baselines``: [C] float32, NaN for a
-    client with no baseline yet (never None).
+    client with no baseline yet (never None); ``slots`` (None: 0..C-1) gives each
+    client's index in the rollout keys (`slot`).
     """
 
     policy: Policy
@@ -241,11 +247,17 @@ class RoundInputs:
     round: int
     baselines: np.ndarray
     context: RoundContext | None = None
+    slots: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:
         """C, the number of sampled clients."""
         return len(self.client_examples)
+
+    def slot(self, c: int) -> int:
+        """Client ``c``'s index in the rollout keys (`fedsp.selfplay.rollout.rollout_keys`):
+        its position among the round's sampled clients."""
+        return c if self.slots is None else int(self.slots[c])
 
 
 class Collector:
@@ -268,9 +280,17 @@ class Collector:
         *,
         baselines: Sequence[float] | np.ndarray | None = None,
         context: RoundContext | None = None,
+        slots: Sequence[int] | np.ndarray | None = None,
     ) -> tuple[ClientBatch, dict[str, float]]:
         """See `Algorithm.collect`; ``context`` reaches algorithms with ``uses_context``."""
         num_clients = check_clients(client_examples)
+        if slots is not None:
+            slots = np.asarray(slots, np.int64)
+            if slots.shape != (num_clients,):
+                raise ValueError(
+                    f"slots must hold one position per client ({num_clients}), "
+                    f"got shape {slots.shape}"
+                )
         inputs = RoundInputs(
             policy,
             lora_state,
@@ -281,6 +301,7 @@ class Collector:
             round,
             prev_baselines(baselines, num_clients),
             context,
+            slots,
         )
         return self.collect_batch(inputs)
 

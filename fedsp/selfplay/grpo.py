@@ -62,7 +62,12 @@ class Grpo(Collector, tr.LocalTraining):
                     rows.append((c, i, s, ex))
                     prompts_by_row.append(ids)
         keys = rollout.rollout_keys(
-            key, round, 0, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            key,
+            round,
+            0,
+            [inputs.slot(r[0]) for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
         )
         outs = self.generate_fn(policy, inputs.lora_state, prompts_by_row, keys, self.sampling)
         verdicts = [inputs.feedback(r[3], y.text) for r, y in zip(rows, outs)]

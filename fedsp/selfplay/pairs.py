@@ -195,7 +195,11 @@ class PairwiseSelfPlay(Collector, tr.LocalTraining):
         sampled = [j for j, (_, _, ex) in enumerate(rows) if self.rejected_text(ex) is None]
         start = time.perf_counter()
         keys = rollout.rollout_keys(
-            key, round, 0, [rows[j][0] for j in sampled], [rows[j][1] for j in sampled]
+            key,
+            round,
+            0,
+            [inputs.slot(rows[j][0]) for j in sampled],
+            [rows[j][1] for j in sampled],
         )
         outs = dict(
             zip(

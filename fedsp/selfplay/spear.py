@@ -104,7 +104,11 @@ class Spear(Collector, tr.LocalTraining):
 
         def sample(attempt: int, active: list[int], prompt_list: list[list[int]], **kw):
             keys = rollout.rollout_keys(
-                key, round, attempt, [rows[j][0] for j in active], [rows[j][1] for j in active]
+                key,
+                round,
+                attempt,
+                [inputs.slot(rows[j][0]) for j in active],
+                [rows[j][1] for j in active],
             )
             return self.generate_fn(
                 policy, inputs.lora_state, prompt_list, keys, self.sampling, **kw
