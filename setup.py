@@ -58,6 +58,10 @@ EXTRAS_REQUIRE = {
     # installed jax (0.10.2: libtpu 0.0.42.*, ~680 MB), which compiles for TPU topologies
     # without TPU hardware. make test installs it: tests/plan compile for a v5e-8.
     "plan": ["jax[tpu]>=0.10.0,<0.12"],
+    # Real federations (fedsp.flower): Flower's Message API (ClientApp/ServerApp,
+    # ArrayRecord) and its SuperLink/SuperNode; make test installs it for the localhost
+    # deployment tests.
+    "flower": ["flwr>=1.42,<2"],
 }
 
 setup(

@@ -268,7 +268,7 @@ LAYERS = (
     ("fedsp.federated",),
     ("fedsp.config",),
     ("fedsp.runner",),
-    ("fedsp.plan",),
+    ("fedsp.plan", "fedsp.flower"),
 )
 
 

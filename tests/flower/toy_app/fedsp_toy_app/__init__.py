@@ -1,0 +1,1 @@
+"""fedsp-toy-app: a numpy-only Flower App for the localhost deployment tests."""
