@@ -1,8 +1,8 @@
 """A federation node: one client's data and model, answering the server's messages.
 
 A node is the client its node config's ``partition-id`` names. It reads the training
-split and keeps its own shard (the partition the simulator gives that client), loads the
-base model once per process, and for each ``train`` message runs the configured
+split and keeps only its own shard (the partition the simulator gives that client; the
+other clients' examples are dropped), loads the base model once per process, and for each ``train`` message runs the configured
 algorithm's rollout, feedback and local training from the received adapters
 (`fedsp.federated.client_updates` for this one client, at the position the server says
 it has among the round's sampled clients, so it draws what the simulator draws for it).
@@ -39,7 +39,7 @@ from fedsp.flower import records, settings
 from fedsp.runner import init_run
 from fedsp.selfplay.base import RoundContext
 
-__all__ = ["Node", "handle", "load_node"]
+__all__ = ["Node", "handle", "load_node", "own_shard"]
 
 PyTree = Any
 _PENDING = "fedsp.pending"
@@ -151,7 +151,21 @@ def _load(config_path: str, overrides: str, node_items: tuple[tuple[str, Any], .
     settings.node_config_overrides(config, node_config)
     client = settings.node_client(config, node_config)
     state = init_run(config)
-    return Node(client=client, state=state, fingerprint=settings.fingerprint(config))
+    return Node(
+        client=client, state=own_shard(state, client), fingerprint=settings.fingerprint(config)
+    )
+
+
+def own_shard(state: RunState, client: int) -> RunState:
+    """``state`` whose run keeps only ``client``'s training examples (in shard order, so
+    `fedsp.federated.client_prompts` picks the same examples); the rest are dropped."""
+    run = state.run
+    assert run is not None
+    shard = run.shards[client]
+    shards = [np.zeros(0, np.int64)] * len(run.shards)
+    shards[client] = np.arange(len(shard))
+    own = dataclasses.replace(run, train=[run.train[i] for i in shard], shards=shards)
+    return dataclasses.replace(state, run=own)
 
 
 def load_node(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Node:

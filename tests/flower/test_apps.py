@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 import fedsp
-from fedsp.flower import records, server, settings
+from fedsp.flower import client, records, server, settings
 from tests.federated import fixtures
 from tests.flower.configs import TINY, write_config
 from tests.flower.local_grid import LocalGrid
@@ -191,3 +191,36 @@ def test_a_lost_node_fails_the_round_by_min_clients_and_a_rerun_resumes(model_di
         jax.tree.leaves(_final_params(config, tmp_path / "two")),
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_node_keeps_only_its_shard_and_refuses_another_config(model_dir, tmp_path):
+    path = write_config(tmp_path, dict(TINY, **{"model.path": str(model_dir)}))
+    config = settings.load_config(path)
+    whole = fedsp.init_run(config).run
+    node = client.load_node({"config": str(path)}, {"partition-id": 1})
+    own = node.state.run
+    assert [ex.uid for ex in own.train] == [whole.train[i].uid for i in whole.shards[1]]
+    assert [len(s) for s in own.shards] == [0, len(whole.shards[1])]
+    for rnd in (1, 2, 3):
+        mine = fedsp.federated.client_prompts(own.shards[1], 2, config.seed, rnd, 1)
+        theirs = fedsp.federated.client_prompts(whole.shards[1], 2, config.seed, rnd, 1)
+        assert [own.train[i].uid for i in mine] == [whole.train[i].uid for i in theirs]
+
+    other = settings.fingerprint(settings.load_config(path, "fl.rounds=5 local.lr=0.5"))
+    spec = ConfigRecord(
+        {
+            "round": 1,
+            "client": 1,
+            "slot": 0,
+            "baseline": float("nan"),
+            "upload": 1,
+            "fingerprint": json.dumps(other),
+        }
+    )
+    content = RecordDict({"params": records.tree_to_record(node.state.params), "round": spec})
+    with pytest.raises(
+        ValueError, match=r"differs from the server's in \['fl.rounds', 'local.lr'\]"
+    ):
+        node.train(content)
+    with pytest.raises(ValueError, match="train message for client 0 reached client 1"):
+        node.train(RecordDict({"round": ConfigRecord(dict(spec, client=0))}))
