@@ -13,7 +13,8 @@ Messages (``message_type``), all from the server:
   train           ``params`` (θ_r), ``round`` (ConfigRecord: round, client, slot,
                   baseline, upload, fingerprint) and, for a player pool, ``players`` and
                   ``pool`` → ``stats``, ``collect`` and ``time`` (MetricRecords) and, when
-                  ``upload`` is 1, ``adapters``; otherwise the adapters wait in the
+                  ``upload`` is 1, ``adapters`` (none from a client that trained on
+                  nothing: its weight is 0); otherwise the adapters wait in the
                   node's context until
   train.upload    → ``adapters``: the held update, sent only to clients the server keeps
                   (a pruned client's adapters never leave the node).
@@ -107,6 +108,9 @@ class Node:
                 "time": records.metrics_record(times),
             }
         )
+        if not stats["num_examples"] > 0:
+            # Trained on nothing: weight 0 in every weighting, so nothing to send.
+            return reply, None
         update = records.tree_to_record(adapters)
         if records.scalar(spec, "upload"):
             reply["adapters"] = update

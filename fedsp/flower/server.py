@@ -10,10 +10,12 @@ replies into the round's `ClientUploads`. The server never reads the training sp
 
 Pruning on the wire: with ``fl.prune_threshold`` set, nodes first send only their scalar
 statistics; the server computes the clients' weights and keep mask exactly as the
-server step will (`fedsp.core.weighting.client_weights`) and asks only the kept clients
-for their adapters (``train.upload``). A pruned client's place in the server step holds
-θ_r with weight 0 (NaN when the node reported a non-finite update, so it is counted as
-rejected, as in the simulator): the step gives the simulator's numbers.
+server step will (`upload_mask`) and asks only the kept clients for their adapters
+(``train.upload``). Without a threshold every client that trained on something sends
+its adapters with its statistics (one exchange per round); one that trained on nothing
+never does (its weight is 0 in every weighting). A client without adapters holds θ_r
+with weight 0 in the server step (NaN when the node reported a non-finite update, so it
+is counted as rejected, as in the simulator): the step gives the simulator's numbers.
 
 Failures: the server waits at most ``node-timeout`` for the sampled clients' nodes to
 connect and ``reply-timeout`` for their replies; clients without an update are the

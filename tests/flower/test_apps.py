@@ -88,9 +88,13 @@ def _final_params(config, workdir):
     return fedsp.init_run(config, workdir=workdir).params
 
 
-@pytest.mark.parametrize("algorithm,prune", [("grpo", False), ("grpo", True), ("tpaw", False)])
+@pytest.mark.parametrize(
+    "algorithm,prune", [("grpo", False), ("grpo", True), ("tpaw", False), ("spear", False)]
+)
 def test_federation_gives_the_simulators_numbers(model_dir, tmp_path, algorithm, prune):
-    """GRPO, and TPAW with its player pool on the server (players go out as arrays)."""
+    """GRPO, TPAW with its player pool on the server (players go out as arrays), and
+    SPEAR, whose tiny-model clients train on nothing (no correct answer) and so send no
+    adapters."""
     fields = dict(TINY, **{"model.path": str(model_dir), "algorithm.name": algorithm})
     if prune:
         # The tiny model's clients all have advantage 0 (no reward yet): all are pruned.
@@ -107,7 +111,8 @@ def test_federation_gives_the_simulators_numbers(model_dir, tmp_path, algorithm,
     assert len(sim) == len(fl) == 3
     for a, b in zip(sim, fl):
         assert _numbers(a) == _numbers(b)
-    assert [r["pruned"] for r in fl[1:]] == ([[0, 1]] * 2 if prune else [[]] * 2)
+    silent = prune or algorithm == "spear"  # clients with weight 0 (no example: spear)
+    assert [r["pruned"] for r in fl[1:]] == ([[0, 1]] * 2 if silent else [[]] * 2)
     if algorithm == "tpaw":  # round 2's nodes played the pool's rounds 0 and 1
         assert [r["collect/players/count"] for r in fl[1:]] == [1.0, 2.0]
     a_params = _final_params(config, tmp_path / "sim")
@@ -125,10 +130,10 @@ def test_federation_gives_the_simulators_numbers(model_dir, tmp_path, algorithm,
         if "stats" in reply.content:
             assert set(reply.content["stats"]) == stat_keys | {"finite"}
         sent.append("adapters" in reply.content)
-    assert sum(sent) == (0 if prune else 4)
+    assert sum(sent) == (0 if silent else 4)
     upload = [r["collect/wire/upload_bytes"] for r in fl[1:]]
     adapters = fl[1]["bytes_sent"] + fl[1]["bytes_saved"]
-    assert all(u < adapters / 2 if prune else u > adapters for u in upload)
+    assert all(u < adapters / 2 if silent else u > adapters for u in upload)
 
 
 def test_pruning_before_upload_keeps_whom_the_server_step_keeps():
