@@ -161,6 +161,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.fl.weight_temperature = 1.0
     # Clients whose advantage is below it send nothing; None keeps every client.
     config.fl.prune_threshold = config_dict.placeholder(float)
+    # How the kept clients' adapters are combined (`fedsp.core.robust`): mean,
+    # norm_bounded_mean (each client's delta clipped to norm_bound), trimmed_mean (drops
+    # the trim_fraction largest and smallest per coordinate), median, krum, multi_krum
+    # (the mean of the multi_krum_keep best Krum scores; both assume up to
+    # krum_byzantine attackers). The server optimizer steps towards the result.
+    config.fl.aggregator = "mean"
+    config.fl.trim_fraction = 0.1
+    config.fl.krum_byzantine = 0
+    config.fl.multi_krum_keep = 2
+    config.fl.norm_bound = 1.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 1

@@ -28,6 +28,7 @@ from fedsp.config.schema import (
     requested_mesh,
 )
 from fedsp.core.aggregation import SERVER_OPTIMIZERS
+from fedsp.core.robust import AGGREGATORS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
 from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
@@ -381,3 +382,8 @@ def _check_fl(e: _Errors) -> None:
     e.number("fl.weight_temperature", 0.0, low_open=True)
     if e.get("fl.prune_threshold") is not None:
         e.number("fl.prune_threshold")
+    e.choice("fl.aggregator", AGGREGATORS)
+    e.number("fl.trim_fraction", 0.0, 0.5, high_open=True)
+    e.integer("fl.krum_byzantine", 0)
+    e.integer("fl.multi_krum_keep", 1)
+    e.number("fl.norm_bound", 0.0, low_open=True)

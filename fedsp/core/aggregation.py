@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -379,6 +380,7 @@ def server_update(
     client_params: PyTree,
     weights: jax.Array,
     optimizer: optax.GradientTransformation,
+    aggregate: Callable[[PyTree, jax.Array], PyTree] | None = None,
 ) -> tuple[PyTree, optax.OptState, dict[str, jax.Array]]:
     """One server round: θ_{r+1} = θ_r + optimizer(θ_r − Σ_k w_k θ_k / Σ_k w_k).
 
@@ -393,6 +395,9 @@ def server_update(
         [C, ...] over the clients of this round.
       weights: [C] non-negative client weights (unnormalized; 0 drops a client).
       optimizer: a server optimizer, e.g. ``server_optimizer("fedadam", 1e-2)``.
+      aggregate: ``aggregate(client_params, weights) -> θ̄`` in place of the weighted
+        mean (a robust aggregator, `fedsp.core.robust`); the round is still skipped when
+        every weight is 0.
 
     Returns:
       ``(new_params, new_opt_state, metrics)``: new parameters with the dtypes of
@@ -407,6 +412,8 @@ def server_update(
     num_clients = _check_stacked_like(server_params, client_params)
     _check_weights(weights, num_clients, "client_params")
     mean, total = _weighted_mean_upcast(client_params, weights)
+    if aggregate is not None:
+        mean = aggregate(client_params, weights)
     grads = pseudo_gradient(server_params, mean)
     updates, stepped_state = optimizer.update(grads, opt_state, server_params)
     stepped_params = optax.apply_updates(server_params, updates)

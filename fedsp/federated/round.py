@@ -70,7 +70,7 @@ from fedsp.compilation_cache import compile_clock
 from fedsp.core.aggregation import server_optimizer
 from fedsp.distributed import check_agreement, to_host
 from fedsp.eval import evaluate as evaluate_examples
-from fedsp.federated.server import server_step
+from fedsp.federated.server import RobustSettings, server_step
 from fedsp.model.sharding import replicate
 from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
 
@@ -242,6 +242,7 @@ def server_step_from_config(
             mode=fl.client_weighting,
             temperature=fl.weight_temperature,
             threshold=fl.prune_threshold,
+            robust=RobustSettings.from_config(fl),
         )
 
     return step

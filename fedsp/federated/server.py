@@ -9,7 +9,9 @@ One round (Reddi et al. 2021, with FedAvg as the lr = 1 special case):
 
     finite_k = every leaf of θ_k and n_k is finite        (else client k is rejected)
     (w, keep) = client_weights(n ⊙ finite, adv, mode, T, threshold)
-    θ_{r+1}   = θ_r + server_opt(θ_r − Σ_k w_k θ_k)        (skipped when Σ w = 0)
+    θ̄         = Σ_k w_k θ_k, or a robust aggregate of the kept clients (`RobustSettings`:
+                trimmed mean, median, Krum, Multi-Krum, norm-bounded mean; `fedsp.core.robust`)
+    θ_{r+1}   = θ_r + server_opt(θ_r − θ̄)                 (skipped when Σ w = 0)
 
 A rejected client's parameters are replaced by θ_r before the weighted mean, so its
 NaN/inf cannot leak through a 0 weight (0 · NaN = NaN).
@@ -17,6 +19,7 @@ NaN/inf cannot leak through a 0 weight (0 · NaN = NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any
@@ -28,9 +31,16 @@ import optax
 from jax.typing import ArrayLike
 
 from fedsp.core.aggregation import server_update
+from fedsp.core.robust import robust_aggregate
 from fedsp.core.weighting import client_weights
 
-__all__ = ["check_arrays_only", "finite_client_weights", "server_step", "tree_bytes"]
+__all__ = [
+    "RobustSettings",
+    "check_arrays_only",
+    "finite_client_weights",
+    "server_step",
+    "tree_bytes",
+]
 
 PyTree = Any
 
@@ -61,6 +71,29 @@ def tree_bytes(tree: PyTree) -> int:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class RobustSettings:
+    """The aggregator of the kept clients (``config.fl``'s ``aggregator``,
+    ``trim_fraction``, ``krum_byzantine``, ``multi_krum_keep``, ``norm_bound``; see
+    `fedsp.core.robust`)."""
+
+    name: str = "mean"
+    trim_fraction: float = 0.1
+    krum_byzantine: int = 0
+    multi_krum_keep: int = 2
+    norm_bound: float = 1.0
+
+    @classmethod
+    def from_config(cls, fl: Any) -> RobustSettings:
+        return cls(
+            name=fl.aggregator,
+            trim_fraction=float(fl.trim_fraction),
+            krum_byzantine=int(fl.krum_byzantine),
+            multi_krum_keep=int(fl.multi_krum_keep),
+            norm_bound=float(fl.norm_bound),
+        )
+
+
 def _finite_per_client(stacked: PyTree) -> jax.Array:
     per_leaf = [
         jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
@@ -88,7 +121,9 @@ def finite_client_weights(
 # No buffer donation: θ_r stays in use after the step (the pool's newest player, DPO's
 # reference in round 1, a replaced server step that returns it), and opt_state belongs to
 # the caller's RoundState, which `run_round` leaves valid (a hook or a second call reads it).
-@functools.partial(jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold"))
+@functools.partial(
+    jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold", "robust")
+)
 def _server_step(
     server_params,
     opt_state,
@@ -100,6 +135,7 @@ def _server_step(
     mode,
     temperature,
     threshold,
+    robust,
 ):
     finite = _finite_per_client(client_params) & jnp.isfinite(num_examples)
     sanitized = jax.tree.map(
@@ -110,8 +146,24 @@ def _server_step(
     weights, keep = finite_client_weights(
         num_examples, client_adv, finite, mode, temperature, threshold
     )
+    aggregate = None
+    if robust.name != "mean":
+
+        def aggregate(stacked, w):
+            return robust_aggregate(
+                robust.name,
+                server_params,
+                stacked,
+                w,
+                keep,
+                trim_fraction=robust.trim_fraction,
+                num_byzantine=robust.krum_byzantine,
+                num_selected=robust.multi_krum_keep,
+                norm_bound=robust.norm_bound,
+            )
+
     new_params, new_state, metrics = server_update(
-        server_params, opt_state, sanitized, weights, optimizer
+        server_params, opt_state, sanitized, weights, optimizer, aggregate
     )
     return new_params, new_state, dict(metrics, weights=weights, keep=keep, finite=finite)
 
@@ -127,6 +179,7 @@ def server_step(
     mode: str = "examples",
     temperature: float = 1.0,
     threshold: float | None = None,
+    robust: RobustSettings | None = None,
 ) -> tuple[PyTree, optax.OptState, dict[str, jax.Array]]:
     """One server round over C client updates; arrays and numbers in, arrays out.
 
@@ -140,6 +193,8 @@ def server_step(
       mode: client weighting, one of `fedsp.core.weighting.CLIENT_WEIGHT_MODES`.
       temperature: advantage temperature of the "advantage" mode.
       threshold: prune clients whose advantage is below it; None keeps all.
+      robust: how the kept clients are combined (`RobustSettings`); None: the weighted
+        mean.
 
     Returns:
       ``(θ_{r+1}, opt_state', diagnostics)``: diagnostics holds ``weights`` [C],
@@ -168,4 +223,5 @@ def server_step(
         mode=mode,
         temperature=float(temperature),
         threshold=None if threshold is None else float(threshold),
+        robust=robust or RobustSettings(),
     )
