@@ -30,11 +30,11 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# libtpu (~680 MB) for the capacity planner's TPU targets and Flower for the federation
-# tests: the tests need them, the demo does not.
+# libtpu (~680 MB) for the capacity planner's TPU targets, Flower for the federation
+# tests and dp_accounting for ε: the tests need them, the demo does not.
 PLAN_STAMP := $(VENV)/.fedsp-plan-installed
 $(PLAN_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,plan,flower]'
+	$(PY) -m pip install -q -e '.[dev,plan,flower,dp]'
 	@touch $(PLAN_STAMP)
 
 setup-plan: $(PLAN_STAMP)

@@ -62,6 +62,8 @@ EXTRAS_REQUIRE = {
     # ArrayRecord) and its SuperLink/SuperNode; make test installs it for the localhost
     # deployment tests.
     "flower": ["flwr>=1.42,<2"],
+    # ε accounting of DP-FedAvg (fedsp.core.privacy.epsilon): Google's dp_accounting.
+    "dp": ["dp-accounting>=0.6,<0.7"],
 }
 
 setup(

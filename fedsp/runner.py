@@ -63,7 +63,7 @@ from fedsp.federated.round import (
     run_round,
     server_step_from_config,
 )
-from fedsp.federated.server import tree_bytes
+from fedsp.federated.server import DpSettings, tree_bytes
 from fedsp.model import Tokenizer, Transformer, from_pretrained
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.sharding import make_mesh, mesh_shape, replicate, shard_state
@@ -213,7 +213,9 @@ def init_run(
         feedback=data_lib.get_feedback(config.algorithm.feedback, task),
         algorithm=algo,
         optimizer=optimizer,
-        server_step=server_step_from_config(fl, optimizer),
+        server_step=server_step_from_config(
+            fl, optimizer, dp=DpSettings.from_config(config), seed=config.seed
+        ),
         train_clients=map_clients(
             functools.partial(algo.local_train, graphdef),
             fl.backend,

@@ -171,6 +171,17 @@ def default_config() -> ml_collections.ConfigDict:
     config.fl.krum_byzantine = 0
     config.fl.multi_krum_keep = 2
     config.fl.norm_bound = 1.0
+    # User-level DP-FedAvg (`fedsp.core.privacy`): each kept client's change is clipped to
+    # clip_norm (0 turns DP off), the clipped changes are summed with Gaussian noise of
+    # std noise_multiplier · clip_norm and divided by clients_per_round. target_epsilon
+    # (if set) replaces noise_multiplier by the one that spends exactly that ε over
+    # fl.rounds; max_epsilon (if set) stops the run before a round would exceed it.
+    config.fl.dp = ml_collections.ConfigDict()
+    config.fl.dp.clip_norm = 0.0
+    config.fl.dp.noise_multiplier = 0.0
+    config.fl.dp.target_epsilon = config_dict.placeholder(float)
+    config.fl.dp.delta = 1e-5
+    config.fl.dp.max_epsilon = config_dict.placeholder(float)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 1

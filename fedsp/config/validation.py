@@ -387,3 +387,11 @@ def _check_fl(e: _Errors) -> None:
     e.integer("fl.krum_byzantine", 0)
     e.integer("fl.multi_krum_keep", 1)
     e.number("fl.norm_bound", 0.0, low_open=True)
+    e.number("fl.dp.clip_norm", 0.0)
+    e.number("fl.dp.noise_multiplier", 0.0)
+    e.number("fl.dp.delta", 0.0, 1.0, low_open=True, high_open=True)
+    for name in ("fl.dp.target_epsilon", "fl.dp.max_epsilon"):
+        if e.get(name) is not None:
+            e.number(name, 0.0, low_open=True)
+    if e.get("fl.dp.clip_norm") and e.get("fl.aggregator") != "mean":
+        e.add("fl.aggregator", "DP-FedAvg (fl.dp.clip_norm > 0) takes the 'mean' aggregator")

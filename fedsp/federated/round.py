@@ -68,9 +68,10 @@ from fedsp import progress
 from fedsp.checkpoint import PlayerPool, RoundState, RunCheckpointer
 from fedsp.compilation_cache import compile_clock
 from fedsp.core.aggregation import server_optimizer
+from fedsp.core.privacy import epsilon
 from fedsp.distributed import check_agreement, to_host
 from fedsp.eval import evaluate as evaluate_examples
-from fedsp.federated.server import RobustSettings, server_step
+from fedsp.federated.server import DpSettings, RobustSettings, server_step
 from fedsp.model.sharding import replicate
 from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
 
@@ -83,6 +84,7 @@ __all__ = [
     "client_prompts",
     "client_updates",
     "evaluate",
+    "privacy_spent",
     "round_keys",
     "run_round",
     "server_step_from_config",
@@ -91,6 +93,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 PyTree = Any
 
+# The DP noise's key stream, apart from the rollout and training keys of a round.
+_DP_STREAM = 0x4450
 # Keys every server step's diagnostics must hold, [C] arrays then scalars.
 SERVER_DIAGNOSTICS = ("weights", "keep", "finite", "applied")
 
@@ -106,11 +110,13 @@ class ClientUploads:
       stats: their scalar statistics, each [C]: ``num_examples`` (FedAvg's weight),
         ``mean_advantage`` (the client advantage), ``baseline``, ``wins``, ``wrong``,
         ``loss`` and the algorithm's own loss metrics.
+      round: the round they answer (static; DP noise is drawn from it).
     """
 
     clients: np.ndarray
     params: PyTree
     stats: dict[str, np.ndarray]
+    round: int = dataclasses.field(default=0, metadata={"static": True})
 
 
 # (θ_r, opt_state, uploads) -> (θ_{r+1}, opt_state', diagnostics with SERVER_DIAGNOSTICS).
@@ -226,12 +232,23 @@ def client_prompts(
 
 
 def server_step_from_config(
-    fl: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+    fl: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    *,
+    dp: DpSettings | None = None,
+    seed: int = 0,
 ) -> ServerStep:
     """The server step ``config.fl`` describes: `fedsp.federated.server.server_step`
-    with the configured client weighting and pruning."""
+    with the configured client weighting, pruning and aggregator, and DP-FedAvg with
+    ``dp`` (`DpSettings.from_config(config)`; its noise is drawn from (``seed``, the
+    uploads' round), so a resumed run adds the same noise)."""
 
     def step(params: PyTree, opt_state: optax.OptState, uploads: ClientUploads):
+        noise_key = None
+        if dp is not None:
+            noise_key = jax.random.fold_in(
+                jax.random.fold_in(jax.random.key(seed), uploads.round), _DP_STREAM
+            )
         return server_step(
             params,
             opt_state,
@@ -243,9 +260,27 @@ def server_step_from_config(
             temperature=fl.weight_temperature,
             threshold=fl.prune_threshold,
             robust=RobustSettings.from_config(fl),
+            dp=dp,
+            noise_key=noise_key,
         )
 
     return step
+
+
+def privacy_spent(config: ml_collections.ConfigDict, rounds: int) -> float | None:
+    """ε (at ``fl.dp.delta``) of the run's adapters after ``rounds`` DP-FedAvg rounds
+    (`fedsp.core.privacy.epsilon`, clients sampled without replacement), or None
+    without DP."""
+    dp = DpSettings.from_config(config)
+    if dp is None:
+        return None
+    return epsilon(
+        rounds,
+        num_clients=config.data.num_clients,
+        clients_per_round=config.fl.clients_per_round,
+        noise_multiplier=dp.noise_multiplier,
+        delta=config.fl.dp.delta,
+    )
 
 
 def default_optimizer(fl: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -348,6 +383,7 @@ def client_updates(
         clients=np.asarray(clients),
         params=jax.block_until_ready(client_lora),
         stats=to_host(dict(stats)),
+        round=round,
     )
     del batch  # the rollout's rows are not needed past training
     progress.report("training clients", len(clients), len(clients))
@@ -394,6 +430,13 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
             f"{run.newest_round[0]}: run_round consumes its state; continue from the state "
             "it returned (or start again with fedsp.init_run)"
         )
+    spent = privacy_spent(config, rnd)
+    budget = config.fl.dp.max_epsilon
+    if spent is not None and budget is not None and spent > budget:
+        raise RuntimeError(
+            f"round {rnd} would spend ε = {spent:.3g} (δ = {config.fl.dp.delta:g}), over "
+            f"fl.dp.max_epsilon = {budget:g}: the run stops after round {rnd - 1}"
+        )
     round_start = time.perf_counter()
     compile_start = compile_clock()
     clients = data_lib.sample_clients(
@@ -422,6 +465,7 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     uploads, collect_metrics, times = update(
         run, state.params, state.rng, rnd, clients, baselines[clients], **extra
     )
+    uploads = dataclasses.replace(uploads, round=rnd)
     train_end = time.perf_counter()
     rollout_end = train_end - times["train_s"]
     returned = set(np.asarray(uploads.clients).tolist())
@@ -464,6 +508,8 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
         "bytes_saved": run.adapter_bytes * len(pruned),
         "loss": _json_number(np.mean(kept_losses)) if kept_losses.size else None,
+        # inf (no noise) is logged as null, as every non-finite number.
+        **({} if spent is None else {"dp/epsilon": _json_number(spent)}),
         **{
             f"client/{k}": _json_number(np.nanmean(v)) if np.isfinite(v).any() else None
             for k, v in stats.items()

@@ -31,10 +31,12 @@ import optax
 from jax.typing import ArrayLike
 
 from fedsp.core.aggregation import server_update
+from fedsp.core.privacy import calibrate_noise, dp_mean
 from fedsp.core.robust import robust_aggregate
 from fedsp.core.weighting import client_weights
 
 __all__ = [
+    "DpSettings",
     "RobustSettings",
     "check_arrays_only",
     "finite_client_weights",
@@ -94,6 +96,41 @@ class RobustSettings:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class DpSettings:
+    """DP-FedAvg in the server step (`fedsp.core.privacy.dp_mean`): the clip norm C, the
+    noise multiplier z in effect and the fixed denominator (clients per round)."""
+
+    clip_norm: float
+    noise_multiplier: float
+    denominator: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> DpSettings | None:
+        """``config.fl.dp``'s settings (z calibrated to ``target_epsilon`` over
+        ``fl.rounds`` when that is set), or None when ``clip_norm`` is 0 (DP off)."""
+        fl, dp = config.fl, config.fl.dp
+        if not dp.clip_norm:
+            return None
+        z = float(dp.noise_multiplier)
+        if dp.target_epsilon is not None:
+            z = _calibrated(
+                float(dp.target_epsilon),
+                int(fl.rounds),
+                int(config.data.num_clients),
+                int(fl.clients_per_round),
+                float(dp.delta),
+            )
+        return cls(float(dp.clip_norm), z, float(fl.clients_per_round))
+
+
+@functools.cache
+def _calibrated(target: float, rounds: int, num_clients: int, per_round: int, delta: float):
+    return calibrate_noise(
+        target, rounds, num_clients=num_clients, clients_per_round=per_round, delta=delta
+    )
+
+
 def _finite_per_client(stacked: PyTree) -> jax.Array:
     per_leaf = [
         jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
@@ -122,7 +159,7 @@ def finite_client_weights(
 # reference in round 1, a replaced server step that returns it), and opt_state belongs to
 # the caller's RoundState, which `run_round` leaves valid (a hook or a second call reads it).
 @functools.partial(
-    jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold", "robust")
+    jax.jit, static_argnames=("optimizer", "mode", "temperature", "threshold", "robust", "dp")
 )
 def _server_step(
     server_params,
@@ -136,6 +173,8 @@ def _server_step(
     temperature,
     threshold,
     robust,
+    dp,
+    noise_key,
 ):
     finite = _finite_per_client(client_params) & jnp.isfinite(num_examples)
     sanitized = jax.tree.map(
@@ -162,6 +201,19 @@ def _server_step(
                 norm_bound=robust.norm_bound,
             )
 
+    if dp is not None:
+
+        def aggregate(stacked, w):
+            return dp_mean(
+                server_params,
+                stacked,
+                keep,
+                clip_norm=dp.clip_norm,
+                noise_multiplier=dp.noise_multiplier,
+                denominator=dp.denominator,
+                key=noise_key,
+            )
+
     new_params, new_state, metrics = server_update(
         server_params, opt_state, sanitized, weights, optimizer, aggregate
     )
@@ -180,6 +232,8 @@ def server_step(
     temperature: float = 1.0,
     threshold: float | None = None,
     robust: RobustSettings | None = None,
+    dp: DpSettings | None = None,
+    noise_key: jax.Array | None = None,
 ) -> tuple[PyTree, optax.OptState, dict[str, jax.Array]]:
     """One server round over C client updates; arrays and numbers in, arrays out.
 
@@ -195,6 +249,9 @@ def server_step(
       threshold: prune clients whose advantage is below it; None keeps all.
       robust: how the kept clients are combined (`RobustSettings`); None: the weighted
         mean.
+      dp: DP-FedAvg (`DpSettings`): the kept clients' clipped changes, each with weight
+        1, plus Gaussian noise drawn from ``noise_key``, over a fixed denominator; it
+        replaces ``robust``.
 
     Returns:
       ``(θ_{r+1}, opt_state', diagnostics)``: diagnostics holds ``weights`` [C],
@@ -224,4 +281,14 @@ def server_step(
         temperature=float(temperature),
         threshold=None if threshold is None else float(threshold),
         robust=robust or RobustSettings(),
+        dp=dp,
+        noise_key=_noise_key(dp, noise_key),
     )
+
+
+def _noise_key(dp: DpSettings | None, key: jax.Array | None) -> jax.Array:
+    if dp is None:
+        return jax.random.key(0)  # unused
+    if key is None:
+        raise ValueError("server_step with dp needs a noise_key")
+    return key

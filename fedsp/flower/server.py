@@ -209,7 +209,9 @@ class FlowerUpdates:
         collect["wire/upload_bytes"] = float(up)
         train_s = max(records.scalar(replies[k].content.get("time"), "train_s") for k in answered)
         wall = time.perf_counter() - start
-        uploads_out = ClientUploads(clients=np.asarray(answered), params=stacked, stats=stats)
+        uploads_out = ClientUploads(
+            clients=np.asarray(answered), params=stacked, stats=stats, round=round
+        )
         return uploads_out, collect, {"rollout_s": wall - train_s, "train_s": train_s}
 
     def _collect(self, messages: list[Message], nodes: Mapping[int, int]) -> dict[int, Message]:
