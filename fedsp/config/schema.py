@@ -176,6 +176,17 @@ def default_config() -> ml_collections.ConfigDict:
     # std noise_multiplier · clip_norm and divided by clients_per_round. target_epsilon
     # (if set) replaces noise_multiplier by the one that spends exactly that ε over
     # fl.rounds; max_epsilon (if set) stops the run before a round would exceed it.
+    # Simulated faults (`fedsp.federated.faults`), drawn from (seed, round, client): a
+    # sampled client does not return with probability dropout; a round with fewer than
+    # min_clients updates skips its server step. byzantine.fraction of the clients are
+    # attackers whose uploads byzantine.attack poisons (sign_flip, scale, gaussian, nan,
+    # shift_mean) with strength byzantine.scale.
+    config.fl.dropout = 0.0
+    config.fl.min_clients = 1
+    config.fl.byzantine = ml_collections.ConfigDict()
+    config.fl.byzantine.fraction = 0.0
+    config.fl.byzantine.attack = "sign_flip"
+    config.fl.byzantine.scale = 1.0
     config.fl.dp = ml_collections.ConfigDict()
     config.fl.dp.clip_norm = 0.0
     config.fl.dp.noise_multiplier = 0.0

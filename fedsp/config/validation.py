@@ -33,6 +33,7 @@ from fedsp.core.weighting import CLIENT_WEIGHT_MODES
 from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
 from fedsp.distributed import distributed_problems
+from fedsp.federated.faults import ATTACKS
 from fedsp.federated.mapping import BACKENDS
 from fedsp.model.lora import LORA_TARGETS
 from fedsp.model.sharding import mesh_problem
@@ -387,6 +388,11 @@ def _check_fl(e: _Errors) -> None:
     e.integer("fl.krum_byzantine", 0)
     e.integer("fl.multi_krum_keep", 1)
     e.number("fl.norm_bound", 0.0, low_open=True)
+    e.number("fl.dropout", 0.0, 1.0, high_open=True)
+    e.integer("fl.min_clients", 1)
+    e.number("fl.byzantine.fraction", 0.0, 1.0)
+    e.choice("fl.byzantine.attack", ATTACKS)
+    e.number("fl.byzantine.scale", 0.0)
     e.number("fl.dp.clip_norm", 0.0)
     e.number("fl.dp.noise_multiplier", 0.0)
     e.number("fl.dp.delta", 0.0, 1.0, low_open=True, high_open=True)

@@ -71,6 +71,7 @@ from fedsp.core.aggregation import server_optimizer
 from fedsp.core.privacy import epsilon
 from fedsp.distributed import check_agreement, to_host
 from fedsp.eval import evaluate as evaluate_examples
+from fedsp.federated.faults import attack_uploads, byzantine_clients, returns
 from fedsp.federated.server import DpSettings, RobustSettings, server_step
 from fedsp.model.sharding import replicate
 from fedsp.selfplay.base import Algorithm, Policy, PoolAlgorithm, RoundContext
@@ -465,7 +466,9 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     uploads, collect_metrics, times = update(
         run, state.params, state.rng, rnd, clients, baselines[clients], **extra
     )
-    uploads = dataclasses.replace(uploads, round=rnd)
+    uploads, attackers = _simulate_faults(
+        config, state.params, dataclasses.replace(uploads, round=rnd)
+    )
     train_end = time.perf_counter()
     rollout_end = train_end - times["train_s"]
     returned = set(np.asarray(uploads.clients).tolist())
@@ -474,6 +477,14 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
     step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
+    if len(clients) < fl.min_clients:
+        _log.warning(
+            "round %d: %d client(s) returned, fewer than fl.min_clients = %d: server step skipped",
+            rnd,
+            len(clients),
+            fl.min_clients,
+        )
+        step = _skip_step
     new_lora, opt_state, server = step(state.params, state.opt_state, uploads)
     server = dict(server)
     missing = [k for k in SERVER_DIAGNOSTICS if k not in server]
@@ -504,6 +515,7 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         "rejected": rejected,
         "pruned": pruned,
         "dropped": dropped,
+        "byzantine": attackers,
         "server_step_skipped": not applied,
         "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
         "bytes_saved": run.adapter_bytes * len(pruned),
@@ -546,6 +558,59 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     record["time/compile_s"] = compile_clock().since(compile_start).total_s
     run.newest_round[0] = rnd
     return dataclasses.replace(new, metrics_history=(*state.metrics_history, record)), record
+
+
+def _simulate_faults(
+    config: ml_collections.ConfigDict, params: PyTree, uploads: ClientUploads
+) -> tuple[ClientUploads, list[int]]:
+    """``uploads`` after ``config.fl``'s simulated faults (`fedsp.federated.faults`):
+    the Byzantine clients' adapters poisoned, the clients that drop out removed; and the
+    attackers among the uploads."""
+    fl, rnd = config.fl, uploads.round
+    clients = np.asarray(uploads.clients)
+    attackers: list[int] = []
+    if fl.byzantine.fraction > 0:
+        bad = np.isin(
+            clients, byzantine_clients(config.data.num_clients, fl.byzantine.fraction, config.seed)
+        )
+        attackers = [int(k) for k in clients[bad]]
+        if attackers:
+            key = jax.random.fold_in(jax.random.key(config.seed), rnd)
+            poisoned = attack_uploads(
+                params, uploads.params, bad, fl.byzantine.attack, fl.byzantine.scale, key
+            )
+            uploads = dataclasses.replace(uploads, params=poisoned)
+    if fl.dropout > 0:
+        back = returns(clients, fl.dropout, config.seed, rnd)
+        if not back.all():
+            idx = np.flatnonzero(back)
+            uploads = dataclasses.replace(
+                uploads,
+                clients=clients[idx],
+                params=jax.tree.map(lambda x: x[idx], uploads.params),
+                stats={k: np.asarray(v)[idx] for k, v in uploads.stats.items()},
+            )
+            attackers = [k for k in attackers if k in set(clients[idx].tolist())]
+    return uploads, attackers
+
+
+def _skip_step(params: PyTree, opt_state: optax.OptState, uploads: ClientUploads):
+    """The server step of a round with too few updates: nothing changes."""
+    c = len(uploads.clients)
+    zero = jnp.float32(0.0)
+    return (
+        params,
+        opt_state,
+        {
+            "weights": np.zeros(c, np.float32),
+            "keep": np.zeros(c, bool),
+            "finite": np.ones(c, bool),
+            "applied": zero,
+            "pseudo_grad_norm": zero,
+            "update_norm": zero,
+            "total_weight": zero,
+        },
+    )
 
 
 def _on_mesh(run: Run) -> contextlib.AbstractContextManager[Any]:
