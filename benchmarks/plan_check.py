@@ -97,7 +97,7 @@ def child(program: str, config_path: str, remat: str) -> dict[str, Any]:
 
     import fedsp
     from fedsp.assets import default_model_path
-    from fedsp.federated.round import default_optimizer
+    from fedsp.federated import default_optimizer
     from fedsp.federated.server import server_step
     from fedsp.model import Tokenizer, Transformer
     from fedsp.model.config import ModelConfig

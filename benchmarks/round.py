@@ -148,8 +148,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedsp import data as data_lib
     from fedsp.core.aggregation import server_optimizer
+    from fedsp.federated import client_prompts
     from fedsp.federated.mapping import map_clients
-    from fedsp.federated.round import client_prompts
     from fedsp.federated.server import server_step, tree_bytes
     from fedsp.selfplay.base import Policy
     from fedsp.selfplay.spear import Spear

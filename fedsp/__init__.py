@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 
 # name -> module that defines it.
 _EXPORTS = {
-    "ClientUploads": "fedsp.federated.round",
-    "RoundHooks": "fedsp.federated.round",
-    "RunState": "fedsp.federated.round",
+    "ClientUploads": "fedsp.federated.state",
+    "RoundHooks": "fedsp.federated.state",
+    "RunState": "fedsp.federated.state",
     "algorithm_names": "fedsp.selfplay.registry",
     "default_config": "fedsp.config",
     "evaluate": "fedsp.federated.round",
@@ -72,7 +72,8 @@ if TYPE_CHECKING:
     from fedsp.config import default_config
     from fedsp.config import validate as validate_config
     from fedsp.data.base import get_task, register_task, task_names
-    from fedsp.federated.round import ClientUploads, RoundHooks, RunState, evaluate, run_round
+    from fedsp.federated.round import evaluate, run_round
+    from fedsp.federated.state import ClientUploads, RoundHooks, RunState
     from fedsp.model.loading import from_pretrained
     from fedsp.runner import init_run, run, save_checkpoint
     from fedsp.selfplay.registry import algorithm_names, get_algorithm, register_algorithm

@@ -54,16 +54,10 @@ from fedsp.checkpoint import (
 )
 from fedsp.config import requested_mesh, validate
 from fedsp.federated.mapping import map_clients
-from fedsp.federated.round import (
-    RoundHooks,
-    Run,
-    RunState,
-    default_optimizer,
-    evaluate,
-    run_round,
-    server_step_from_config,
-)
+from fedsp.federated.round import evaluate, run_round
 from fedsp.federated.server import DpSettings, tree_bytes
+from fedsp.federated.state import RoundHooks, Run, RunState
+from fedsp.federated.steps import default_optimizer, server_step_from_config
 from fedsp.model import Tokenizer, Transformer, from_pretrained
 from fedsp.model.lora import LoRAConfig, apply_lora, split_lora
 from fedsp.model.sharding import make_mesh, mesh_shape, replicate, shard_state

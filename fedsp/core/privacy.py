@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from fedsp.core import checks
+from fedsp.core.aggregation import dp_noise
+from fedsp.core.robust import clipped_changes
 
 __all__ = ["SAMPLINGS", "calibrate_noise", "dp_mean", "epsilon"]
 
@@ -49,22 +51,17 @@ def dp_mean(
 ) -> PyTree:
     """θ_r + (Σ_{k included} clip(θ_k − θ_r, C) + N(0, (z·C)²)) / denominator (module
     docstring), in the leaves' dtypes; every leaf draws its own noise from ``key``."""
-    deltas = jax.tree.map(
-        lambda c, s: checks.upcast_float(c) - checks.upcast_float(s)[None], stacked, server_params
+    clipped = clipped_changes(server_params, stacked, clip_norm)
+    total = jax.tree.map(
+        lambda d: jnp.sum(jnp.where(include.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), 0),
+        clipped,
     )
-    sq = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, axis=1) for d in jax.tree.leaves(deltas))
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.sqrt(sq), 1e-12))
-    scale = jnp.where(include, scale, 0.0)
-    leaves, treedef = jax.tree.flatten(deltas)
-    keys = jax.random.split(key, len(leaves))
-    servers = jax.tree.leaves(server_params)
-
-    def leaf(d, s, k):
-        total = jnp.sum(d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), axis=0)
-        noise = noise_multiplier * clip_norm * jax.random.normal(k, total.shape, total.dtype)
-        return (checks.upcast_float(s) + (total + noise) / denominator).astype(s.dtype)
-
-    return jax.tree.unflatten(treedef, [leaf(d, s, k) for d, s, k in zip(leaves, servers, keys)])
+    noised = dp_noise(total, noise_multiplier * clip_norm, key)
+    return jax.tree.map(
+        lambda s, n: (checks.upcast_float(s) + n / denominator).astype(s.dtype),
+        server_params,
+        noised,
+    )
 
 
 def _event(num_clients: int, clients_per_round: int, noise_multiplier: float, sampling: str):

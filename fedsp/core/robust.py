@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from fedsp.core import checks
+from fedsp.core.aggregation import clip_update
 
 __all__ = [
     "AGGREGATORS",
+    "clipped_changes",
     "krum",
     "krum_scores",
     "masked_median",
@@ -68,18 +70,22 @@ def norm_bounded_mean(
 ) -> PyTree:
     """The weighted mean of θ_r + clip(θ_k − θ_r) with each delta's global L2 norm
     clipped to ``bound``."""
-    deltas = jax.tree.map(
-        lambda c, s: checks.upcast_float(c) - checks.upcast_float(s)[None], stacked, server_params
-    )
-    sq = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, axis=1) for d in jax.tree.leaves(deltas))
-    norms = jnp.sqrt(sq)
-    scale = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
     clipped = jax.tree.map(
-        lambda d, s: (checks.upcast_float(s)[None] + d * _mask(scale, d)).astype(s.dtype),
-        deltas,
+        lambda d, s: (checks.upcast_float(s)[None] + d).astype(s.dtype),
+        clipped_changes(server_params, stacked, bound),
         server_params,
     )
     return weighted_mean_of(clipped, weights)
+
+
+def clipped_changes(server_params: PyTree, stacked: PyTree, bound: float) -> PyTree:
+    """[C, ...] float32: each client's θ_k − θ_r clipped to global L2 norm ``bound``
+    (`fedsp.core.aggregation.clip_update` per client)."""
+    deltas = jax.tree.map(
+        lambda c, s: checks.upcast_float(c) - checks.upcast_float(s)[None], stacked, server_params
+    )
+    clipped, _ = jax.vmap(clip_update, in_axes=(0, None))(deltas, bound)
+    return clipped
 
 
 def masked_trimmed_mean(stacked: PyTree, keep: jax.Array, fraction: float) -> PyTree:

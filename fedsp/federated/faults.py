@@ -21,13 +21,17 @@ faults as an uninterrupted one:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-__all__ = ["ATTACKS", "attack_uploads", "byzantine_clients", "returns"]
+from fedsp.federated.state import ClientUploads
+
+__all__ = ["ATTACKS", "attack_uploads", "byzantine_clients", "returns", "simulate_faults"]
 
 PyTree = Any
 ATTACKS = ("sign_flip", "scale", "gaussian", "nan", "shift_mean")
@@ -90,3 +94,37 @@ def attack_uploads(
         return jnp.where(rows, poisoned, jnp.asarray(x, jnp.float32)).astype(x.dtype)
 
     return jax.tree.unflatten(treedef, [leaf(x, s, k) for x, s, k in zip(leaves, servers, keys)])
+
+
+def simulate_faults(
+    config: ml_collections.ConfigDict, params: PyTree, uploads: ClientUploads
+) -> tuple[ClientUploads, list[int]]:
+    """``uploads`` after ``config.fl``'s simulated faults (`fedsp.federated.faults`):
+    the Byzantine clients' adapters poisoned, the clients that drop out removed; and the
+    attackers among the uploads."""
+    fl, rnd = config.fl, uploads.round
+    clients = np.asarray(uploads.clients)
+    attackers: list[int] = []
+    if fl.byzantine.fraction > 0:
+        bad = np.isin(
+            clients, byzantine_clients(config.data.num_clients, fl.byzantine.fraction, config.seed)
+        )
+        attackers = [int(k) for k in clients[bad]]
+        if attackers:
+            key = jax.random.fold_in(jax.random.key(config.seed), rnd)
+            poisoned = attack_uploads(
+                params, uploads.params, bad, fl.byzantine.attack, fl.byzantine.scale, key
+            )
+            uploads = dataclasses.replace(uploads, params=poisoned)
+    if fl.dropout > 0:
+        back = returns(clients, fl.dropout, config.seed, rnd)
+        if not back.all():
+            idx = np.flatnonzero(back)
+            uploads = dataclasses.replace(
+                uploads,
+                clients=clients[idx],
+                params=jax.tree.map(lambda x: x[idx], uploads.params),
+                stats={k: np.asarray(v)[idx] for k, v in uploads.stats.items()},
+            )
+            attackers = [k for k in attackers if k in set(clients[idx].tolist())]
+    return uploads, attackers

@@ -185,25 +185,9 @@ def _server_step(
     weights, keep = finite_client_weights(
         num_examples, client_adv, finite, mode, temperature, threshold
     )
-    aggregate = None
-    if robust.name != "mean":
 
-        def aggregate(stacked, w):
-            return robust_aggregate(
-                robust.name,
-                server_params,
-                stacked,
-                w,
-                keep,
-                trim_fraction=robust.trim_fraction,
-                num_byzantine=robust.krum_byzantine,
-                num_selected=robust.multi_krum_keep,
-                norm_bound=robust.norm_bound,
-            )
-
-    if dp is not None:
-
-        def aggregate(stacked, w):
+    def aggregate(stacked, w):
+        if dp is not None:
             return dp_mean(
                 server_params,
                 stacked,
@@ -213,9 +197,21 @@ def _server_step(
                 denominator=dp.denominator,
                 key=noise_key,
             )
+        return robust_aggregate(
+            robust.name,
+            server_params,
+            stacked,
+            w,
+            keep,
+            trim_fraction=robust.trim_fraction,
+            num_byzantine=robust.krum_byzantine,
+            num_selected=robust.multi_krum_keep,
+            norm_bound=robust.norm_bound,
+        )
 
+    plain = dp is None and robust.name == "mean"
     new_params, new_state, metrics = server_update(
-        server_params, opt_state, sanitized, weights, optimizer, aggregate
+        server_params, opt_state, sanitized, weights, optimizer, None if plain else aggregate
     )
     return new_params, new_state, dict(metrics, weights=weights, keep=keep, finite=finite)
 

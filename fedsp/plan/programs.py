@@ -30,8 +30,8 @@ from fedsp import data as data_lib
 from fedsp.data.multiple_choice import MultipleChoiceTask
 from fedsp.eval import accuracy
 from fedsp.federated.mapping import map_clients
-from fedsp.federated.round import default_optimizer
 from fedsp.federated.server import server_step
+from fedsp.federated.steps import default_optimizer
 from fedsp.model.config import ModelConfig
 from fedsp.model.sampling import bucket_length, lower_generate
 from fedsp.model.sharding import padded_rows

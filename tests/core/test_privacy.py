@@ -18,24 +18,16 @@ from tests.federated import fixtures
 
 def test_epsilon_matches_dp_accounting():
     # The check: q = 0.01, z = 1.0, T = 1000, δ = 1e-5 gives RDP ε ≈ 2.1.
-    eps = privacy.epsilon(
-        1000,
+    poisson = dict(
         num_clients=1000,
         clients_per_round=10,
         noise_multiplier=1.0,
         delta=1e-5,
         sampling="poisson",
     )
+    eps = privacy.epsilon(1000, **poisson)
     assert eps == pytest.approx(2.1014, abs=1e-3)
-    pld = privacy.epsilon(
-        1000,
-        num_clients=1000,
-        clients_per_round=10,
-        noise_multiplier=1.0,
-        delta=1e-5,
-        sampling="poisson",
-        accountant="pld",
-    )
+    pld = privacy.epsilon(1000, **poisson, accountant="pld")
     assert 0.5 * eps < pld < eps  # PLD is the tighter analysis
     acc = rdp_privacy_accountant.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import fedsp
-from fedsp.federated import faults
-from fedsp.federated.round import RoundHooks
+from fedsp.federated import RoundHooks, faults
 from tests.federated import fixtures
 
 

@@ -142,7 +142,7 @@ def test_pruning_before_upload_keeps_whom_the_server_step_keeps():
     config.fl.client_weighting = "advantage"
     config.fl.prune_threshold = 0.0
     params = {"w": np.zeros((3,), np.float32)}
-    optimizer = fedsp.federated.round.default_optimizer(config.fl)
+    optimizer = fedsp.federated.default_optimizer(config.fl)
     for _ in range(20):
         n = rng.integers(0, 3, 6).astype(np.float32)
         adv = rng.normal(size=6).astype(np.float32)
