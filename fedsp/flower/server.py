@@ -167,8 +167,8 @@ class FlowerUpdates:
             for key in _keys(replies[answered[0]].content.get("stats"))
         }
         finite = stats.pop("finite") > 0.5
+        keep = upload_mask(fl, stats, finite)
         if two_phase:
-            keep = upload_mask(fl, stats, finite)
             asks = [
                 self.grid.create_message(
                     RecordDict({"round": ConfigRecord({"round": round})}),
@@ -182,17 +182,24 @@ class FlowerUpdates:
             down += sum(message_bytes(m) for m in asks)
             uploads = self._collect(asks, nodes)
             up += sum(message_bytes(r) for r in uploads.values())
-            missing = [k for k, kept in zip(answered, keep) if kept and k not in uploads]
-            if missing:
-                # A kept client that went away between the two phases is dropped.
-                idx = [i for i, k in enumerate(answered) if k not in missing]
-                answered = [answered[i] for i in idx]
-                stats = {key: v[idx] for key, v in stats.items()}
-                finite = finite[idx]
-                self._check_enough(round, clients, answered, nodes)
             adapter_records = {k: uploads[k].content.get("adapters") for k in uploads}
         else:
             adapter_records = {k: replies[k].content.get("adapters") for k in answered}
+        # A client the server step would weight must have sent adapters; one that did
+        # not (it went away between the two exchanges, or withheld them) is dropped
+        # rather than counted as θ_r.
+        missing = [
+            k
+            for k, kept in zip(answered, keep)
+            if kept and not isinstance(adapter_records.get(k), ArrayRecord)
+        ]
+        if missing:
+            _log.warning("round %d: client(s) %s sent no adapters: dropped", round, missing)
+            idx = [i for i, k in enumerate(answered) if k not in missing]
+            answered = [answered[i] for i in idx]
+            stats = {key: v[idx] for key, v in stats.items()}
+            finite = finite[idx]
+            self._check_enough(round, clients, answered, nodes)
         per_client = []
         nan = jax.tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), params)
         for k, ok in zip(answered, finite):
@@ -201,7 +208,7 @@ class FlowerUpdates:
                 per_client.append(
                     records.record_to_tree(record, params, name=f"client {k}'s adapters")
                 )
-            else:  # pruned: never sent
+            else:  # weight 0 (pruned, or trained on nothing): never sent
                 per_client.append(params if ok else nan)
         stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *per_client)
         collect = _mean_metrics([replies[k].content["collect"] for k in answered])

@@ -5,7 +5,7 @@ localhost deployment tests run the real SuperLink and SuperNodes)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -22,6 +22,7 @@ class LocalGrid:
       down: every message the server sent.
       gone: node ids that stop answering (a killed node).
       kill_after: ``{node: n}``: the node is gone after answering n train messages.
+      withhold: nodes that leave their adapters out of every reply (a hostile client).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class LocalGrid:
         node_configs: list[dict[str, Any]],
         *,
         kill_after: Mapping[int, int] | None = None,
+        withhold: Sequence[int] = (),
     ):
         self.run_config = dict(run_config)
         self.node_configs = {i + 1: dict(c) for i, c in enumerate(node_configs)}
@@ -38,6 +40,7 @@ class LocalGrid:
         self.down: list[Message] = []
         self.gone: set[int] = set()
         self.kill_after = dict(kill_after or {})
+        self.withhold = set(withhold)
         self.trained = dict.fromkeys(self.node_configs, 0)
         # Nodes load their run now, outside the server's device mesh (a real node is its
         # own process).
@@ -69,6 +72,8 @@ class LocalGrid:
             content = client.handle(
                 received, self.run_config, self.node_configs[node], self.states[node]
             )
+            if node in self.withhold and "adapters" in content:
+                del content["adapters"]
             reply = Message(wire_copy(content), reply_to=message)
             if message.metadata.message_type == "train":
                 self.trained[node] += 1

@@ -229,3 +229,13 @@ def test_a_node_keeps_only_its_shard_and_refuses_another_config(model_dir, tmp_p
         node.train(content)
     with pytest.raises(ValueError, match="train message for client 0 reached client 1"):
         node.train(RecordDict({"round": ConfigRecord(dict(spec, client=0))}))
+
+
+def test_a_client_that_withholds_its_adapters_is_dropped_not_averaged_as_theta(model_dir, tmp_path):
+    path = write_config(tmp_path, dict(TINY, **{"model.path": str(model_dir)}))
+    run_config = {"config": str(path), "workdir": str(tmp_path / "fl")}
+    grid = LocalGrid(run_config, [{"partition-id": 0}, {"partition-id": 1}], withhold=[2])
+    server.serve(grid, run_config)
+    fl = _records(tmp_path / "fl")
+    assert [(r["clients"], r["dropped"]) for r in fl[1:]] == [([0], [1])] * 2
+    assert all(r["bytes_sent"] == fl[1]["bytes_sent"] and r["weights"] == [1.0] for r in fl[1:])
