@@ -34,9 +34,11 @@ from jax import monitoring
 __all__ = ["ENV", "MAX_BYTES", "MIN_COMPILE_TIME_S", "CompileClock", "compile_clock", "enable"]
 
 ENV = "FEDSP_COMPILATION_CACHE"
-# Every program gets a file: a round's eager helper ops compile in 10-100 ms each, but
-# there are ~80 of them (≈ 2 s of the demo's warm start), and loading one takes ~1 ms.
-MIN_COMPILE_TIME_S = 0.0
+# Programs that compile faster than this are not worth a file (most of a round's eager
+# helper ops compile in 10-100 ms). Caching them too (0) saved ~1.8 s of the demo's warm
+# start, but a test worker then crashed (SIGSEGV) inside JAX while loading a cached eager
+# `concatenate` with another process using the same cache (BENCHMARKS.md, make demo).
+MIN_COMPILE_TIME_S = 0.2
 MAX_BYTES = 4 << 30
 
 
