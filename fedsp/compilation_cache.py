@@ -31,7 +31,17 @@ import threading
 import jax
 from jax import monitoring
 
-__all__ = ["ENV", "MAX_BYTES", "MIN_COMPILE_TIME_S", "CompileClock", "compile_clock", "enable"]
+__all__ = [
+    "ENV",
+    "MAX_BYTES",
+    "MIN_COMPILE_TIME_S",
+    "CompileClock",
+    "compile_clock",
+    "directory",
+    "enable",
+    "record_load",
+    "record_wait",
+]
 
 ENV = "FEDSP_COMPILATION_CACHE"
 # Programs that compile faster than this are not worth a file (most of a round's eager
@@ -65,6 +75,12 @@ def enable() -> pathlib.Path | None:
     return directory
 
 
+def directory() -> pathlib.Path | None:
+    """The persistent cache's directory, or None when it is off."""
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
+    return pathlib.Path(current) if current else None
+
+
 # JAX's monitoring events (jax/_src/dispatch.py, compiler.py, compilation_cache.py).
 _TRACE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -81,16 +97,21 @@ class CompileClock:
 
     Attributes:
       trace_s: tracing to a jaxpr and lowering to StableHLO.
-      backend_s: XLA compilation, or loading the executable from the persistent cache.
-      cache_hits: executables loaded from the persistent cache.
+      backend_s: XLA compilation, or loading the executable from the persistent cache
+        (JAX's, or `fedsp.executables`).
+      cache_hits: executables loaded from either.
       cache_misses: executables compiled and looked up in vain (then written to the
         cache when they took at least `MIN_COMPILE_TIME_S`).
+      background_s: loading executables on background threads (`fedsp.executables.
+        prefetch`), beside the run's own work; not in `total_s`, which counts the time
+        the caller waited (a wait for a background load is in ``backend_s``).
     """
 
     trace_s: float = 0.0
     backend_s: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    background_s: float = 0.0
 
     @property
     def total_s(self) -> float:
@@ -127,6 +148,23 @@ def _on_event(event: str, **_: str | int) -> None:
     elif event == _MISS_EVENT:
         with _LOCK:
             _CLOCK.cache_misses += 1
+
+
+def record_load(seconds: float, *, background: bool = False) -> None:
+    """Counts an executable loaded outside JAX's cache (`fedsp.executables`) as a hit;
+    a ``background`` load's time goes to ``background_s``."""
+    with _LOCK:
+        if background:
+            _CLOCK.background_s += seconds
+        else:
+            _CLOCK.backend_s += seconds
+        _CLOCK.cache_hits += 1
+
+
+def record_wait(seconds: float) -> None:
+    """Counts time spent waiting for a background load as ``backend_s``."""
+    with _LOCK:
+        _CLOCK.backend_s += seconds
 
 
 def compile_clock() -> CompileClock:

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fedsp import compilation_cache, distributed, progress
+from fedsp import compilation_cache, distributed, executables, progress
 from fedsp import data as data_lib
 from fedsp.checkpoint import (
     PlayerPool,
@@ -71,6 +71,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # another host layout, gives the same numbers up to float rounding; every process has its
 # own distributed.process_id) and the memory levers, which change what is kept or
 # recomputed, not the numbers, so a run that ran out of memory can resume with more.
+# Config sections local training never reads (`Algorithm.local_train`, built by
+# `get_algorithm` from config.algorithm, config.local, config.model and config.fl): runs
+# that differ only in them (other seeds, evaluation settings) share its program.
+_OUTSIDE_TRAINING = ("seed", "eval", "log", "checkpoint", "distributed")
+
 _RESUMABLE_CHANGES = (
     "log",
     "checkpoint",
@@ -118,6 +123,10 @@ def init_run(
     distributed.initialize(config.distributed)  # first: it must precede any JAX work
     compilation_cache.enable()
     validate(config)
+    # The programs the last run of this config used load while the model does.
+    executables.prefetch(
+        repr(sorted(config_fingerprint(config, ignore=_RESUMABLE_CHANGES).items()))
+    )
     if workdir is not None:
         # Orbax requires absolute checkpoint paths; a relative --workdir is the usual case.
         workdir = pathlib.Path(workdir).absolute()
@@ -216,6 +225,13 @@ def init_run(
             mesh=mesh,  # read by the vmap backend only
             in_axes=(None, None, 0, 0),
             clients_at_once=fl.clients_at_once,
+            # What local training reads besides its arguments: a later run of the same
+            # config loads the program without tracing it (`fedsp.executables`).
+            static_key=(
+                sorted(config_fingerprint(config, ignore=_OUTSIDE_TRAINING).items()),
+                graphdef,
+                executables.code_key(algo),
+            ),
         ),
         mesh=mesh,
         initial_params=lora_state,
@@ -389,6 +405,7 @@ def _run(
         "backend_s": compiled.backend_s,
         "cache_hits": compiled.cache_hits,
         "cache_misses": compiled.cache_misses,
+        "background_s": compiled.background_s,
     }
     if main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

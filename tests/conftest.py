@@ -29,3 +29,29 @@ import pathlib  # noqa: E402
 _SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 if _SHARED_DATA.is_dir():
     os.environ.setdefault("FEDSP_DATA_DIR", str(_SHARED_DATA))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def private_compilation_cache(tmp_path, monkeypatch):
+    """JAX's persistent cache and fedsp's executable store in ``tmp_path`` (empty, every
+    program cached), the shared test cache restored afterwards."""
+    from jax._src import compilation_cache as jax_cache  # test-only: reset JAX's cache
+
+    from fedsp import executables
+
+    before = (
+        jax.config.jax_compilation_cache_dir,  # type: ignore[attr-defined]
+        jax.config.jax_persistent_cache_min_compile_time_secs,  # type: ignore[attr-defined]
+    )
+    jax_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    monkeypatch.setattr(executables, "_PREFETCHED", {})
+    monkeypatch.setattr(executables, "_MANIFEST", {"path": None, "keys": []})
+    yield tmp_path / "jax"
+    jax_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

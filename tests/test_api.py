@@ -259,6 +259,7 @@ LAYERS = (
         "fedsp.assets",
         "fedsp.distributed",
         "fedsp.compilation_cache",
+        "fedsp.executables",
         "fedsp.progress",
     ),
     ("fedsp.model",),

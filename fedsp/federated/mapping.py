@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import drjax
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from fedsp.executables import Program
 
 BACKENDS = ("vmap", "pmap", "loop")
 CLIENTS_AXIS = "clients"
@@ -130,7 +132,7 @@ def _under_transformation(args: tuple[Any, ...]) -> bool:
 def _in_groups(
     fn: Callable[..., Any], mesh: jax.sharding.Mesh, axes: Axes, clients_at_once: int
 ) -> Callable[..., Any]:
-    """The clients of each device ``clients_at_once`` at a time, in one program."""
+    """The clients of each device ``clients_at_once`` at a time, in one program (to jit)."""
 
     def program(*args: Any) -> Any:
         frozen, stacked = _split(args, axes)
@@ -155,7 +157,31 @@ def _in_groups(
             check_vma=False,
         )(frozen, stacked)
 
-    return jax.jit(program)
+    return program
+
+
+def _vmap_program(
+    fn: Callable[..., Any],
+    mesh: jax.sharding.Mesh,
+    num_clients: int,
+    axes: Axes,
+    clients_at_once: int,
+) -> Callable[..., Any]:
+    if clients_at_once:
+        return _in_groups(fn, mesh, axes, clients_at_once)
+
+    @drjax.program(placements={CLIENTS_AXIS: num_clients})
+    def program(*args: Any) -> Any:
+        frozen, stacked = _split(args, axes)
+        # Frozen arguments are closed over rather than `drjax.broadcast`: vmap then
+        # sees them as unbatched, so x @ W_base stays one matmul with the clients
+        # folded into its rows. A broadcast would materialise C/D copies of the base
+        # weights per device and turn every such matmul into a batched one, with
+        # temporaries the size of the weights.
+        per_client = lambda *slices: fn(*_join(axes, frozen, slices))  # noqa: E731
+        return drjax.map_fn(per_client, stacked, mesh=mesh)
+
+    return program
 
 
 def _vmap_backend(
@@ -163,24 +189,20 @@ def _vmap_backend(
     mesh: jax.sharding.Mesh,
     in_axes: int | Axes | None,
     clients_at_once: int = 0,
+    static_key: Hashable = None,
 ) -> Callable[..., Any]:
     @functools.cache
     def program_for(num_clients: int, axes: Axes) -> Callable[..., Any]:
-        if clients_at_once:
-            return _in_groups(fn, mesh, axes, clients_at_once)
-
-        @drjax.program(placements={CLIENTS_AXIS: num_clients})
-        def program(*args: Any) -> Any:
-            frozen, stacked = _split(args, axes)
-            # Frozen arguments are closed over rather than `drjax.broadcast`: vmap then
-            # sees them as unbatched, so x @ W_base stays one matmul with the clients
-            # folded into its rows. A broadcast would materialise C/D copies of the base
-            # weights per device and turn every such matmul into a batched one, with
-            # temporaries the size of the weights.
-            per_client = lambda *slices: fn(*_join(axes, frozen, slices))  # noqa: E731
-            return drjax.map_fn(per_client, stacked, mesh=mesh)
-
-        return jax.jit(program)
+        program = _vmap_program(fn, mesh, num_clients, axes, clients_at_once)
+        if static_key is None:
+            return jax.jit(program)
+        # The mesh's devices and axes are in the arguments' shardings and the key's
+        # environment; the rest of the program's shape is fixed here.
+        return Program(
+            program,
+            "fedsp.federated.map_clients",
+            (static_key, num_clients, axes, clients_at_once, mesh.axis_names, mesh.shape_tuple),
+        )
 
     def mapped(*args: Any) -> Any:
         axes = _axes_for(in_axes, len(args))
@@ -251,6 +273,7 @@ def map_clients(
     mesh: jax.sharding.Mesh | None = None,
     in_axes: InAxes = 0,
     clients_at_once: int = 0,
+    static_key: Hashable = None,
 ) -> Callable[..., Any]:
     """Maps ``fn`` over the leading client axis of its stacked arguments.
 
@@ -276,6 +299,11 @@ def map_clients(
         together (vmapped); k ≥ 1 runs them k at a time, sequentially within the same
         program, so the temporaries are those of k clients (see the module docstring).
         The loop backend ignores it (one client at a time); pmap takes 0 only.
+      static_key: vmap backend: with one, the compiled program is kept across processes
+        (`fedsp.executables.Program`) and a later process with the same key, arguments
+        and devices loads it without tracing ``fn``. It must fix everything ``fn``
+        reads besides its arguments (a run passes its config); None (default) compiles
+        in each process.
 
     Returns:
       A function of the same positional arguments returning ``fn``'s output with every
@@ -310,7 +338,7 @@ def map_clients(
                 f"mesh must have a {CLIENTS_AXIS!r} axis for the vmap backend, got axes "
                 f"{mesh.axis_names}"
             )
-        return _vmap_backend(fn, mesh, in_axes, clients_at_once)
+        return _vmap_backend(fn, mesh, in_axes, clients_at_once, static_key)
     if backend == "pmap":
         return _pmap_backend(fn, in_axes)
     return _loop_backend(fn, in_axes)

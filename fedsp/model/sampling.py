@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedsp.executables import Program
 from fedsp.model.decode import decode_step, layer_weights
 from fedsp.model.next_token import select_tokens
 from fedsp.model.prefixes import (
@@ -190,7 +191,7 @@ def generate(
         key = jax.random.key(0)
     key = _batch_keys(key, b)
     states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
-    out = _generate_jit(
+    out = GENERATE(
         graphdef,
         states,
         heads,
@@ -249,7 +250,7 @@ def lower_generate(
 
     p_bucket = bucket_length(prompt_len, bucket_multiple)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    return _generate_jit.lower(
+    return GENERATE.jitted.lower(
         graphdef,
         tuple(states),
         None,
@@ -304,24 +305,7 @@ def _fold_in(keys: jax.Array, data: jax.Array | int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
-# No buffer donation: the KV cache is created and updated inside this program (prefill,
-# then the decode while_loop); a ``prefix`` cache matches no output's shape (the returned
-# cache is longer), so XLA could not reuse it, and a caller may pass it again.
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "n_bucket",
-        "greedy",
-        "use_top_p",
-        "pad_id",
-        "compact",
-        "merge_lora",
-        "unroll",
-        "return_cache",
-    ),
-)
-def _generate_jit(
+def _generate(
     graphdef,
     states,
     prefix,
@@ -490,6 +474,28 @@ def _generate_jit(
     # Generated token t sits in slot p + t once fed; the last one of a row never is.
     fed = jnp.arange(n_bucket)[None, :] < (lengths - 1)[:, None]
     return out, PrefixCache(k, v, jnp.concatenate([mask, fed], axis=1))
+
+
+# `generate`'s program, loaded by later processes without tracing (`fedsp.executables`):
+# everything it reads besides its arrays is a static argument. No buffer donation: the KV
+# cache is created and updated inside the program (prefill, then the decode while_loop);
+# a ``prefix`` cache matches no output's shape (the returned cache is longer), so XLA
+# could not reuse it, and a caller may pass it again.
+GENERATE = Program(
+    _generate,
+    "fedsp.model.sampling.generate",
+    static_argnames=(
+        "graphdef",
+        "n_bucket",
+        "greedy",
+        "use_top_p",
+        "pad_id",
+        "compact",
+        "merge_lora",
+        "unroll",
+        "return_cache",
+    ),
+)
 
 
 def _stage_sizes(batch: int) -> tuple[int, ...]:

@@ -70,6 +70,64 @@ def test_runner_applies_overrides_and_prints_the_table(tmp_path):
     assert "round 1: " in result.stderr and "of which compiling" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_second_run_loads_its_programs_and_repeats_the_numbers(tmp_path):
+    # The demo's layout (vmap backend, clients one at a time) on the tiny model, twice,
+    # with an empty compilation cache: the second process loads the sampler and the
+    # training program (`fedsp.executables`) instead of tracing and compiling them.
+    model_dir = fixtures.save_tiny_model(tmp_path / "model")
+    overrides = {
+        "model.path": str(model_dir),
+        "model.lora.rank": 2,
+        "fl.rounds": 1,
+        "data.limit": 32,
+        "rollout.prompts_per_client": 2,
+        "rollout.max_new_tokens": 4,
+        "local.steps": 1,
+        "local.batch_size": 2,
+        "local.max_len": 128,
+        "eval.examples": 4,
+        "eval.max_new_tokens": 4,
+        "eval.batch_size": 4,
+        "log.tensorboard": False,
+        "log.progress": False,
+    }
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        FEDSP_COMPILATION_CACHE=str(tmp_path / "cache"),
+    )
+    runs = []
+    for name in ("first", "second"):
+        workdir = tmp_path / name
+        command = [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=experiments/configs/demo.py",
+            f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()),
+        ]
+        result = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = [
+            json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+        ]
+        runs.append((json.loads((workdir / "summary.json").read_text())["compile"], records))
+    (first, first_records), (second, second_records) = runs
+    stored = list((tmp_path / "cache" / "executables").glob("*.xla"))
+    assert first["cache_hits"] == 0 and len(stored) >= 3  # 2+ sampler programs, training
+    assert second["cache_hits"] >= len(stored) and second["cache_misses"] == 0
+    assert second["background_s"] > 0  # prefetched while the model loaded
+    assert second["trace_s"] < first["trace_s"] / 3
+    for a, b in zip(first_records, second_records, strict=True):
+        numbers = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
+        assert numbers(a) == numbers(b)
+
+
 def test_runner_rejects_unknown_override(tmp_path):
     command = [
         sys.executable,

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedsp import compilation_cache
 from fedsp.federated.mapping import BACKENDS, CLIENTS_AXIS, client_mesh, map_clients
 
 DIM, HIDDEN, EXAMPLES, STEPS, LR = 6, 4, 5, 3, 0.3
@@ -280,3 +281,19 @@ def test_bad_in_axes_and_mesh():
     model_only = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     with pytest.raises(ValueError, match=r"mesh must have a 'clients' axis.*\('model',\)"):
         map_clients(local_sgd, "vmap", mesh=model_only)
+
+
+def test_a_static_key_keeps_the_program_for_later_processes(private_compilation_cache):
+    store = private_compilation_cache / "executables"
+    base, heads, data = _problem(4)
+    kept = map_clients(local_sgd, "vmap", in_axes=(None, 0, 0), static_key="sgd")(base, heads, data)
+    plain = map_clients(local_sgd, "vmap", in_axes=(None, 0, 0))(base, heads, data)
+    _assert_trees_close(kept, plain, rtol=0, atol=0)
+    assert len(list(store.glob("*.xla"))) == 1
+    # A new map_clients (a new run or process) loads it, placed over the clients axis.
+    clock = compilation_cache.compile_clock()
+    again = map_clients(local_sgd, "vmap", in_axes=(None, 0, 0), static_key="sgd")
+    head, stats = again(base, heads, data)
+    assert compilation_cache.compile_clock().since(clock).cache_hits == 1
+    _assert_trees_close((head, stats), plain, rtol=0, atol=0)
+    assert head["w"].sharding.spec == P(CLIENTS_AXIS)

@@ -190,7 +190,7 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
     for r, logits in enumerate(_teacher_forced(model, (flat_ids, flat_mask), out)):
         np.testing.assert_array_equal(out.tokens[r], logits.argmax(-1))
     # The prefix is bucketed like the prompts: another length in its bucket reuses the program.
-    compiled = sampling._generate_jit._cache_size()
+    compiled = sampling.GENERATE.cache_size()
     generate(
         graphdef,
         state,
@@ -201,7 +201,7 @@ def test_shared_prefix_equals_the_concatenated_prompts(model, prompts, layer_loo
         prefix_ids=prefix[:4],
         layer_loop=layer_loop,
     )
-    assert sampling._generate_jit._cache_size() == compiled
+    assert sampling.GENERATE.cache_size() == compiled
     # Several prefixes of different lengths (left-padded), one chosen per row.
     heads = np.array([[PAD, PAD, 8, 3], [21, 9, 64, 2]], np.int32)
     head_mask = (heads != PAD).astype(np.int32)
@@ -348,7 +348,7 @@ def test_no_recompilation_within_a_bucket(model, prompts):
     graphdef, state = nnx.split(model)
     ids, mask = prompts
     generate(graphdef, state, ids, mask, max_new_tokens=5, pad_id=PAD)
-    before = sampling._generate_jit._cache_size()
+    before = sampling.GENERATE.cache_size()
     # Shorter prompt, another max_new_tokens in the same buckets (8, 8), other EOS ids.
     generate(
         graphdef,
@@ -359,7 +359,7 @@ def test_no_recompilation_within_a_bucket(model, prompts):
         eos_ids=(5, 9, 11),
         pad_id=PAD,
     )
-    assert sampling._generate_jit._cache_size() == before
+    assert sampling.GENERATE.cache_size() == before
     generate(
         graphdef,
         state,
@@ -371,7 +371,7 @@ def test_no_recompilation_within_a_bucket(model, prompts):
         top_p=0.9,
         pad_id=PAD,
     )
-    sampled = sampling._generate_jit._cache_size()
+    sampled = sampling.GENERATE.cache_size()
     assert sampled <= before + 1  # sampling is one more program (maybe compiled earlier)
     # Temperature, top_p and the key are traced values.
     generate(
@@ -385,16 +385,16 @@ def test_no_recompilation_within_a_bucket(model, prompts):
         top_p=0.5,
         pad_id=PAD,
     )
-    assert sampling._generate_jit._cache_size() == sampled
+    assert sampling.GENERATE.cache_size() == sampled
     # A new adapter value reuses the program too (split_lora state).
     lora_model = nnx.clone(model)
     apply_lora(lora_model, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(0))
     lg, lora, base = split_lora(lora_model)
     out0 = generate(lg, (lora, base), ids, mask, max_new_tokens=N, pad_id=PAD)
-    count = sampling._generate_jit._cache_size()
+    count = sampling.GENERATE.cache_size()
     bumped = jax.tree.map(lambda x: x + 0.3, lora)
     out1 = generate(lg, (bumped, base), ids, mask, max_new_tokens=N, pad_id=PAD)
-    assert sampling._generate_jit._cache_size() == count
+    assert sampling.GENERATE.cache_size() == count
     assert not np.allclose(out0.logprobs, out1.logprobs)
 
 
