@@ -55,6 +55,16 @@ def test_default_config_is_valid():
         ),
         ({"fl__rounds": 0}, r"fl.rounds: must be >= 1, got 0"),
         ({"fl__clients_per_round": 5}, r"fl.clients_per_round: 5 > data.num_clients = 4"),
+        (
+            {"fl__sampling": "bernoulli"},
+            r"fl.sampling: got 'bernoulli'; choose one of \('fixed', 'poisson'\)",
+        ),
+        (
+            {"fl__straggler__deadline": -1.0},
+            r"fl.straggler.deadline: must be a finite number in \[0, inf\), got -1.0",
+        ),
+        ({"fl__straggler__speed_spread": float("inf")}, r"fl.straggler.speed_spread: must be"),
+        ({"fl__straggler__jitter": -0.1}, r"fl.straggler.jitter: must be a finite number"),
         ({"local__lr": 0.0}, r"local.lr: must be a finite number in \(0, inf\), got 0.0"),
         ({"local__lr": float("nan")}, r"local.lr: must be a finite number"),
         ({"fl__server_lr": -1.0}, r"fl.server_lr: must be a finite number in \(0, inf\)"),

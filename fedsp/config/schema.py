@@ -137,6 +137,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.fl = ml_collections.ConfigDict()
     config.fl.rounds = 10
     config.fl.clients_per_round = 4
+    # How a round's clients are drawn (`fedsp.data.sample_clients`), from (seed, round):
+    # "fixed" takes clients_per_round distinct clients; "poisson" takes each client
+    # independently with probability clients_per_round / data.num_clients (DP-FedAvg's
+    # accounting then uses Poisson sampling; a round may have no client: its server step
+    # is skipped).
+    config.fl.sampling = "fixed"
     config.fl.backend = "vmap"
     # vmap backend: 0 trains all of a device's clients of a round together; k >= 1 trains
     # them k at a time, one group after another in the same program (less memory). The
@@ -177,11 +183,20 @@ def default_config() -> ml_collections.ConfigDict:
     # (if set) replaces noise_multiplier by the one that spends exactly that ε over
     # fl.rounds; max_epsilon (if set) stops the run before a round would exceed it.
     # Simulated faults (`fedsp.federated.faults`), drawn from (seed, round, client): a
-    # sampled client does not return with probability dropout; a round with fewer than
-    # min_clients updates skips its server step. byzantine.fraction of the clients are
-    # attackers whose uploads byzantine.attack poisons (sign_flip, scale, gaussian, nan,
-    # shift_mean) with strength byzantine.scale.
+    # sampled client does not return with probability dropout; a straggler returns after
+    # straggler.deadline simulated seconds (0: no deadline) and its update is dropped.
+    # A client's round takes 1 / speed × jitter simulated seconds (every client does the
+    # same work in a round): speed is log-normal with σ = straggler.speed_spread, fixed
+    # per client by the seed; jitter is log-normal with σ = straggler.jitter, drawn per
+    # (round, client). A round with fewer than min_clients updates in time skips its
+    # server step. byzantine.fraction of the clients are attackers whose uploads
+    # byzantine.attack poisons (sign_flip, scale, gaussian, nan, shift_mean) with
+    # strength byzantine.scale.
     config.fl.dropout = 0.0
+    config.fl.straggler = ml_collections.ConfigDict()
+    config.fl.straggler.deadline = 0.0
+    config.fl.straggler.speed_spread = 0.0
+    config.fl.straggler.jitter = 0.0
     config.fl.min_clients = 1
     config.fl.byzantine = ml_collections.ConfigDict()
     config.fl.byzantine.fraction = 0.0

@@ -30,7 +30,7 @@ from fedsp.config.schema import (
 from fedsp.core.aggregation import SERVER_OPTIMIZERS
 from fedsp.core.robust import AGGREGATORS
 from fedsp.core.weighting import CLIENT_WEIGHT_MODES
-from fedsp.data import DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
+from fedsp.data import CLIENT_SAMPLINGS, DATA_DIR_ENV, FEEDBACK_PROVIDERS, get_task, task_names
 from fedsp.data.base import FileTask, parse_split
 from fedsp.distributed import distributed_problems
 from fedsp.federated.faults import ATTACKS
@@ -349,6 +349,7 @@ def _check_fl(e: _Errors) -> None:
         e.add("fl.clients_per_round", f"{per_round} > data.num_clients = {upper}")
     else:
         e.integer("fl.clients_per_round", 1)
+    e.choice("fl.sampling", CLIENT_SAMPLINGS)
     e.choice("fl.backend", BACKENDS)
     e.integer("fl.clients_at_once", 0)
     at_once = e.get("fl.clients_at_once")
@@ -389,6 +390,8 @@ def _check_fl(e: _Errors) -> None:
     e.integer("fl.multi_krum_keep", 1)
     e.number("fl.norm_bound", 0.0, low_open=True)
     e.number("fl.dropout", 0.0, 1.0, high_open=True)
+    for field in ("deadline", "speed_spread", "jitter"):
+        e.number(f"fl.straggler.{field}", 0.0)
     e.integer("fl.min_clients", 1)
     e.number("fl.byzantine.fraction", 0.0, 1.0)
     e.choice("fl.byzantine.attack", ATTACKS)

@@ -3,7 +3,8 @@
 its ε, accounted with Google's ``dp_accounting`` (``pip install 'fedsp[dp]'``).
 
 One round, with θ_r the global adapters, Δ_k = θ_k − θ_r a kept client's change, C the
-clip norm, z the noise multiplier and m the number of clients sampled per round:
+clip norm, z the noise multiplier and m the number of clients sampled per round
+(``fl.clients_per_round``; with Poisson sampling the expected number):
 
     Δ̃_k = Δ_k · min(1, C / ‖Δ_k‖₂)                       (global L2 over all leaves)
     θ̄   = θ_r + (Σ_{k kept} Δ̃_k + N(0, (z·C)² I)) / m
@@ -16,9 +17,10 @@ of everything computed from them). What is not: the metrics clients report besid
 updates (rewards, losses, counts, advantages, which also decide pruning), and evaluation
 on data the server holds.
 
-Accounting: ``fedsp.federated`` samples m of N clients without replacement each round,
-for which ``dp_accounting`` analyses the replace-one neighbouring relation (RDP); Poisson
-sampling with rate q is the add-or-remove-one analysis (RDP or PLD).
+Accounting follows the run's ``fl.sampling``: "fixed" samples m of N clients without
+replacement each round, for which ``dp_accounting`` analyses the replace-one neighbouring
+relation (RDP); "poisson" takes each client with rate q = m / N, the add-or-remove-one
+analysis (RDP or PLD).
 """
 
 from __future__ import annotations

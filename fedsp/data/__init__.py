@@ -46,13 +46,20 @@ from fedsp.data.feedback import (
     get_feedback,
     leaks,
 )
-from fedsp.data.partition import dirichlet_partition, iid_partition, key_partition, sample_clients
+from fedsp.data.partition import (
+    CLIENT_SAMPLINGS,
+    dirichlet_partition,
+    iid_partition,
+    key_partition,
+    sample_clients,
+)
 from fedsp.data.sft import chat_messages, load_chat_prompts, sft_pairs
 from fedsp.data.sources import DATA_DIR_ENV, DataNotFoundError
 
 DEFAULT_TASK = "arithmetic"
 
 __all__ = [
+    "CLIENT_SAMPLINGS",
     "DATA_DIR_ENV",
     "DEFAULT_TASK",
     "FEEDBACK_PROVIDERS",

@@ -13,7 +13,17 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-__all__ = ["dirichlet_partition", "iid_partition", "key_partition", "sample_clients"]
+__all__ = [
+    "CLIENT_SAMPLINGS",
+    "dirichlet_partition",
+    "iid_partition",
+    "key_partition",
+    "sample_clients",
+]
+
+CLIENT_SAMPLINGS = ("fixed", "poisson")
+# The Poisson draws' seed entries, apart from the fixed sampling's (seed, round).
+_POISSON_STREAM = 0x504F
 
 
 class _Label(Hashable, Protocol):
@@ -113,8 +123,16 @@ def key_partition(labels: Sequence[_LabelT]) -> dict[_LabelT, np.ndarray]:
     return {key: np.asarray(groups[key], dtype=np.int64) for key in sorted(groups)}
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:
-    """The clients taking part in round ``round``: ``per_round`` distinct ids, sorted.
+def sample_clients(
+    num_clients: int, per_round: int, seed: int, round: int, sampling: str = "fixed"
+) -> np.ndarray:
+    """The clients taking part in round ``round``, as sorted distinct ids.
+
+    ``sampling="fixed"``: ``per_round`` distinct clients, drawn without replacement.
+    ``"poisson"``: every client takes part independently with probability
+    q = ``per_round`` / ``num_clients``, so a round has ``per_round`` clients on average,
+    any number from none to all of them (the sampling DP-FedAvg's add-or-remove-one
+    accounting assumes, `fedsp.core.privacy`).
 
     A function of ``(seed, round)`` alone (a `numpy.random.SeedSequence` over both), so a
     run resumed at round r draws the same clients as an uninterrupted one, and rounds are
@@ -122,7 +140,7 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> n
 
     Raises:
       ValueError: ``num_clients`` < 1; ``clients_per_round`` (``per_round``) outside
-        1..num_clients; negative ``seed`` or ``round``.
+        1..num_clients; negative ``seed`` or ``round``; an unknown ``sampling``.
     """
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
@@ -133,6 +151,11 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> n
         )
     if seed < 0 or round < 0:
         raise ValueError(f"seed and round must be >= 0, got seed={seed!r}, round={round!r}")
+    if sampling == "poisson":
+        rng = np.random.default_rng([int(seed), int(round), _POISSON_STREAM, _POISSON_STREAM])
+        return np.flatnonzero(rng.random(num_clients) < per_round / num_clients).astype(np.int64)
+    if sampling != "fixed":
+        raise ValueError(f"sampling must be one of {CLIENT_SAMPLINGS}, got {sampling!r}")
     rng = np.random.default_rng([int(seed), int(round)])
     return np.sort(rng.choice(num_clients, size=per_round, replace=False)).astype(np.int64)
 

@@ -4,6 +4,7 @@ set of clients."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,10 +15,11 @@ import numpy as np
 
 from fedsp import progress
 from fedsp.distributed import check_agreement, to_host
+from fedsp.federated.mapping import CLIENTS_AXIS
 from fedsp.federated.state import ClientUploads, Run
 from fedsp.selfplay.base import RoundContext
 
-__all__ = ["client_prompts", "client_updates", "round_keys"]
+__all__ = ["client_prompts", "client_updates", "placeable_clients", "round_keys"]
 
 PyTree = Any
 
@@ -59,9 +61,17 @@ def client_updates(
     """Steps 2-4 of a round (the module docstring) for ``clients``: their prompts, one
     batched rollout with feedback, and their local training from ``params``.
 
-    `run_round` calls it for every sampled client at once; a `fedsp.flower` node calls
-    it for its own client alone, with ``slots=[its position among the sampled
-    clients]``, so it draws the prompts and keys the simulator draws for that client.
+    `run_round` calls it for the round's clients at once (the sampled ones that will
+    deliver in time, `fedsp.federated.faults.arrivals`); a `fedsp.flower` node calls it
+    for its own client alone, with ``slots=[its position among them]``, so it draws the
+    prompts and keys the simulator draws for that client.
+
+    The number of clients may differ between rounds (Poisson sampling, dropouts,
+    stragglers). The mapped training compiles once per count, and a count that the
+    backend cannot place (vmap: not a multiple of the mesh's clients axis; pmap: above
+    and not a multiple of the local devices) is padded with copies of the first client,
+    whose outputs are dropped: training is per client, so the copies do not enter any
+    other client's update.
 
     Args:
       run: the run's context (`fedsp.init_run`).
@@ -70,7 +80,8 @@ def client_updates(
       round: the round, 1-based.
       clients: [C] global ids of the clients to update.
       baselines: [C] their reward baselines (NaN: none yet).
-      slots: [C] their positions among the round's sampled clients; None: 0..C-1.
+      slots: [C] their positions among the clients `run_round` updates in this round;
+        None: 0..C-1.
       context: the `RoundContext` of an algorithm with ``uses_context``.
 
     Returns:
@@ -110,14 +121,50 @@ def client_updates(
     rollout_end = time.perf_counter()
     progress.report("training clients", 0, len(clients))
     keys = jnp.stack([jax.random.fold_in(train_key, int(k)) for k in clients])
+    count = len(clients)
+    placed = placeable_clients(run, count)
+    if placed != count:
+        batch, keys = _padded((batch, keys), placed)
     client_lora, stats = run.train_clients(run.policy.base_state, params, batch, keys)
+    stats = to_host(dict(stats))
+    if placed != count:
+        client_lora = _first(client_lora, count)
+        stats = {k: v[:count] for k, v in stats.items()}
     uploads = ClientUploads(
         clients=np.asarray(clients),
         params=jax.block_until_ready(client_lora),
-        stats=to_host(dict(stats)),
+        stats=stats,
         round=round,
     )
     del batch  # the rollout's rows are not needed past training
     progress.report("training clients", len(clients), len(clients))
     times = {"rollout_s": rollout_end - start, "train_s": time.perf_counter() - rollout_end}
     return uploads, dict(collect_metrics), times
+
+
+def placeable_clients(run: Run, count: int) -> int:
+    """The client count the run's mapped training takes for ``count`` clients: the
+    smallest count ≥ it that the backend places (`fedsp.federated.map_clients`)."""
+    backend = run.config.fl.backend
+    if backend == "vmap" and run.mesh is not None:
+        devices = int(run.mesh.shape[CLIENTS_AXIS])
+    elif backend == "pmap" and count > jax.local_device_count():
+        devices = jax.local_device_count()
+    else:
+        return count
+    return -(-count // devices) * devices
+
+
+def _padded(tree: PyTree, size: int) -> PyTree:
+    """``tree``'s leaves [C, ...] grown to [size, ...] with copies of their first row."""
+
+    def pad(x: Any) -> Any:
+        return jnp.concatenate([x] + [x[:1]] * (size - x.shape[0]))
+
+    return jax.tree.map(pad, tree)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first(tree: PyTree, count: int) -> PyTree:
+    # Under jit: the rows may be sharded over devices (of several hosts).
+    return jax.tree.map(lambda x: x[:count], tree)

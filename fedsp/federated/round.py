@@ -7,8 +7,13 @@ tokenizer, task and data, client algorithm, mapped local training, server step, 
 pool). `fedsp.init_run` builds one; `fedsp.run` loops over `run_round` with logging and
 checkpoints. One round, as data flows (docs/design.md):
 
-  1. ``sample_clients(num_clients, clients_per_round, seed, round)``;
-  2. each sampled client draws ``rollout.prompts_per_client`` prompts from its shard,
+  1. ``sample_clients(num_clients, clients_per_round, seed, round, fl.sampling)``
+     ("fixed": that many distinct clients; "poisson": each client with probability
+     clients_per_round / num_clients, so possibly none); then the simulated dropouts and
+     stragglers of ``fl.dropout`` / ``fl.straggler`` (`fedsp.federated.faults.arrivals`,
+     drawn from (seed, round, client)) are left out before any work is done: they
+     would not deliver;
+  2. each remaining client draws ``rollout.prompts_per_client`` prompts from its shard,
      deterministically from (seed, round, client) (`fedsp.federated.clients`: steps
      2-4 are `client_updates`, which a Flower node runs for its own client);
   3. ``algorithm.collect`` runs ONE batched rollout over all those prompts with θ_r,
@@ -17,13 +22,13 @@ checkpoints. One round, as data flows (docs/design.md):
   4. the mapped ``local_train`` trains every client from θ_r (base and θ_r frozen,
      batch and key stacked); the clients' adapters and scalar stats are their
      `ClientUploads`, which ``hooks.on_uploads`` sees;
-  5. the simulated faults of ``fl.dropout`` / ``fl.byzantine`` (`fedsp.federated.faults`),
-     then the server step (`fedsp.federated.steps.server_step_from_config`, or what
+  5. the Byzantine attacks of ``fl.byzantine`` (`fedsp.federated.faults`), then the
+     server step (`fedsp.federated.steps.server_step_from_config`, or what
      ``hooks.server_step`` makes of it): clients whose update holds NaN/inf are
      rejected (logged, weight 0), the rest are weighted by `client_weights` (pruned
      clients send nothing: their bytes are logged as saved), and the server optimizer
      steps, or the step is skipped when no client is kept or fewer than
-     ``fl.min_clients`` returned;
+     ``fl.min_clients`` returned in time (a round without clients skips steps 2-4 too);
   6. evaluation when ``eval.every`` (or the last round) says so, and the new global
      adapters enter the player pool of an algorithm that keeps one.
 
@@ -34,9 +39,12 @@ r − b_k of the round's rollouts; ``local_train`` reports their mean
 (``stats["mean_advantage"]``, the client advantage that `client_weights` uses) and the
 updated baseline (``stats["baseline"]``), which the state keeps for the next round.
 
-Every random draw is a function of (seed, round[, client]): client sampling, prompt
-choice, the collect key and the per-client training keys; nothing is taken from a
+Every random draw is a function of (seed, round[, client]): client sampling, faults,
+prompt choice, the collect key and the per-client training keys; nothing is taken from a
 mutable host RNG, so a resumed run continues with the numbers of an uninterrupted one.
+The number of clients that work in a round varies with Poisson sampling and with
+dropouts and stragglers: the mapped training compiles once per count (and pads the
+client axis to what the backend places, `fedsp.federated.clients.client_updates`).
 
 Pairwise self-play (SPIN, TPAW, DPO; the optional protocol parts in
 `fedsp.selfplay.base`): an algorithm with ``uses_context`` gets a `RoundContext` (the
@@ -66,9 +74,9 @@ from fedsp import data as data_lib
 from fedsp.compilation_cache import compile_clock
 from fedsp.distributed import to_host
 from fedsp.eval import evaluate as evaluate_examples
+from fedsp.federated import faults
 from fedsp.federated.clients import client_updates
-from fedsp.federated.faults import simulate_faults
-from fedsp.federated.state import SERVER_DIAGNOSTICS, RoundHooks, Run, RunState
+from fedsp.federated.state import SERVER_DIAGNOSTICS, ClientUploads, RoundHooks, Run, RunState
 from fedsp.federated.steps import privacy_spent, skipped_step
 from fedsp.model.sharding import replicate
 from fedsp.selfplay.base import PoolAlgorithm, RoundContext
@@ -105,9 +113,13 @@ def run_round(
 
     Returns:
       ``(state', record)``: the state after the round (its ``metrics_history`` ends with
-      the record) and the round's record: clients, weights, advantages, rejected,
-      pruned and dropped (sampled but without an update, `RoundHooks.client_updates`)
-      clients, bytes sent and saved, the mean loss of the kept clients,
+      the record) and the round's record: clients (those whose update arrived),
+      weights, advantages, rejected, pruned and dropped (sampled but without an update
+      in time: simulated dropouts and stragglers, nodes that did not answer,
+      `RoundHooks.client_updates`) clients, the ``stragglers`` among the dropped and
+      their simulated ``straggler_times``, ``sim/round_s`` (the simulated seconds the
+      server waited, with an ``fl.straggler.deadline``), bytes sent and saved, the
+      mean loss of the kept clients,
       ``client/*`` (means of the clients' stats), ``server/*``, ``collect/*``,
       ``eval/*`` on evaluated rounds, ``pool/*`` with a pool, the round's wall time
       ``time_s`` and its parts ``time/rollout_s`` (sampling, feedback, packing),
@@ -146,9 +158,19 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         )
     round_start = time.perf_counter()
     compile_start = compile_clock()
-    clients = data_lib.sample_clients(
-        config.data.num_clients, fl.clients_per_round, config.seed, rnd
+    sampled = data_lib.sample_clients(
+        config.data.num_clients, fl.clients_per_round, config.seed, rnd, fl.sampling
     )
+    # Dropouts and stragglers are known before the work: they do none of it.
+    arrival = faults.arrivals(config, sampled, rnd)
+    clients = sampled[arrival.returns]
+    if arrival.stragglers:
+        _log.info(
+            "round %d: client(s) %s would miss the deadline of %g simulated s",
+            rnd,
+            arrival.stragglers,
+            fl.straggler.deadline,
+        )
     baselines = np.array(state.baselines)
     extra: dict[str, Any] = {}
     pool_dropped: list[int] = []
@@ -168,22 +190,31 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
             player_mask=player_mask,
             player_rounds=pool.rounds if pool else (),
         )
-    update = hooks.client_updates or client_updates
-    uploads, collect_metrics, times = update(
-        run, state.params, state.rng, rnd, clients, baselines[clients], **extra
-    )
-    uploads, attackers = simulate_faults(
+    if len(clients):
+        update = hooks.client_updates or client_updates
+        uploads, collect_metrics, times = update(
+            run, state.params, state.rng, rnd, clients, baselines[clients], **extra
+        )
+    else:
+        uploads, collect_metrics = _no_uploads(state.params, rnd), {}
+        times = {"rollout_s": 0.0, "train_s": 0.0}
+    uploads, attackers = faults.simulate_faults(
         config, state.params, dataclasses.replace(uploads, round=rnd)
     )
     train_end = time.perf_counter()
     rollout_end = train_end - times["train_s"]
     returned = set(np.asarray(uploads.clients).tolist())
-    dropped = [int(k) for k in clients if int(k) not in returned]
+    dropped = [int(k) for k in sampled if int(k) not in returned]
     clients = np.asarray(uploads.clients)
     if hooks.on_uploads is not None:
         hooks.on_uploads(rnd, uploads)
     step = run.server_step if hooks.server_step is None else hooks.server_step(run.server_step)
-    if len(clients) < fl.min_clients:
+    if not len(sampled):
+        _log.warning(
+            "round %d: no client sampled (fl.sampling = %r): server step skipped", rnd, fl.sampling
+        )
+        step = skipped_step
+    elif len(clients) < fl.min_clients:
         _log.warning(
             "round %d: %d client(s) returned, fewer than fl.min_clients = %d: server step skipped",
             rnd,
@@ -221,6 +252,9 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
         "rejected": rejected,
         "pruned": pruned,
         "dropped": dropped,
+        "stragglers": arrival.stragglers,
+        "straggler_times": _straggler_times(sampled, arrival),
+        **({} if arrival.wait is None else {"sim/round_s": arrival.wait}),
         "byzantine": attackers,
         "server_step_skipped": not applied,
         "bytes_sent": run.adapter_bytes * (len(clients) - len(pruned)),
@@ -264,6 +298,25 @@ def _run_round(state: RunState, run: Run, hooks: RoundHooks) -> tuple[RunState, 
     record["time/compile_s"] = compile_clock().since(compile_start).total_s
     run.newest_round[0] = rnd
     return dataclasses.replace(new, metrics_history=(*state.metrics_history, record)), record
+
+
+def _no_uploads(params: PyTree, round: int) -> ClientUploads:
+    """The uploads of a round in which no client works: no rows, the stats the record
+    reads."""
+    stats = ("num_examples", "mean_advantage", "baseline", "wins", "wrong", "loss")
+    return ClientUploads(
+        clients=np.zeros(0, np.int64),
+        params=jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), params),
+        stats={k: np.zeros(0, np.float32) for k in stats},
+        round=round,
+    )
+
+
+def _straggler_times(sampled: np.ndarray, arrival: faults.Arrivals) -> list[float]:
+    if arrival.times is None:
+        return []
+    time_of = dict(zip(sampled.tolist(), arrival.times.tolist()))
+    return [float(time_of[k]) for k in arrival.stragglers]
 
 
 def _on_mesh(run: Run) -> contextlib.AbstractContextManager[Any]:

@@ -38,6 +38,7 @@ from fedsp.core.weighting import client_weights
 __all__ = [
     "DpSettings",
     "RobustSettings",
+    "accounting_sampling",
     "check_arrays_only",
     "finite_client_weights",
     "server_step",
@@ -99,7 +100,8 @@ class RobustSettings:
 @dataclasses.dataclass(frozen=True)
 class DpSettings:
     """DP-FedAvg in the server step (`fedsp.core.privacy.dp_mean`): the clip norm C, the
-    noise multiplier z in effect and the fixed denominator (clients per round)."""
+    noise multiplier z in effect and the fixed denominator (clients per round: with
+    Poisson sampling the expected number of clients, q·N)."""
 
     clip_norm: float
     noise_multiplier: float
@@ -108,7 +110,8 @@ class DpSettings:
     @classmethod
     def from_config(cls, config: Any) -> DpSettings | None:
         """``config.fl.dp``'s settings (z calibrated to ``target_epsilon`` over
-        ``fl.rounds`` when that is set), or None when ``clip_norm`` is 0 (DP off)."""
+        ``fl.rounds`` and the run's ``fl.sampling`` when that is set), or None when
+        ``clip_norm`` is 0 (DP off)."""
         fl, dp = config.fl, config.fl.dp
         if not dp.clip_norm:
             return None
@@ -120,14 +123,28 @@ class DpSettings:
                 int(config.data.num_clients),
                 int(fl.clients_per_round),
                 float(dp.delta),
+                accounting_sampling(fl.sampling),
             )
         return cls(float(dp.clip_norm), z, float(fl.clients_per_round))
 
 
+def accounting_sampling(sampling: str) -> str:
+    """The `fedsp.core.privacy` sampling of the client sampling ``fl.sampling`` names:
+    "fixed" draws without replacement, "poisson" is Poisson sampling."""
+    return {"fixed": "without_replacement", "poisson": "poisson"}[sampling]
+
+
 @functools.cache
-def _calibrated(target: float, rounds: int, num_clients: int, per_round: int, delta: float):
+def _calibrated(
+    target: float, rounds: int, num_clients: int, per_round: int, delta: float, sampling: str
+):
     return calibrate_noise(
-        target, rounds, num_clients=num_clients, clients_per_round=per_round, delta=delta
+        target,
+        rounds,
+        num_clients=num_clients,
+        clients_per_round=per_round,
+        delta=delta,
+        sampling=sampling,
     )
 
 

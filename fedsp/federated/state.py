@@ -70,10 +70,12 @@ class RoundHooks:
         inputs and outputs, or another function to replace it. Its diagnostics must hold
         ``weights``, ``keep``, ``finite`` ([C]) and ``applied`` (scalar).
       client_updates: replaces `client_updates` (steps 2-4: the clients' rollouts and
-        local training) and is called with its arguments; `fedsp.flower`'s server asks
-        the federation's nodes instead. Its uploads may hold fewer clients than were
-        sampled (nodes that did not answer): the round goes on with those, and the
-        record's ``dropped`` names the others.
+        local training) and is called with its arguments, for the round's sampled
+        clients less the simulated dropouts and stragglers (`fedsp.federated.faults`;
+        not at all in a round left without clients); `fedsp.flower`'s server asks the
+        federation's nodes instead. Its uploads may hold fewer clients than it was
+        given (nodes that did not answer): the round goes on with those, and the
+        record's ``dropped`` names every sampled client without an update.
     """
 
     on_uploads: Callable[[int, ClientUploads], None] | None = None

@@ -13,7 +13,12 @@ import optax
 
 from fedsp.core.aggregation import server_optimizer
 from fedsp.core.privacy import epsilon
-from fedsp.federated.server import DpSettings, RobustSettings, server_step
+from fedsp.federated.server import (
+    DpSettings,
+    RobustSettings,
+    accounting_sampling,
+    server_step,
+)
 from fedsp.federated.state import ClientUploads, ServerStep
 
 __all__ = ["default_optimizer", "privacy_spent", "server_step_from_config", "skipped_step"]
@@ -61,8 +66,11 @@ def server_step_from_config(
 
 def privacy_spent(config: ml_collections.ConfigDict, rounds: int) -> float | None:
     """ε (at ``fl.dp.delta``) of the run's adapters after ``rounds`` DP-FedAvg rounds
-    (`fedsp.core.privacy.epsilon`, clients sampled without replacement), or None
-    without DP."""
+    (`fedsp.core.privacy.epsilon` with the run's ``fl.sampling``: "fixed" samples clients
+    without replacement, "poisson" is Poisson sampling at q = clients_per_round /
+    num_clients), or None without DP. It is the ε of the sampling alone: simulated
+    dropouts and stragglers (which only remove sampled clients, independently of their
+    data) are not accounted."""
     dp = DpSettings.from_config(config)
     if dp is None:
         return None
@@ -72,6 +80,7 @@ def privacy_spent(config: ml_collections.ConfigDict, rounds: int) -> float | Non
         clients_per_round=config.fl.clients_per_round,
         noise_multiplier=dp.noise_multiplier,
         delta=config.fl.dp.delta,
+        sampling=accounting_sampling(config.fl.sampling),
     )
 
 

@@ -17,6 +17,14 @@ never does (its weight is 0 in every weighting). A client without adapters holds
 with weight 0 in the server step (NaN when the node reported a non-finite update, so it
 is counted as rejected, as in the simulator): the step gives the simulator's numbers.
 
+Simulated faults stay on: ``fl.sampling``, ``fl.dropout``, ``fl.straggler`` and
+``fl.byzantine`` act as in the simulator, since `fedsp.run_round` draws them from
+(seed, round, client) around this hook. The clients that would drop out or miss the
+deadline are not asked at all (the others' positions, ``slot``, are counted without
+them, as the simulator counts them), and the Byzantine clients' uploads are poisoned on
+arrival. A real federation leaves them at their defaults (off) and meets real failures
+through the timeouts below.
+
 Failures: the server waits at most ``node-timeout`` for the sampled clients' nodes to
 connect and ``reply-timeout`` for their replies; clients without an update are the
 record's ``dropped``. A round with fewer updates than ``min-clients`` raises, naming the

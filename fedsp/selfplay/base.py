@@ -153,7 +153,8 @@ class RoundContext(NamedTuple):
     """What the loop tells algorithms with ``uses_context = True`` besides the examples.
 
     Attributes:
-      clients: [C] the sampled clients' global ids (keys of per-client state).
+      clients: [C] the round's clients' global ids (the sampled ones that deliver in
+        time, `fedsp.federated.faults`; keys of per-client state).
       reference: the run's round-0 adapters (DPO's frozen reference), or None.
       players: the player pool's adapters stacked on a leading J axis (``uses_pool``),
         oldest first, padded with zeros; None without a pool.
@@ -198,7 +199,8 @@ class Algorithm(Protocol):
           baselines: [C] previous reward baselines (NaN or None: none yet).
 
         An algorithm may also take ``slots``: [C] each client's position among the
-        round's sampled clients, the client index of its rollout keys (None: 0..C-1).
+        round's clients (the sampled ones that deliver in time), the client index of its
+        rollout keys (None: 0..C-1).
         A client that runs on its own (a `fedsp.flower` node) passes its position, so
         it samples what the in-process simulator samples for it; `Collector` takes it.
         """
@@ -256,7 +258,7 @@ class RoundInputs:
 
     def slot(self, c: int) -> int:
         """Client ``c``'s index in the rollout keys (`fedsp.selfplay.rollout.rollout_keys`):
-        its position among the round's sampled clients."""
+        its position among the round's clients (the sampled ones that deliver in time)."""
         return c if self.slots is None else int(self.slots[c])
 
 

@@ -13,6 +13,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 import fedsp
 from fedsp.core import privacy
+from fedsp.federated import steps
 from tests.federated import fixtures
 
 
@@ -47,6 +48,35 @@ def test_epsilon_matches_dp_accounting():
     assert np.isinf(
         privacy.epsilon(3, num_clients=4, clients_per_round=2, noise_multiplier=0.0, delta=1e-5)
     )
+
+
+def test_a_run_accounts_the_sampling_it_uses():
+    """``fl.sampling = "poisson"``: ε is dp_accounting's Poisson-sampled Gaussian (rate
+    q = clients_per_round / num_clients, add-or-remove-one), the calibrated noise meets
+    the target under it, and DP-FedAvg still divides by clients_per_round."""
+    config = fedsp.default_config()
+    config.data.num_clients, config.fl.clients_per_round = 100, 4
+    config.fl.dp.clip_norm, config.fl.dp.noise_multiplier = 0.5, 1.3
+    config.fl.sampling = "poisson"
+    acc = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(1.3)), 20)
+    poisson = steps.privacy_spent(config, 20)
+    assert poisson == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    config.fl.sampling = "fixed"
+    fixed = steps.privacy_spent(config, 20)
+    assert fixed == pytest.approx(
+        privacy.epsilon(20, num_clients=100, clients_per_round=4, noise_multiplier=1.3, delta=1e-5),
+        rel=1e-12,
+    )
+    assert fixed != pytest.approx(poisson)
+
+    config.fl.sampling = "poisson"
+    config.fl.dp.target_epsilon = 3.0
+    dp = fedsp.federated.server.DpSettings.from_config(config)
+    assert dp.denominator == 4.0
+    assert steps.privacy_spent(config, config.fl.rounds) == pytest.approx(3.0, rel=0.01)
 
 
 def test_calibrated_noise_just_meets_the_target():

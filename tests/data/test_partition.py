@@ -154,6 +154,35 @@ def test_sample_clients_is_a_function_of_seed_and_round():
     np.testing.assert_array_equal(data.sample_clients(4, 4, seed=9, round=3), np.arange(4))
 
 
+def test_poisson_sampling_takes_each_client_with_rate_q():
+    """Each client independently with q = per_round / num_clients, from (seed, round).
+
+    Deterministic (fixed seed), so the tolerances only have to hold for this draw; they
+    are also wide enough for any seed: 8 sd for the overall rate, 5.6 sd per client."""
+    q, rounds = 10 / 50, 2000
+    drawn = [data.sample_clients(50, 10, 0, r, sampling="poisson") for r in range(rounds)]
+    for r in (0, 7, 1999):  # resumable: a function of (seed, round) alone
+        np.testing.assert_array_equal(drawn[r], data.sample_clients(50, 10, 0, r, "poisson"))
+        assert drawn[r].dtype == np.int64 and np.all(np.diff(drawn[r]) > 0)
+    assert not np.array_equal(drawn[0], data.sample_clients(50, 10, 1, 0, "poisson"))
+    sizes = np.asarray([len(c) for c in drawn])
+    assert len(set(sizes.tolist())) > 5  # the count varies from round to round
+    member = np.zeros((rounds, 50), bool)
+    for r, clients in enumerate(drawn):
+        member[r, clients] = True
+    sd = np.sqrt(q * (1 - q) / member.size)
+    assert abs(member.mean() - q) < 8 * sd
+    assert np.abs(member.mean(axis=0) - q).max() < 0.05  # sd 0.0089 per client
+    # Independent clients: two clients take part together at rate q² (sd ≈ 0.0045).
+    assert abs((member[:, 0] & member[:, 1]).mean() - q * q) < 0.03
+    # A small federation meets empty rounds (P = 0.75⁴ ≈ 0.32 for q = 1/4).
+    small = [len(data.sample_clients(4, 1, 3, r, "poisson")) for r in range(200)]
+    assert 0.2 < small.count(0) / 200 < 0.45
+    np.testing.assert_array_equal(data.sample_clients(4, 4, 9, 3, "poisson"), np.arange(4))
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        data.sample_clients(4, 2, 0, 0, sampling="bernoulli")
+
+
 @pytest.mark.parametrize("per_round", [0, 5, 2.0])
 def test_sample_clients_bad_clients_per_round(per_round):
     with pytest.raises(

@@ -124,6 +124,24 @@ class StandInAlgorithm:
         return jax.tree.unflatten(treedef, new), stats
 
 
+class Killed(Exception):
+    """Stands for the process dying mid-round."""
+
+
+class KilledAt:
+    """Proxies an algorithm and dies when ``collect`` starts round ``round``."""
+
+    def __init__(self, algorithm, round):
+        self.algorithm, self.round = algorithm, round
+        self.name = algorithm.name
+        self.local_train = algorithm.local_train
+
+    def collect(self, *args, **kwargs):
+        if args[6] == self.round:
+            raise Killed(f"killed in round {self.round}")
+        return self.algorithm.collect(*args, **kwargs)
+
+
 class CoinFlipUser:
     """A simulated user whose verdict is a fixed hash of the reply: about half the replies
     are "correct". The tiny random model never solves arithmetic, and SPEAR without wins

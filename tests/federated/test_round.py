@@ -134,31 +134,13 @@ def test_pruned_clients_send_nothing_and_empty_round_is_skipped(model_dir, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
-class Killed(Exception):
-    """Stands for the process dying mid-round."""
-
-
-class KilledAt:
-    """Proxies an algorithm and dies when ``collect`` starts round ``round``."""
-
-    def __init__(self, algorithm, round):
-        self.algorithm, self.round = algorithm, round
-        self.name = algorithm.name
-        self.local_train = algorithm.local_train
-
-    def collect(self, *args, **kwargs):
-        if args[6] == self.round:
-            raise Killed(f"killed in round {self.round}")
-        return self.algorithm.collect(*args, **kwargs)
-
-
 def _assert_resume_is_exact(config, algorithm, tmp_path, recorder=None):
     recorder = recorder or Recorder()
     run(config, tmp_path / "full", recorder, algorithm=algorithm)
     full_params = recorder.calls[-1][1][0]
     recorder.calls.clear()
-    with pytest.raises(Killed):
-        run(config, tmp_path / "resumed", recorder, algorithm=KilledAt(algorithm, 2))
+    with pytest.raises(fixtures.Killed):
+        run(config, tmp_path / "resumed", recorder, algorithm=fixtures.KilledAt(algorithm, 2))
     # A kill may leave a log line of the unfinished round; the resume must drop it.
     with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"round": 2, "partial": True}) + "\n")

@@ -136,6 +136,31 @@ def test_federation_gives_the_simulators_numbers(model_dir, tmp_path, algorithm,
     assert all(u < adapters / 2 if silent else u > adapters for u in upload)
 
 
+def test_simulated_stragglers_are_not_asked_and_the_numbers_are_the_simulators(model_dir, tmp_path):
+    """``fl.straggler`` on a federation: the server draws the stragglers as the simulator
+    does and does not ask their nodes; the others' slots are counted without them, so
+    records and adapters are the simulator's. Seed 5: client 0 misses round 2's deadline,
+    and client 1 plays slot 0."""
+    fields = dict(TINY, **{"model.path": str(model_dir), "seed": 5})
+    fields.update({"fl.straggler.deadline": 1.5, "fl.straggler.jitter": 0.5})
+    path = write_config(tmp_path, fields)
+    config = settings.load_config(path)
+    fedsp.run(config, tmp_path / "sim")
+    run_config = {"config": str(path), "workdir": str(tmp_path / "fl"), "min-clients": 1}
+    grid = LocalGrid(run_config, [{"partition-id": k} for k in (1, 0)])
+    server.serve(grid, run_config)
+
+    sim, fl = _records(tmp_path / "sim"), _records(tmp_path / "fl")
+    assert [_numbers(r) for r in sim] == [_numbers(r) for r in fl]
+    assert [(r["clients"], r["stragglers"]) for r in fl[1:]] == [([0, 1], []), ([1], [0])]
+    assert grid.trained == {1: 2, 2: 1}  # node 2 (client 0) was not asked in round 2
+    for x, y in zip(
+        jax.tree.leaves(_final_params(config, tmp_path / "sim")),
+        jax.tree.leaves(_final_params(config, tmp_path / "fl")),
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_pruning_before_upload_keeps_whom_the_server_step_keeps():
     rng = np.random.default_rng(0)
     config = fedsp.default_config()
