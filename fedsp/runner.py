@@ -17,6 +17,16 @@ different settings raises, naming the fields (``log.*``, ``checkpoint.*``,
 ``distributed.*``, ``fl.mesh`` and the memory levers ``model.remat``,
 ``local.micro_batch_size`` and ``fl.clients_at_once`` may change).
 
+Nothing is lost on a crash, and the resume is exact. The newest committed checkpoint is
+the run's truth: a kill (even mid-write: Orbax commits a round by renaming it into place,
+and deletes older rounds only after that), a full disk or a damaged newest checkpoint
+(moved aside to ``<round>.corrupt`` with a logged warning) leaves the run resuming after
+the newest readable round. A round's ``metrics.jsonl`` record is appended after its
+checkpoint is written, so the file never shows a round the checkpoints lack (rounds
+between checkpoints, with ``checkpoint.every`` > 1, excepted); the resume rewrites it
+from the restored history, so no round is recorded twice. A checkpoint that fails for
+lack of space raises OSError (ENOSPC) naming the path and the round to resume from.
+
 Multi-host (`fedsp.distributed`): every process calls `run` with the same config (but
 its own ``distributed.process_id``) and the same ``workdir``, which they must all see;
 the main process writes ``config.json``, ``metrics.jsonl``, TensorBoard and
@@ -26,6 +36,7 @@ the main process writes ``config.json``, ``metrics.jsonl``, TensorBoard and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -252,6 +263,8 @@ def save_checkpoint(state: RunState) -> None:
 
     Raises:
       ValueError: the run has no workdir.
+      OSError: ENOSPC (or EDQUOT) when the disk is full, naming the round's checkpoint
+        path and the round a rerun resumes after; the older rounds are intact.
     """
     run = state.run
     if run is None or run.checkpointer is None or run.workdir is None:
@@ -259,14 +272,49 @@ def save_checkpoint(state: RunState) -> None:
             "this run has no workdir to save checkpoints in (fedsp.init_run(config, workdir=...))"
         )
     algo, client_dir = run.algorithm, run.workdir / "client_state"
+    saved = run.checkpointer.latest_round()
     # Client state is host data every process holds alike: the main process writes it.
     main = distributed.is_main_process()
-    if hasattr(algo, "client_state") and main:
-        save_client_state(client_dir, state.round, algo.client_state())
-    run.checkpointer.save(state)  # every process: Orbax writes multi-host checkpoints
-    if hasattr(algo, "client_state") and main:
-        prune_client_state(client_dir, run.checkpointer.rounds())
+    try:
+        if hasattr(algo, "client_state") and main:
+            save_client_state(client_dir, state.round, algo.client_state())
+        run.checkpointer.save(state)  # every process: Orbax writes multi-host checkpoints
+        if hasattr(algo, "client_state") and main:
+            prune_client_state(client_dir, run.checkpointer.rounds())
+    except Exception as e:
+        code = _disk_full(e)
+        if code is None:
+            raise
+        # Orbax re-raises its writer threads' errors under screens of traceback; say what
+        # happened and what to do. The round is not committed, older ones are kept.
+        full = "the disk is full" if code == errno.ENOSPC else "the disk quota is used up"
+        resume = f"resume after round {saved}" if saved is not None else "start over"
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise OSError(
+            code,
+            f"{full}: the checkpoint of round {state.round} could not be written to "
+            f"{run.checkpointer.path(state.round)} ({type(e).__name__}: {cause}); free "
+            f"space in {run.workdir} and rerun the same command to {resume}",
+        ) from e
     distributed.sync(f"fedsp.save_checkpoint.{state.round}")
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> int | None:
+    """ENOSPC or EDQUOT if ``exc`` or an exception it chains says the disk (or quota) is
+    full: an OSError of a Python write, or tensorstore's ValueError ("[os_error_code='28']")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for code in _DISK_FULL:
+            if (isinstance(exc, OSError) and exc.errno == code) or (
+                f"os_error_code='{code}'" in str(exc)
+            ):
+                return code
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run(
@@ -368,10 +416,12 @@ def _run(
             bar.set_description_str(f"round {rnd}/{fl.rounds}{note}")
             bar.set_postfix_str("")
             state, record = run_round(state, hooks=hooks)
-            logger.write(record)
             if rnd % config.checkpoint.every == 0 or rnd == fl.rounds:
                 bar.set_description_str(f"round {rnd}/{fl.rounds}: checkpoint")
                 save_checkpoint(state)
+            # After the checkpoint: a crash in between leaves no record of a round the
+            # resume runs again (see the module docstring).
+            logger.write(record)
             bar.update(1)
             line = round_times(record)
             _log.info(line)

@@ -23,9 +23,11 @@ or ``jax.ShapeDtypeStruct`` in a template.
 Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when
 complete (``AtomicityMode.AUTO`` picks the rename on POSIX file systems), so a crash
 mid-save leaves the previous step loadable; listings ignore the partial directory and
-the next `RunCheckpointer` on the directory removes it. A step whose files are deleted
-or truncated raises `CorruptCheckpointError` naming it; `RunCheckpointer.restore_latest_valid`
-then falls back to the newest readable step.
+the next `RunCheckpointer` on the directory removes it; older steps beyond ``keep`` are
+deleted only after the new one is committed. A step whose files are deleted, truncated or
+overwritten (a CRC-32 of every array is saved on the JSON side) raises
+`CorruptCheckpointError` naming it; `RunCheckpointer.restore_latest_valid` then moves it
+aside, logs a warning naming it, and falls back to the newest readable step.
 
 `save_tree` / `load_tree` give the same encoding for a single directory (the player
 pool stores its entries with them).
@@ -33,12 +35,15 @@ pool stores its entries with them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import numbers
 import os
-import warnings
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +63,8 @@ from fedsp.checkpoint.trees import (
     to_json,
 )
 from fedsp.distributed import is_main_process, sync
+
+_log = logging.getLogger(__name__)
 
 
 def config_fingerprint(config: Any, *, ignore: Iterable[str] = ()) -> dict[str, JsonValue]:
@@ -110,6 +117,20 @@ def _fingerprint_diff(
 
 def _is_nan(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+    """Waits, at most ``timeout_s`` in all, for Orbax's live non-daemon threads to end."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if (
+            thread is not threading.current_thread()
+            and not thread.daemon
+            and type(thread).__module__.startswith("orbax.")
+        ):
+            # Orbax's threads re-raise their own error from join(): already reported.
+            with contextlib.suppress(Exception):
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------- run state
@@ -235,9 +256,15 @@ class RunCheckpointer:
             "pool": to_json(state.pool, "state.pool"),
             "metrics_history": to_json(list(state.metrics_history), "state.metrics_history"),
         }
-        self._checkpointer.save_checkpointables(
-            step, checkpointables(state.arrays(), meta), force=True
-        )
+        items = checkpointables(state.arrays(), meta)
+        try:
+            self._checkpointer.save_checkpointables(step, items, force=True)
+        except Exception:
+            # Orbax raises the first error of its writer threads while the others are still
+            # failing and logging theirs (screens of them on a full disk): let them end, so
+            # the caller's report of the failure comes after them, not above them.
+            _join_orbax_threads(timeout_s=10.0)
+            raise
         return self.path(step)
 
     def _loader(self, step: int) -> Loader:
@@ -288,7 +315,8 @@ class RunCheckpointer:
         """Restores the newest readable round, moving damaged newer ones aside.
 
         Each damaged round is renamed to ``<round>.corrupt`` (kept for inspection, no
-        longer listed) with a warning, so the resumed run saves its next rounds normally.
+        longer listed), with a logged warning naming it and why it could not be read, so
+        the resumed run saves its next rounds normally.
 
         Raises:
           FileNotFoundError: if there is no checkpoint.
@@ -298,29 +326,25 @@ class RunCheckpointer:
         rounds = self.rounds()
         if not rounds:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        errors = []
+        errors: dict[int, str] = {}
         for step in reversed(rounds):
             try:
                 state = self.restore(template, step)
             except CorruptCheckpointError as e:
-                errors.append(str(e))
+                errors[step] = str(e)
                 continue
             if errors:
-                self._quarantine([r for r in rounds if r > step])
-                warnings.warn(
-                    f"resumed from round {step}: newer round(s) could not be read and were "
-                    "renamed to <round>.corrupt: " + " | ".join(errors),
-                    stacklevel=2,
-                )
+                self._quarantine(errors, step)
             return state
         raise CorruptCheckpointError(
-            f"no readable checkpoint in {self.directory}: " + " | ".join(errors)
+            f"no readable checkpoint in {self.directory}: " + " | ".join(errors.values())
         )
 
-    def _quarantine(self, steps: Sequence[int]) -> None:
+    def _quarantine(self, errors: Mapping[int, str], resumed: int) -> None:
         if is_main_process():
-            for step in steps:
-                quarantine(self.path(step))
+            for step, error in errors.items():
+                moved = quarantine(self.path(step))
+                _log.warning("%s; moved it to %s, resuming from round %d", error, moved, resumed)
         sync("fedsp.checkpoint.quarantine")
         self._checkpointer.reload()
 

@@ -6,7 +6,10 @@ array leaf) into a JSON checkpointable of the same step, so both are committed t
 Restoring needs a template of the same structure: Orbax restores against its abstract
 version, so optax NamedTuple states, ``nnx.State`` adapters and typed PRNG keys come back
 as the same Python structure, dtype and sharding. A step whose files are deleted or
-truncated raises `CorruptCheckpointError` naming it.
+truncated raises `CorruptCheckpointError` naming it, and so does one whose array bytes
+were overwritten: the JSON side holds a CRC-32 of every array leaf, checked on restore
+(tensorstore's zstd chunks carry no checksum, so garbage inside a data file can decode
+to other numbers without an error).
 
 `save_tree` / `load_tree` write and read one directory (the player pool's entries);
 `fedsp.checkpoint.run_state` uses the same encoding for its per-round steps.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -152,6 +156,39 @@ def _check_signature(saved: Mapping[str, str], expected: Mapping[str, str], wher
         raise ValueError(f"template does not match {where}: {shown}")
 
 
+def _local_bytes(x: Any) -> np.ndarray | None:
+    """A leaf's bytes as this process holds them whole, or None if it holds a part only
+    (an array sharded over other hosts' devices)."""
+    if isinstance(x, jax.Array):
+        if x.is_fully_addressable:
+            x = np.asarray(x)
+        elif x.is_fully_replicated:
+            x = np.asarray(x.addressable_shards[0].data)
+        else:
+            return None
+    return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+
+
+def _checksums(encoded: PyTree) -> dict[str, str]:
+    """``{leaf path: CRC-32 of its bytes}`` for the leaves this process holds whole."""
+    sums = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(encoded)[0]:
+        data = _local_bytes(leaf)
+        if data is not None:
+            sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(data):08x}"
+    return sums
+
+
+def _check_checksums(saved: Mapping[str, str], restored: PyTree, where: str) -> None:
+    read = _checksums(restored)
+    bad = [k for k in sorted(saved) if k in read and read[k] != saved[k]]
+    if bad:
+        shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
+        raise CorruptCheckpointError(
+            f"{where} is corrupt: the data of {shown} does not match the CRC-32 saved with it"
+        )
+
+
 def _decode(template: PyTree, restored: PyTree) -> PyTree:
     """Rebuilds the template's Python structure (nnx.State, typed keys) around ``restored``."""
 
@@ -204,6 +241,8 @@ def checkpointables(tree: PyTree, meta: Mapping[str, Any] | None) -> dict[str, A
     body = {
         "format": _FORMAT,
         "signature": _signature(_abstract(encoded)),
+        # Optional in format 1: checkpoints written before it are read unchecked.
+        "checksums": _checksums(encoded),
         "meta": to_json(dict(meta or {}), "meta"),
     }
     items: dict[str, Any] = {_META: body}
@@ -240,6 +279,7 @@ def read_tree(load: Loader, where: str, template: PyTree, body: Mapping[str, Any
         restored = load({_TREE: abstract})[_TREE]
     except Exception as e:
         raise CorruptCheckpointError(f"{where} is corrupt or incomplete: {_root_cause(e)}") from e
+    _check_checksums(body.get("checksums", {}), restored, where)
     return _decode(template, restored)
 
 
