@@ -21,6 +21,14 @@ Where each setting comes from:
   round so rounds-to-target is measured to the round.
 - settings: centralized = `reference.centralized_config` (one client holding the pooled
   data of all 50); federated SFT and SPEAR = `reference.spear_config` with "sft" / "spear".
+- robustness: federated gold SFT in the SPEAR setting (50 clients), with
+  ``ROBUSTNESS_CLIENTS_PER_ROUND`` = 10 sampled per round (the reference's 3-5 leave an
+  order statistic almost nothing to order; 10 lets trimmed mean β = 0.25 drop 2 at each
+  end and Krum f = 2 meet n ≥ 2f + 3), evaluated every round; the aggregator, attack,
+  defences and DP fields are the CPU cell's (`experiments.tables.grids`). 10% and 25%
+  of 50 are 5 and 12 (24%) attackers, 1.0 and 2.4 a round on average. The DP clip norm
+  is the one measured at CPU scale: measure the full model's round-1 update norms
+  (`experiments.tables.running.update_norms`) and pass ``--set fl.dp.clip_norm=...``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ _SPEAR_SETTING = {
     "arithmetic": ("math", "train", "test"),
 }
 TPAW_CLIENTS = 8
+ROBUSTNESS_CLIENTS_PER_ROUND = 10
+# The CPU cell's server-step fields that the full-scale robustness cells copy.
+_ROBUSTNESS_FIELDS = ("aggregator", "trim_fraction", "krum_byzantine", "byzantine", "dp")
 
 
 def _spear(dataset: str, algorithm: str, seed: int) -> ml_collections.ConfigDict:
@@ -92,4 +103,17 @@ def full_config(table: str, run: str, dataset: str, seed: int) -> ml_collections
             config.seed = seed
             return config
         return _spear(dataset, {"fed_sft": "sft", "fed_selfplay": "spear"}[run], seed)
+    if table == "robustness":
+        from experiments.tables.grids import TABLES  # grids imports this module
+
+        runs = {r.key: r for r in TABLES["robustness"].runs}
+        if run not in runs:
+            raise ValueError(f"run={run!r}: the robustness table has runs {tuple(runs)}")
+        cpu = runs[run].build(dataset, seed)
+        config = _spear(dataset, cpu.algorithm.name, seed)
+        config.fl.clients_per_round = ROBUSTNESS_CLIENTS_PER_ROUND
+        for field in _ROBUSTNESS_FIELDS:
+            config.fl[field] = cpu.fl[field]
+        config.eval.every = 1
+        return config
     raise ValueError(f"table={table!r}: no full-scale configs")

@@ -19,9 +19,14 @@ a "cell") and *rows* read off the runs' learning curves:
   left a client — measured, not assumed: every cell runs with the server step wrapped by
   `ServerAudit`, which records the type of every leaf that reached the server; a
   centralized cell pools the users' text by construction.
+- ``robustness``: final accuracy and rounds to the target with 0 / 10 / 25% Byzantine
+  clients (sign_flip × 10) under the mean, trimmed mean (β = 0.25) and Krum (f = 2),
+  and DP-FedAvg's utility for noise multipliers z = 0, 0.5, 1.0 with the ε each spent;
+  federated gold SFT on arithmetic with 20 clients, 8 a round, so that 10% and 25% are
+  2 and 5 attackers (the design and its reasons: `grids`, "robustness table").
 
 CPU scale (the default): SmolLM2-135M-Instruct with LoRA, 8 clients on a Dirichlet(α = 1)
-split, 4 clients per round, seeds 0, 1, 2. Each table states its CPU budget
+split, 4 clients per round (robustness: 20 and 8), seeds 0, 1, 2. Each table states its CPU budget
 (`Table.cpu_budget_h`, the sum of `estimate_seconds` over the cells it runs in its own
 directory, so that the budgets add up; tables share identical cells, see
 `SHARING_ORDER`), and its results file records the measured wall time beside it; the
@@ -50,10 +55,21 @@ from experiments.tables.cost import (
     estimate_seconds,
 )
 from experiments.tables.grids import (
+    BYZANTINE_ATTACK,
+    BYZANTINE_FRACTIONS,
+    BYZANTINE_SCALE,
     CLIENTS_PER_ROUND,
     DEFAULT_SEEDS,
     DIRICHLET_ALPHA,
+    DP_CLIP_NORM,
+    DP_DELTA,
+    DP_GROUP,
+    DP_NOISE_MULTIPLIERS,
     NUM_CLIENTS,
+    ROBUST_CLIENTS_PER_ROUND,
+    ROBUST_KRUM_BYZANTINE,
+    ROBUST_NUM_CLIENTS,
+    ROBUST_TRIM_FRACTION,
     SCALES,
     SHARING_ORDER,
     TABLES,
@@ -66,13 +82,17 @@ from experiments.tables.grids import (
     cells,
     cpu_config,
     parse_set,
+    robustness_config,
     tiny_model,
     tiny_scale,
 )
 from experiments.tables.render import (
     accuracy_at,
+    attackers_per_round,
     bytes_until,
+    byzantine_count,
     collect,
+    final_epsilon,
     mean_std,
     plot_curves,
     raw_text_left_client,
@@ -85,18 +105,30 @@ from experiments.tables.running import (
     cell_commits,
     read_curves,
     run_cell,
+    update_norms,
     validation_problems,
 )
 
 __all__ = [
+    "BYZANTINE_ATTACK",
+    "BYZANTINE_FRACTIONS",
+    "BYZANTINE_SCALE",
     "CLIENTS_PER_ROUND",
     "COMMITS_FILE",
     "DECODE_TOKENS_S",
     "DEFAULT_SEEDS",
     "DIRICHLET_ALPHA",
+    "DP_CLIP_NORM",
+    "DP_DELTA",
+    "DP_GROUP",
+    "DP_NOISE_MULTIPLIERS",
     "FORWARD_TOKENS_S",
     "NUM_CLIENTS",
     "RESULTS",
+    "ROBUST_CLIENTS_PER_ROUND",
+    "ROBUST_KRUM_BYZANTINE",
+    "ROBUST_NUM_CLIENTS",
+    "ROBUST_TRIM_FRACTION",
     "ROUND_OVERHEAD_S",
     "SCALES",
     "SHARING_ORDER",
@@ -110,13 +142,16 @@ __all__ = [
     "Table",
     "accuracy_at",
     "apply_overrides",
+    "attackers_per_round",
     "bytes_until",
+    "byzantine_count",
     "cell_commits",
     "cell_dirs",
     "cells",
     "collect",
     "cpu_config",
     "estimate_seconds",
+    "final_epsilon",
     "main",
     "mean_std",
     "parse_set",
@@ -124,9 +159,11 @@ __all__ = [
     "raw_text_left_client",
     "read_curves",
     "render_markdown",
+    "robustness_config",
     "rounds_to_target",
     "run_cell",
     "tiny_model",
     "tiny_scale",
+    "update_norms",
     "validation_problems",
 ]

@@ -1,7 +1,7 @@
 """Runs the paper-style table grids and renders them:
 ``python -m experiments.tables --table NAME [--seeds 0,1,2] [--workdir runs/tables]``.
 
-``--table all`` runs the four tables in turn, each as its own invocation. ``--scale cpu``
+``--table all`` runs every table in turn, each as its own invocation. ``--scale cpu``
 (the default) is the tables' own scale; ``--scale tiny`` swaps in a 2-layer random model
 (built once under the workdir) with tiny sizes, to run the whole pipeline quickly: its
 numbers mean nothing and go to ``<workdir>/tiny/results``. ``--scale full`` uses the paper
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--table",
         required=True,
         choices=[*sorted(TABLES), "all"],
-        help="a table, or all four in turn",
+        help="a table, or all of them in turn",
     )
     p.add_argument(
         "--seeds",

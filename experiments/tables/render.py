@@ -1,7 +1,8 @@
 """A table's numbers and how they are shown: `collect` reads the rows off the cells'
 learning curves (mean ± sample std over seeds, rounds and bytes to a target accuracy,
-whether raw text left a client), `render_markdown` writes ``NAME.md``, `plot_curves`
-``NAME.png``, and `_jsonable` makes the results JSON-safe for ``NAME.json``.
+whether raw text left a client, Byzantine clients met per round and the ε spent),
+`render_markdown` writes ``NAME.md``, `plot_curves` ``NAME.png``, and `_jsonable` makes
+the results JSON-safe for ``NAME.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.tables.grids import Table
+from experiments.tables.grids import DP_GROUP, Table
 
 # --------------------------------------------------------------------------- numbers
 
@@ -47,6 +48,23 @@ def accuracy_at(curve: dict[str, float], rnd: int | None) -> float | None:
     return curve.get(str(rnd))
 
 
+def final_epsilon(curves: dict[str, Any]) -> float:
+    """The ε spent after a cell's last round (its last ``dp/epsilon``); ∞ for a cell
+    without DP (no ``dp/epsilon`` in its records) or without noise (null: ∞)."""
+    epsilon = curves.get("epsilon") or {}
+    if not epsilon:
+        return math.inf
+    last = epsilon[max(epsilon, key=int)]
+    return math.inf if last is None else float(last)
+
+
+def attackers_per_round(curves: dict[str, Any]) -> float | None:
+    """The mean number of Byzantine clients among a cell's uploads over its rounds
+    (the records' ``byzantine``); None if the records do not say."""
+    counts = [v for r, v in (curves.get("byzantine") or {}).items() if int(r) > 0]
+    return float(np.mean(counts)) if counts else None
+
+
 def collect(
     table: Table, results: list[dict[str, Any]], *, target: float | None = None
 ) -> dict[str, Any]:
@@ -66,7 +84,7 @@ def collect(
             }
             mean, std, n = mean_std(list(per_seed.values()))
             out["rows"][row.key][dataset] = {"per_seed": per_seed, "mean": mean, "std": std, "n": n}
-    if table.kind in ("aggregation", "settings"):
+    if table.kind in ("aggregation", "settings", "robustness"):
         out["targets"] = {}
         for dataset in table.datasets:
             if target is not None:
@@ -109,7 +127,31 @@ def collect(
                     bytes_to_target_stat=mean_std(list(sent.values())),
                     bytes_saved_stat=mean_std(list(total_saved.values())),
                 )
+    if table.kind == "robustness":
+        for row in table.rows:
+            for dataset in table.datasets:
+                ran = {s: by[(row.run, dataset, s)] for s in seeds if (row.run, dataset, s) in by}
+                attackers = {s: attackers_per_round(r["curves"]) for s, r in ran.items()}
+                epsilon = {s: final_epsilon(r["curves"]) for s, r in ran.items()}
+                out["rows"][row.key][dataset].update(
+                    byzantine_clients=byzantine_count(next(iter(ran.values()))["config"])
+                    if ran
+                    else None,
+                    attackers_per_round=attackers,
+                    attackers_per_round_stat=mean_std(list(attackers.values())),
+                    epsilon=epsilon,
+                )
     return out
+
+
+def byzantine_count(config: dict[str, Any]) -> tuple[int, int]:
+    """(attackers, clients) of a cell's saved config: the ⌊fraction · N⌋ Byzantine
+    clients `fedsp.federated.faults.byzantine_clients` makes of its N clients."""
+    from fedsp.federated.faults import byzantine_clients
+
+    clients = int(config["data"]["num_clients"])
+    fraction = float(config["fl"]["byzantine"]["fraction"])
+    return len(byzantine_clients(clients, fraction, 0)), clients
 
 
 def raw_text_left_client(result: dict[str, Any]) -> bool | None:
@@ -160,6 +202,9 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
         for dataset in table.datasets:
             goal = numbers["targets"][dataset]
             lines += [f"{dataset}: target accuracy {goal['target']:.3f} ({goal['rule']}).", ""]
+            if table.kind == "robustness":
+                lines += _robustness_lines(table, numbers["rows"], dataset, total)
+                continue
             if table.kind == "aggregation":
                 lines += [
                     "| method | final accuracy | rounds to target | MB sent to target "
@@ -242,6 +287,52 @@ def render_markdown(table: Table, numbers: dict[str, Any], meta: dict[str, Any])
     return "\n".join(lines)
 
 
+def _fmt_epsilon(values: Sequence[float]) -> str:
+    """ε over seeds: one number when they agree (it depends on the config alone), ∞
+    without noise, mean ± std otherwise."""
+    if not values:
+        return "—"
+    if all(v == values[0] for v in values):
+        return "∞" if math.isinf(values[0]) else f"{values[0]:.2f}"
+    return _fmt(mean_std([v for v in values if math.isfinite(v)]), 2, len(values))
+
+
+def _robustness_lines(table: Table, rows: dict[str, Any], dataset: str, total: int) -> list[str]:
+    """The robustness table of one dataset: the Byzantine rows (grouped by aggregator),
+    then the DP-FedAvg rows."""
+    byzantine = [r for r in table.rows if r.group != DP_GROUP]
+    dp = [r for r in table.rows if r.group == DP_GROUP]
+    lines = [
+        "| aggregator | Byzantine clients | final accuracy | rounds to target "
+        "| attackers among a round's uploads (measured) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in byzantine:
+        v = rows[row.key][dataset]
+        count = v["byzantine_clients"]
+        clients = row.label + (f" ({count[0]} of {count[1]} clients)" if count else "")
+        lines.append(
+            f"| {row.group} | {clients} | {_fmt((v['mean'], v['std'], v['n']), total=total)} "
+            f"| {_fmt(v['rounds_to_target_stat'], 1, total)} "
+            f"| {_fmt(v['attackers_per_round_stat'], 2, total)} |"
+        )
+    if dp:
+        lines += [
+            "",
+            "| DP-FedAvg noise multiplier | ε after the last round | final accuracy "
+            "| rounds to target |",
+            "|---|---|---|---|",
+        ]
+        for row in dp:
+            v = rows[row.key][dataset]
+            lines.append(
+                f"| {row.label} | {_fmt_epsilon(list(v['epsilon'].values()))} "
+                f"| {_fmt((v['mean'], v['std'], v['n']), total=total)} "
+                f"| {_fmt(v['rounds_to_target_stat'], 1, total)} |"
+            )
+    return [*lines, ""]
+
+
 def _speedup(rows: dict[str, Any], dataset: str) -> str:
     """Advantage weighting vs FedAvg in mean rounds to the target, as measured."""
     fed, adv = (rows[k][dataset]["rounds_to_target_stat"] for k in ("fedavg", "advantage"))
@@ -281,19 +372,46 @@ def _commit_summary(cell_commits: dict[str, list[str]]) -> str:
 
 def plot_curves(table: Table, results: list[dict[str, Any]], path: pathlib.Path) -> None:
     """Accuracy vs round per dataset (mean over seeds, ± std band); the aggregation
-    table adds accuracy vs cumulative MB sent."""
+    table adds accuracy vs cumulative MB sent. A table whose rows have groups gets one
+    panel per group and dataset, with the group's rows as curves; the robustness table
+    adds the DP utility curve: final accuracy vs noise multiplier, each point labelled
+    with its ε."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, "round") for d in table.datasets]
+    groups = list(dict.fromkeys(row.group for row in table.rows if row.group))
+    # (dataset, x axis, title, [(run key, curve label)])
+    panels: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+    for dataset in table.datasets:
+        if groups:
+            panels += [
+                (
+                    dataset,
+                    "round",
+                    f"{dataset}: {group}",
+                    [(r.run, r.label) for r in table.rows if r.group == group],
+                )
+                for group in groups
+            ]
+        else:
+            panels.append((dataset, "round", dataset, [(r.key, r.label) for r in table.runs]))
     if table.kind == "aggregation":
-        panels += [(d, "MB sent") for d in table.datasets]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (dataset, x_axis) in zip(axes[0], panels):
-        for run in table.runs:
-            runs = [r["curves"] for r in results if r["run"] == run.key and r["dataset"] == dataset]
+        panels += [
+            (d, "MB sent", d, [(r.key, r.label) for r in table.runs]) for d in table.datasets
+        ]
+    utility = table.kind == "robustness" and any(r.group == DP_GROUP for r in table.rows)
+    width = len(panels) + (len(table.datasets) if utility else 0)
+    fig, axes = plt.subplots(1, width, figsize=(4.5 * width, 3.4), squeeze=False)
+    # Grouped panels share the accuracy axis, and a row keeps its colour (its place in
+    # its group: 0% / 10% / 25% alike under every aggregator).
+    if groups:
+        for ax in axes[0][1 : len(panels)]:
+            ax.sharey(axes[0][0])
+    for ax, (dataset, x_axis, title, curves) in zip(axes[0], panels):
+        for i, (key, label) in enumerate(curves):
+            runs = [r["curves"] for r in results if r["run"] == key and r["dataset"] == dataset]
             if not runs:
                 continue
             rounds = sorted({int(k) for c in runs for k in c["accuracy"]})
@@ -308,19 +426,53 @@ def plot_curves(table: Table, results: list[dict[str, Any]], path: pathlib.Path)
                     )
                     / 1e6
                 )
-            ax.plot(x, mean, marker="o", label=run.label)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-        ax.set_title(dataset)
+            color = f"C{i}" if groups else None
+            ax.plot(x, mean, marker="o", label=label, color=color)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=color)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(x_axis)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
-    if labelled:
-        labelled[-1].legend(fontsize=7)
+        if groups and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if utility:
+        for ax, dataset in zip(axes[0][len(panels) :], table.datasets):
+            _plot_utility(ax, table, results, dataset)
+    if not groups:
+        labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+        if labelled:
+            labelled[-1].legend(fontsize=7)
     fig.suptitle(table.title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_utility(ax: Any, table: Table, results: list[dict[str, Any]], dataset: str) -> None:
+    """Final accuracy (mean ± std over seeds) vs the DP rows' noise multiplier z (0 for
+    a cell without DP), each point labelled with the ε its cells spent."""
+    points = []
+    for row in (r for r in table.rows if r.group == DP_GROUP):
+        cells_ = [r for r in results if r["run"] == row.run and r["dataset"] == dataset]
+        if not cells_:
+            continue
+        dp = cells_[0]["config"]["fl"]["dp"]
+        z = float(dp["noise_multiplier"]) if dp["clip_norm"] else 0.0
+        acc = mean_std([accuracy_at(c["curves"]["accuracy"], None) for c in cells_])
+        points.append((z, acc, _fmt_epsilon([final_epsilon(c["curves"]) for c in cells_])))
+    points.sort()
+    if points:
+        z = np.array([p[0] for p in points])
+        mean = np.array([p[1][0] for p in points])
+        std = np.nan_to_num(np.array([p[1][1] for p in points]))
+        ax.errorbar(z, mean, yerr=std, marker="o", capsize=3)
+        for x, y, eps in zip(z, mean, (p[2] for p in points)):
+            ax.annotate(f"ε = {eps}", (x, y), textcoords="offset points", xytext=(5, 6), fontsize=7)
+        ax.margins(x=0.15, y=0.2)
+    ax.set_title(f"{dataset}: DP-FedAvg utility (final accuracy)", fontsize=9)
+    ax.set_xlabel("noise multiplier z")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
 
 
 # --------------------------------------------------------------------------- JSON

@@ -17,7 +17,9 @@ from experiments.tables.grids import Cell, _comparable
 
 
 def validation_problems(grid: Sequence[Cell]) -> list[str]:
-    """`fedsp.config.validate` of every cell, one line per bad cell (naming the fields)."""
+    """`fedsp.config.validate` of every cell, one line per bad cell (naming the fields),
+    and a DP cell without ``dp_accounting`` installed (its first round would stop on it,
+    after the cells before it had run)."""
     from fedsp import config as config_lib
 
     problems = []
@@ -26,7 +28,18 @@ def validation_problems(grid: Sequence[Cell]) -> list[str]:
             config_lib.validate(cell.config)
         except ValueError as err:
             problems.append(f"{cell.name}: " + "; ".join(str(err).splitlines()[1:]).strip())
+        if cell.config.fl.dp.clip_norm and not _dp_accounting_installed():
+            problems.append(
+                f"{cell.name}: fl.dp.clip_norm: the ε accounting needs dp_accounting "
+                "(pip install -e '.[dp]')"
+            )
     return problems
+
+
+def _dp_accounting_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dp_accounting") is not None
 
 
 # --------------------------------------------------------------------------- commits
@@ -174,12 +187,47 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
     return summary
 
 
+def update_norms(config: Any, rounds: int = 1) -> list[list[float]]:
+    """Per round 1..``rounds`` of ``config``'s run (from its start, writing nothing),
+    each sampled client's ‖θ_k − θ_r‖₂ over all its adapters, as the server receives it
+    (after any simulated attack): how the robustness table's DP clip norm was chosen.
+    No round is evaluated unless it is the run's last (``eval.every`` = 0; ``fl.rounds``
+    is kept, so the learning rate is the run's)."""
+    import jax
+    import jax.numpy as jnp
+
+    import fedsp
+
+    config = config.copy_and_resolve_references()
+    config.eval.every = 0
+    config.log.progress = False
+    state = fedsp.init_run(config)
+    norms: list[list[float]] = []
+
+    def on_uploads(rnd: int, uploads: Any) -> None:
+        squares = [
+            jnp.sum(
+                (jnp.asarray(c, jnp.float32) - jnp.asarray(s, jnp.float32)[None]) ** 2,
+                axis=tuple(range(1, c.ndim)),
+            )
+            for c, s in zip(jax.tree.leaves(uploads.params), jax.tree.leaves(state.params))
+        ]
+        norms.append([float(x) for x in jnp.sqrt(sum(squares))])
+
+    hooks = fedsp.RoundHooks(on_uploads=on_uploads)
+    for _ in range(rounds):
+        state, _ = fedsp.run_round(state, hooks=hooks)
+    return norms
+
+
 def read_curves(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
     """Per-round curves of a run directory's ``metrics.jsonl``: accuracy (evaluated
-    rounds), bytes sent and bytes saved (every round; round 0 sends nothing), and each
+    rounds), bytes sent and bytes saved (every round; round 0 sends nothing), each
     round's wall time (``time_s``: training and evaluation, without start-up), which adds
-    up across the processes of a resumed cell."""
-    accuracy, sent, saved, seconds = {}, {}, {}, {}
+    up across the processes of a resumed cell, the number of Byzantine clients among the
+    round's uploads (``byzantine``, rounds 1..R) and, with DP, the ε spent after the
+    round (``dp/epsilon``; None where the record has null, i.e. ∞)."""
+    accuracy, sent, saved, seconds, byzantine, epsilon = {}, {}, {}, {}, {}, {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         rnd = str(record["round"])
@@ -189,4 +237,15 @@ def read_curves(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
         saved[rnd] = record.get("bytes_saved", 0)
         if "time_s" in record:
             seconds[rnd] = record["time_s"]
-    return {"accuracy": accuracy, "bytes_sent": sent, "bytes_saved": saved, "time_s": seconds}
+        if "byzantine" in record:
+            byzantine[rnd] = len(record["byzantine"])
+        if "dp/epsilon" in record:
+            epsilon[rnd] = record["dp/epsilon"]
+    return {
+        "accuracy": accuracy,
+        "bytes_sent": sent,
+        "bytes_saved": saved,
+        "time_s": seconds,
+        "byzantine": byzantine,
+        "epsilon": epsilon,
+    }

@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from math import comb
 
+import ml_collections
 import numpy as np
 import pytest
 
 import experiments.tables
 import fedsp
 from experiments.tables import cli, cost, grids, render, running
+from fedsp import data
+from fedsp.core import privacy
+from fedsp.federated import faults
 from tests.federated import fixtures
 
 
@@ -65,6 +70,15 @@ def test_package_reexports_the_modules_public_names():
             ("arithmetic",),
         ),
         ("settings", ("centralized", "fed_sft", "fed_selfplay"), ("arithmetic",)),
+        (
+            "robustness",
+            (
+                *(f"{a}_byz{p}" for a in ("mean", "trimmed", "krum") for p in (0, 10, 25)),
+                "dp_z0.5",
+                "dp_z1",
+            ),
+            ("arithmetic",),
+        ),
     ],
 )
 def test_grid_has_every_run_dataset_seed(name, runs, datasets):
@@ -79,7 +93,7 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
         assert config.algorithm.name in fedsp.algorithm_names()
         if cell.run != "centralized":
             assert (config.data.num_clients, config.data.partition, config.data.alpha) == (
-                8,
+                20 if name == "robustness" else 8,
                 "dirichlet",
                 1.0,
             )
@@ -136,10 +150,112 @@ def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
     assert central.rollout.prompts_per_client == 4 * fed.rollout.prompts_per_client
 
 
-def test_arithmetic_cells_validate():
+def test_robustness_cells_differ_only_in_what_the_row_names():
+    table = grids.TABLES["robustness"]
+    configs = {c.run: c.config for c in grids.cells(table, seeds=[0])}
+    clean = configs["mean_byz0"]
+    for run, config in configs.items():
+        aggregator, _, percent = run.partition("_byz")
+        want = set()
+        if run.startswith("dp_"):
+            want = {"fl.dp.clip_norm", "fl.dp.noise_multiplier"}
+            z = float(run.removeprefix("dp_z"))
+            assert (config.fl.dp.clip_norm, config.fl.dp.noise_multiplier) == (0.65, z)
+        else:
+            name = {"mean": "mean", "trimmed": "trimmed_mean", "krum": "krum"}[aggregator]
+            fraction = int(percent) / 100
+            assert (config.fl.aggregator, config.fl.byzantine.fraction) == (name, fraction)
+            want |= {"fl.aggregator"} if aggregator != "mean" else set()
+            want |= {"fl.byzantine.fraction"} if fraction else set()
+        assert _diff(clean, config) == want, run
+    # Attack, defences and δ are set in every cell (inert where unused); the clean cell is
+    # the settings table's federated gold-SFT cell with 20 clients, 8 a round, max_len 64.
+    fed_sft = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0].config
+    assert _diff(fed_sft, clean) == {
+        "data.num_clients",
+        "fl.clients_per_round",
+        "local.max_len",
+        "fl.byzantine.scale",
+        "fl.trim_fraction",
+        "fl.krum_byzantine",
+    }
+    assert (clean.data.num_clients, clean.fl.clients_per_round, clean.local.max_len) == (20, 8, 64)
+    assert (clean.fl.byzantine.attack, clean.fl.byzantine.scale) == ("sign_flip", 10.0)
+    assert (clean.fl.trim_fraction, clean.fl.krum_byzantine, clean.fl.dp.delta) == (0.25, 2, 1e-5)
+    assert clean.algorithm.name == "sft" and clean.fl.rounds == 6 and clean.eval.every == 1
+    # Rows: the Byzantine rows by aggregator, then DP with z = 0 read off the clean run.
+    assert [(r.group, r.label, r.run) for r in table.rows] == [
+        *(
+            (group, f"{p}%", f"{a}_byz{p}")
+            for a, group in (
+                ("mean", "mean (FedAvg)"),
+                ("trimmed", "trimmed mean (β = 0.25)"),
+                ("krum", "Krum (f = 2)"),
+            )
+            for p in (0, 10, 25)
+        ),
+        ("DP-FedAvg", "z = 0 (no DP: the mean row at 0%)", "mean_byz0"),
+        ("DP-FedAvg", "z = 0.5", "dp_z0.5"),
+        ("DP-FedAvg", "z = 1", "dp_z1"),
+    ]
+    assert table.target_run == "mean_byz0" and table.kind == "robustness"
+
+
+def test_robustness_attackers_and_privacy_as_documented():
+    # 10% and 25% of 20 clients are exactly 2 and 5 attackers, whatever the seed.
+    for fraction, count in zip(grids.BYZANTINE_FRACTIONS, (0, 2, 5)):
+        for seed in (0, 1, 2):
+            assert len(faults.byzantine_clients(20, fraction, seed)) == count
+            config = grids.robustness_config("arithmetic", seed, byzantine=fraction)
+            assert render.byzantine_count(json.loads(config.to_json_best_effort())) == (count, 20)
+    # (8 clients would realise 0 and 2; 10 clients 1 and 2.)
+    assert [len(faults.byzantine_clients(n, f, 0)) for n in (8, 10) for f in (0.1, 0.25)] == [
+        0,
+        2,
+        1,
+        2,
+    ]
+
+    # A round samples 8 of 20 without replacement: hypergeometric attacker counts.
+    def pmf(k, attackers):
+        return comb(attackers, k) * comb(20 - attackers, 8 - k) / comb(20, 8)
+
+    assert sum(k * pmf(k, 2) for k in range(3)) == pytest.approx(0.8)
+    assert sum(k * pmf(k, 5) for k in range(6)) == pytest.approx(2.0)
+    assert sum(pmf(k, 5) for k in range(3, 6)) == pytest.approx(0.30, abs=0.01)
+    attackers = faults.byzantine_clients(20, 0.25, 0)
+    met = [np.isin(data.sample_clients(20, 8, 0, r), attackers).sum() for r in range(1, 1001)]
+    assert np.mean(met) == pytest.approx(2.0, abs=0.1)
+    # sign_flip × 10 under FedAvg (lr 1): the expected step in honest steps.
+    assert [(8 - 11 * a) / 8 for a in (0.8, 2.0)] == pytest.approx([-0.1, -1.75])
+    # Defences sized for 2 attackers in 8: β·8 = 2 dropped at each end; n ≥ 2f + 3.
+    assert math.floor(grids.ROBUST_TRIM_FRACTION * 8) == 2
+    assert 2 * grids.ROBUST_KRUM_BYZANTINE + 3 <= 8
+    # The ε the notes quote after 6 rounds, and the noise norm vs C.
+    eps = [
+        privacy.epsilon(6, num_clients=20, clients_per_round=8, noise_multiplier=z, delta=1e-5)
+        for z in (0.5, 1.0)
+    ]
+    assert eps == pytest.approx([27.6, 10.3], abs=0.05)
+    d = 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r8
+    assert d * 4 == 9_768_960  # the adapter bytes the aggregation table's cells sent
+    assert [z * 0.65 * math.sqrt(d) / 8 for z in (0.5, 1.0)] == pytest.approx(
+        [63.5, 127.0], abs=0.1
+    )
+
+
+def test_arithmetic_cells_validate(monkeypatch):
     for name in grids.TABLES:
         grid = [c for c in grids.cells(grids.TABLES[name], seeds=[0]) if c.dataset == "arithmetic"]
         assert running.validation_problems(grid) == []
+    # Without dp_accounting the DP cells are refused before anything runs.
+    monkeypatch.setattr(running, "_dp_accounting_installed", lambda: False)
+    grid = grids.cells(grids.TABLES["robustness"], seeds=[0], only=["dp_z", "mean_byz0"])
+    assert running.validation_problems(grid) == [
+        f"dp_z{z}-arithmetic-s0: fl.dp.clip_norm: the ε accounting needs dp_accounting "
+        "(pip install -e '.[dp]')"
+        for z in ("0.5", "1")
+    ]
 
 
 def _own_cells(name):
@@ -156,7 +272,7 @@ def test_stated_budgets_match_the_cost_model():
         hours = sum(cost.estimate_seconds(c.config) for c in _own_cells(table.name)) / 3600
         assert abs(hours - table.cpu_budget_h) <= 0.1 * table.cpu_budget_h, (table.name, hours)
         total += hours
-    assert total < 8.5
+    assert total < 12  # 8.1 h for the four paper tables, 3.3 h for robustness
 
 
 def test_identical_cells_are_shared_across_tables():
@@ -286,6 +402,91 @@ def test_collect_aggregation_numbers():
     assert "| FedAvg + pruning | 0.200 ± 0.000 | — |" in md
 
 
+def _robust_result(run, seed, accuracy, attackers, epsilon=None):
+    r = _result(run, seed, accuracy, num_clients=20)
+    rounds = [k for k in accuracy if k != "0"]
+    r["curves"]["byzantine"] = dict(zip(rounds, attackers))
+    r["curves"]["epsilon"] = epsilon or {}
+    fraction = {"0": 0.0, "10": 0.1, "25": 0.25}[run.partition("_byz")[2] or "0"]
+    noise = float(run.removeprefix("dp_z")) if run.startswith("dp_") else 0.0
+    r["config"]["fl"] = {
+        "byzantine": {"fraction": fraction},
+        "dp": {"clip_norm": 0.65 if noise else 0.0, "noise_multiplier": noise},
+    }
+    return r
+
+
+def test_collect_and_render_robustness_numbers(tmp_path):
+    table = grids.TABLES["robustness"]
+    eps = {"1": 9.78, "2": 15.0, "3": 18.5}
+    results = []
+    for seed in (0, 1):
+        results += [
+            _robust_result("mean_byz0", seed, {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.5}, [0, 0, 0]),
+            _robust_result(
+                "mean_byz25",
+                seed,
+                {"0": 0.1, "1": 0.0, "2": 0.0, "3": 0.0},
+                [[2, 3, 1], [1, 2, 3]][seed],
+            ),
+            _robust_result(
+                "krum_byz25",
+                seed,
+                [
+                    {"0": 0.1, "1": 0.3, "2": 0.3, "3": 0.4},
+                    {"0": 0.1, "1": 0.2, "2": 0.4, "3": 0.4},
+                ][seed],
+                [[2, 2, 2], [3, 3, 3]][seed],
+            ),
+            _robust_result(
+                "dp_z0.5", seed, {"0": 0.1, "1": 0.0, "2": 0.1, "3": 0.0}, [0, 0, 0], eps
+            ),
+        ]
+    numbers = render.collect(table, results)
+    # target = round-0 + 0.5 × (best − round-0) of the clean mean run = 0.1 + 0.5 × 0.4
+    assert numbers["targets"]["arithmetic"]["target"] == pytest.approx(0.3)
+    rows = numbers["rows"]
+    krum = rows["krum_byz25"]["arithmetic"]
+    assert krum["rounds_to_target"] == {0: 1, 1: 2}
+    assert krum["attackers_per_round"] == {0: 2.0, 1: 3.0}
+    assert krum["byzantine_clients"] == (5, 20) and krum["epsilon"] == {0: math.inf, 1: math.inf}
+    assert rows["dp_z0.5"]["arithmetic"]["epsilon"] == {0: 18.5, 1: 18.5}
+    assert rows["dp_z0"]["arithmetic"]["mean"] == pytest.approx(0.5)  # the clean mean run
+    md = render.render_markdown(
+        table, numbers, {"scale": "cpu", "estimated_s": 3600.0, "measured_s": 0.0, "command": "x"}
+    )
+    for line in (
+        "| mean (FedAvg) | 0% (0 of 20 clients) | 0.500 ± 0.000 | 2.0 ± 0.0 | 0.00 ± 0.00 |",
+        "| mean (FedAvg) | 25% (5 of 20 clients) | 0.000 ± 0.000 | — | 2.00 ± 0.00 |",
+        "| trimmed mean (β = 0.25) | 10% | — | — | — |",
+        "| Krum (f = 2) | 25% (5 of 20 clients) | 0.400 ± 0.000 | 1.5 ± 0.7 | 2.50 ± 0.71 |",
+        "| z = 0 (no DP: the mean row at 0%) | ∞ | 0.500 ± 0.000 | 2.0 ± 0.0 |",
+        "| z = 0.5 | 18.50 | 0.000 ± 0.000 | — |",
+        "| z = 1 | — | — | — |",
+    ):
+        assert line in md.splitlines(), line
+    assert "Stated CPU budget (2 cores, CPU scale, 3 seeds): 3.3 h." in md
+    assert render._fmt_epsilon([18.5, 19.5]) == "19.00 ± 0.71"
+    render.plot_curves(table, results, tmp_path / "robustness.png")
+    assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_curves_counts_attackers_and_reads_epsilon(tmp_path):
+    records = [
+        {"round": 0, "eval/accuracy": 0.0},
+        {"round": 1, "byzantine": [3, 7], "dp/epsilon": 9.7, "eval/accuracy": 0.1},
+        {"round": 2, "byzantine": [], "dp/epsilon": None, "eval/accuracy": 0.2},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = running.read_curves(tmp_path)
+    assert curves["byzantine"] == {"1": 2, "2": 0} and curves["epsilon"] == {"1": 9.7, "2": None}
+    assert render.attackers_per_round(curves) == 1.0
+    assert render.final_epsilon(curves) == math.inf  # null: no noise
+    assert render.final_epsilon(dict(curves, epsilon={"1": 9.7, "2": 12.0})) == 12.0
+    assert render.final_epsilon({"accuracy": {}}) == math.inf  # no DP at all
+    assert render.attackers_per_round({"accuracy": {}}) is None
+
+
 def test_raw_text_flag_comes_from_the_audit_and_the_pooling():
     assert render.raw_text_left_client(_result("fed_sft", 0, {"0": 0.0})) is False
     assert render.raw_text_left_client(_result("x", 0, {"0": 0.0}, text_leaves=1)) is True
@@ -362,6 +563,19 @@ def test_full_scale_configs_for_every_row(capsys):
         c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[1], scale="full")
     }
     assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
+    robust = {
+        c.run: c.config for c in grids.cells(grids.TABLES["robustness"], seeds=[0], scale="full")
+    }
+    cpu = {c.run: c.config for c in grids.cells(grids.TABLES["robustness"], seeds=[0])}
+    for run, config in robust.items():
+        assert (config.data.num_clients, config.fl.clients_per_round) == (50, 10)
+        assert config.algorithm.name == "sft" and config.eval.every == 1
+        for field in ("aggregator", "trim_fraction", "krum_byzantine", "byzantine", "dp"):
+            full_value, cpu_value = config.fl[field], cpu[run].fl[field]
+            if isinstance(cpu_value, ml_collections.ConfigDict):
+                full_value, cpu_value = full_value.to_dict(), cpu_value.to_dict()
+            assert full_value == cpu_value, (run, field)
+    assert [len(faults.byzantine_clients(50, f, 0)) for f in (0.1, 0.25)] == [5, 12]
     assert cli.main(["--table", "tpaw", "--scale", "full", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "Qwen/Qwen2.5-1.5B" in out and "== tpaw-gsm8k-s2" in out
@@ -443,6 +657,71 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
     # A finished cell whose config changed is refused, naming the field.
     with pytest.raises(ValueError, match=r"local\.lr"):
         cli.main([*argv, "--set", "local.lr=0.001"])
+
+
+@pytest.mark.slow
+def test_tiny_robustness_table_runs_and_renders(model_dir, tmp_path):
+    # Three of its cells: the clean mean run (the target and the z = 0 row), Krum under
+    # attack and DP-FedAvg. 4 clients, all sampled, so 25% is one attacker every round.
+    argv = [
+        "--table",
+        "robustness",
+        "--scale",
+        "tiny",
+        "--seeds",
+        "0",
+        "--cells",
+        "mean_byz0,krum_byz25,dp_z0.5",
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        "data.num_clients=4",
+        "--set",
+        "fl.clients_per_round=4",
+    ]
+    assert cli.main(argv) == 0
+    results = tmp_path / "results"
+    md = (results / "robustness.md").read_text()
+    data_ = json.loads((results / "robustness.json").read_text())
+    rows = data_["numbers"]["rows"]
+    assert rows["krum_byz25"]["arithmetic"]["attackers_per_round"] == {"0": 1.0}
+    assert rows["mean_byz0"]["arithmetic"]["attackers_per_round"] == {"0": 0.0}
+    krum = next(line for line in md.splitlines() if line.startswith("| Krum (f = 2) | 25%"))
+    assert krum.startswith("| Krum (f = 2) | 25% (1 of 4 clients) | ") and krum.endswith(
+        " | 1.00 |"
+    )
+    # ε after 2 rounds of 4 of 4 clients at z = 0.5, as the accountant gives it.
+    eps = privacy.epsilon(2, num_clients=4, clients_per_round=4, noise_multiplier=0.5, delta=1e-5)
+    assert rows["dp_z0.5"]["arithmetic"]["epsilon"]["0"] == pytest.approx(eps)
+    assert f"| z = 0.5 | {eps:.2f} | " in md
+    assert "| z = 0 (no DP: the mean row at 0%) | ∞ | " in md
+    assert rows["dp_z0"]["arithmetic"]["per_seed"] == rows["mean_byz0"]["arithmetic"]["per_seed"]
+    assert (results / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The records name the run's one attacker in every round; the z = 0 row ran no cell.
+    workdir = tmp_path / "runs" / "tiny" / "robustness"
+    attacker = faults.byzantine_clients(4, 0.25, 0).tolist()
+    records = (workdir / "krum_byz25-arithmetic-s0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["byzantine"] for r in records[1:]] == [attacker, attacker]
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "dp_z0.5-arithmetic-s0",
+        "krum_byz25-arithmetic-s0",
+        "mean_byz0-arithmetic-s0",
+    ]
+
+
+def test_update_norms_measures_what_the_server_receives(model_dir):
+    # 2 clients, one of them an attacker sending θ_r back (a "scale" attack with s = 0).
+    config = grids.robustness_config("arithmetic", 0, byzantine=0.5)
+    grids.tiny_scale(config, str(model_dir))
+    config.fl.byzantine.attack, config.fl.byzantine.scale = "scale", 0.0
+    (norms,) = running.update_norms(config)
+    clients = data.sample_clients(2, 2, 0, 1)
+    attacked = np.isin(clients, faults.byzantine_clients(2, 0.5, 0))
+    assert [n == 0.0 for n in norms] == attacked.tolist() and max(norms) > 0
 
 
 def test_speedup_line_reports_what_was_measured():
