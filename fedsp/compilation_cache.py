@@ -15,6 +15,8 @@ The cache holds at most `MAX_BYTES` (least recently used entries go first); with
 bound JAX locks the directory while it reads or writes an entry, so processes that share
 it (test workers, the hosts of one machine) never read a half-written one. As JAX warns,
 the cache is trusted: anyone who can write to it can make your processes run their code.
+Beside it, `fedsp.executables` keeps the programs a run starts with, loadable without
+tracing (its ``executables/`` folder).
 
 `compile_clock` counts, from JAX's monitoring events, the seconds this process spent
 tracing, lowering and compiling (or loading from the cache) and the cache's hits and

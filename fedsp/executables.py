@@ -18,9 +18,9 @@ its arguments (static arguments, closed-over settings such as the run's config) 
 in it. fedsp's own source is in every key, so editing fedsp starts over (a program is
 compiled under a name that carries its key, so JAX's cache does not serve it an old
 version's executable: one that JAX loaded from its cache cannot be serialised again on
-CPU, and is then used but not stored). Under a
-transformation (tracers among the arguments) and in multi-process runs the wrapped
-``jax.jit`` function runs as usual. Entries are written atomically (a temporary file,
+CPU, and is then used but not stored). ``jax.clear_caches()`` drops the executables a
+process holds, as it drops jit's. Under a transformation (tracers among the arguments)
+and in multi-process runs the plain ``jax.jit`` function runs. Entries are written atomically (a temporary file,
 then a rename); an entry that fails to load is deleted and compiled again. As with
 JAX's cache, anyone who can write the directory can make your processes run their code.
 """
@@ -164,10 +164,22 @@ class Program:
         )
         self._executables: dict[str, jax.stages.Compiled] = {}
         self._lock = threading.Lock()
+        _register_with_jax(self)
 
     def cache_size(self) -> int:
         """Distinct executables this process has compiled or loaded."""
         return len(self._executables)
+
+    def cache_clear(self) -> None:
+        """Drops the executables held in memory (``jax.clear_caches()`` calls it)."""
+        with self._lock:
+            self._executables.clear()
+
+    def cache_info(self) -> str:
+        return f"{self.name}: {len(self._executables)} executables"
+
+    def cache_keys(self) -> list[str]:
+        return list(self._executables)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         static = {k: v for k, v in kwargs.items() if k in self.static_argnames}
@@ -194,15 +206,15 @@ class Program:
     def _key(self, static: dict[str, Any], treedef: Any, leaves: list[Any]) -> str | None:
         """The entry's name, or None when a static part has no stable form (then the
         jitted function runs as usual)."""
-        parts = [_stable(x) for x in (self.static_key, sorted(static.items()), treedef)]
-        if None in parts:
-            return None
+        parts = [self.name.encode()]
+        for value in (self.static_key, sorted(static.items()), treedef):
+            stable = _stable(value)
+            if stable is None:
+                return None
+            parts.append(stable)
+        parts.append(repr((tuple(_leaf_key(x) for x in leaves), _environment())).encode())
         digest = hashlib.sha256()
-        for part in (
-            self.name.encode(),
-            *parts,
-            repr((tuple(_leaf_key(x) for x in leaves), _environment())).encode(),
-        ):
+        for part in parts:
             digest.update(hashlib.sha256(part).digest())
         return digest.hexdigest()
 
@@ -231,6 +243,15 @@ class Program:
         if path is not None and _jax_cache_hits() == hits:
             _save(path, executable, self.name)
         return executable
+
+
+def _register_with_jax(program: Program) -> None:
+    """Makes ``jax.clear_caches()`` drop ``program``'s executables, as it drops jit's."""
+    try:
+        from jax._src.util import register_cache  # JAX's registry of clearable caches
+    except ImportError:  # a jax without it: `Program.cache_clear` by hand
+        return
+    register_cache(program, program.name)
 
 
 def _renamed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -292,7 +313,10 @@ def _load(path: pathlib.Path, name: str, *, background: bool = False) -> jax.sta
 def _save(path: pathlib.Path, executable: jax.stages.Compiled, name: str) -> None:
     try:
         # The devices it runs on (deserialising loads it for all devices otherwise).
-        device_ids = [d.id for d in executable.runtime_executable().local_devices()]
+        runtime = executable.runtime_executable()
+        if runtime is None:
+            raise ValueError("no runtime executable")
+        device_ids = [d.id for d in runtime.local_devices()]
         payload = pickle.dumps((*serialize_executable.serialize(executable), device_ids))
     except (ValueError, NotImplementedError, pickle.PicklingError) as error:
         log.info("%s: not saved, the executable cannot be serialised (%s)", name, error)

@@ -147,3 +147,12 @@ def test_code_key_hashes_user_code_only():
 
 class TestOnly:
     __test__ = False
+
+
+def test_jax_clear_caches_drops_the_executables_in_memory(store):
+    p = program()
+    p(jnp.arange(2.0), jnp.float32(0.0), 2.0)
+    assert p.cache_size() == 1
+    jax.clear_caches()
+    assert p.cache_size() == 0
+    np.testing.assert_array_equal(p(jnp.arange(2.0), jnp.float32(1.0), 2.0)["y"], [1.0, 3.0])

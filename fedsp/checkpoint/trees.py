@@ -175,7 +175,7 @@ def _checksums(encoded: PyTree) -> dict[str, str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(encoded)[0]:
         data = _local_bytes(leaf)
         if data is not None:
-            sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(data):08x}"
+            sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(data.tobytes()):08x}"
     return sums
 
 
