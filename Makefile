@@ -68,9 +68,15 @@ demo: setup assets
 	$(PY) -m experiments.run --config=experiments/configs/demo.py --workdir=runs/demo
 
 # The paper-style tables at CPU scale into experiments/results (resumable: cells finished
-# under runs/tables are skipped). TABLE=spear|tpaw|aggregation|settings|all.
+# under runs/tables are skipped). TABLE=spear|tpaw|aggregation|settings|robustness|all.
 TABLE ?= all
-tables: setup assets
+# dp_accounting (the dp extra) for the robustness table's ε.
+DP_STAMP := $(VENV)/.fedsp-dp-installed
+$(DP_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,dp]'
+	@touch $(DP_STAMP)
+
+tables: setup assets $(DP_STAMP)
 	$(PY) -m experiments.tables --table $(TABLE) --workdir runs/tables
 
 clean:

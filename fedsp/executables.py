@@ -321,15 +321,22 @@ def _save(path: pathlib.Path, executable: jax.stages.Compiled, name: str) -> Non
     except (ValueError, NotImplementedError, pickle.PicklingError) as error:
         log.info("%s: not saved, the executable cannot be serialised (%s)", name, error)
         return
+    if _write_atomically(path, payload):
+        _evict(path.parent)
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> bool:
+    """Writes ``data`` to a temporary file beside ``path``, then renames it; False (and
+    a logged warning) when the disk refuses."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
-        temporary.write_bytes(payload)
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        log.warning("%s: could not save the compiled program to %s (%s)", name, path, error)
-        return
-    _evict(path.parent)
+        log.warning("could not write %s (%s)", path, error)
+        return False
+    return True
 
 
 def _evict(directory: pathlib.Path) -> None:
@@ -409,10 +416,4 @@ def _note_used(key: str) -> None:
             return
         _MANIFEST["keys"].append(key)
         text = json.dumps(_MANIFEST["keys"])
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        log.warning("could not write %s (%s)", path, error)
+    _write_atomically(path, text.encode())

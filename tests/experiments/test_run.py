@@ -17,15 +17,12 @@ from tests.federated import fixtures
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_runner_applies_overrides_and_prints_the_table(tmp_path):
-    model_dir = fixtures.save_tiny_model(tmp_path / "model")
-    workdir = tmp_path / "run"
-    overrides = {
+def _tiny(model_dir: pathlib.Path) -> dict[str, object]:
+    """Overrides that shrink the demo config to one round of seconds on the tiny model."""
+    return {
         "model.path": str(model_dir),
         "model.lora.rank": 2,
         "fl.rounds": 1,
-        "fl.backend": "loop",
         "data.limit": 32,
         "rollout.prompts_per_client": 2,
         "rollout.max_new_tokens": 4,
@@ -38,6 +35,13 @@ def test_runner_applies_overrides_and_prints_the_table(tmp_path):
         "eval.batch_size": 4,
         "log.tensorboard": False,
     }
+
+
+@pytest.mark.slow
+def test_runner_applies_overrides_and_prints_the_table(tmp_path):
+    model_dir = fixtures.save_tiny_model(tmp_path / "model")
+    workdir = tmp_path / "run"
+    overrides = {**_tiny(model_dir), "fl.backend": "loop"}
     command = [
         sys.executable,
         "-m",
@@ -76,22 +80,7 @@ def test_a_second_run_loads_its_programs_and_repeats_the_numbers(tmp_path):
     # with an empty compilation cache: the second process loads the sampler and the
     # training program (`fedsp.executables`) instead of tracing and compiling them.
     model_dir = fixtures.save_tiny_model(tmp_path / "model")
-    overrides = {
-        "model.path": str(model_dir),
-        "model.lora.rank": 2,
-        "fl.rounds": 1,
-        "data.limit": 32,
-        "rollout.prompts_per_client": 2,
-        "rollout.max_new_tokens": 4,
-        "local.steps": 1,
-        "local.batch_size": 2,
-        "local.max_len": 128,
-        "eval.examples": 4,
-        "eval.max_new_tokens": 4,
-        "eval.batch_size": 4,
-        "log.tensorboard": False,
-        "log.progress": False,
-    }
+    overrides = {**_tiny(model_dir), "log.progress": False}
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",

@@ -48,6 +48,10 @@ def config_for(model_dir: pathlib.Path, algorithm: str, mesh: tuple[int, int]):
     config = tiny_config(
         model_dir,
         fl__backend="vmap",
+        # Two clients at a time: all 8 at once on the 1x8 mesh held 12-13 GB in training
+        # (8 clients' activations, each replicated over the model axis's 8 CPU devices),
+        # enough for the OOM killer when another test ran beside it.
+        fl__clients_at_once=2,
         fl__clients_per_round=8,
         data__num_clients=8,
         rollout__prompts_per_client=2,

@@ -78,6 +78,19 @@ def _records(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def _simulate_and_serve(tmp_path: pathlib.Path, fields: dict) -> tuple:
+    """The config of ``fields`` run by the simulator (``tmp_path/sim``) and served to two
+    nodes holding clients 1 and 0 (``tmp_path/fl``, min-clients 1): (config, both runs'
+    records, the grid)."""
+    path = write_config(tmp_path, fields)
+    config = settings.load_config(path)
+    fedsp.run(config, tmp_path / "sim")
+    run_config = {"config": str(path), "workdir": str(tmp_path / "fl"), "min-clients": 1}
+    grid = LocalGrid(run_config, [{"partition-id": k} for k in (1, 0)])
+    server.serve(grid, run_config)
+    return config, _records(tmp_path / "sim"), _records(tmp_path / "fl"), grid
+
+
 def _numbers(record: dict) -> dict:
     # Wall times and rollout diagnostics (per-node means on the federation) differ.
     skip = ("time", "collect/", "compile")
@@ -99,15 +112,7 @@ def test_federation_gives_the_simulators_numbers(model_dir, tmp_path, algorithm,
     if prune:
         # The tiny model's clients all have advantage 0 (no reward yet): all are pruned.
         fields["fl.prune_threshold"] = 0.5
-    path = write_config(tmp_path, fields)
-    config = settings.load_config(path)
-    fedsp.run(config, tmp_path / "sim")
-
-    run_config = {"config": str(path), "workdir": str(tmp_path / "fl"), "min-clients": 1}
-    grid = LocalGrid(run_config, [{"partition-id": k} for k in (1, 0)])
-    server.serve(grid, run_config)
-
-    sim, fl = _records(tmp_path / "sim"), _records(tmp_path / "fl")
+    config, sim, fl, grid = _simulate_and_serve(tmp_path, fields)
     assert len(sim) == len(fl) == 3
     for a, b in zip(sim, fl):
         assert _numbers(a) == _numbers(b)
@@ -143,14 +148,7 @@ def test_simulated_stragglers_are_not_asked_and_the_numbers_are_the_simulators(m
     and client 1 plays slot 0."""
     fields = dict(TINY, **{"model.path": str(model_dir), "seed": 5})
     fields.update({"fl.straggler.deadline": 1.5, "fl.straggler.jitter": 0.5})
-    path = write_config(tmp_path, fields)
-    config = settings.load_config(path)
-    fedsp.run(config, tmp_path / "sim")
-    run_config = {"config": str(path), "workdir": str(tmp_path / "fl"), "min-clients": 1}
-    grid = LocalGrid(run_config, [{"partition-id": k} for k in (1, 0)])
-    server.serve(grid, run_config)
-
-    sim, fl = _records(tmp_path / "sim"), _records(tmp_path / "fl")
+    config, sim, fl, grid = _simulate_and_serve(tmp_path, fields)
     assert [_numbers(r) for r in sim] == [_numbers(r) for r in fl]
     assert [(r["clients"], r["stragglers"]) for r in fl[1:]] == [([0, 1], []), ([1], [0])]
     assert grid.trained == {1: 2, 2: 1}  # node 2 (client 0) was not asked in round 2
