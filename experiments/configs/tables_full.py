@@ -25,7 +25,7 @@ Where each setting comes from:
   ``ROBUSTNESS_CLIENTS_PER_ROUND`` = 10 sampled per round (the reference's 3-5 leave an
   order statistic almost nothing to order; 10 lets trimmed mean β = 0.25 drop 2 at each
   end and Krum f = 2 meet n ≥ 2f + 3), evaluated every round; the aggregator, attack,
-  defences and DP fields are the CPU cell's (`experiments.tables.grids`). 10% and 25%
+  defences and DP fields are the CPU cell's (`experiments.tables.robustness`). 10% and 25%
   of 50 are 5 and 12 (24%) attackers, 1.0 and 2.4 a round on average. The DP clip norm
   is the one measured at CPU scale: measure the full model's round-1 update norms
   (`experiments.tables.running.update_norms`) and pass ``--set fl.dp.clip_norm=...``.
@@ -104,9 +104,9 @@ def full_config(table: str, run: str, dataset: str, seed: int) -> ml_collections
             return config
         return _spear(dataset, {"fed_sft": "sft", "fed_selfplay": "spear"}[run], seed)
     if table == "robustness":
-        from experiments.tables.grids import TABLES  # grids imports this module
+        from experiments.tables.robustness import ROBUSTNESS  # the tables import this module
 
-        runs = {r.key: r for r in TABLES["robustness"].runs}
+        runs = {r.key: r for r in ROBUSTNESS.runs}
         if run not in runs:
             raise ValueError(f"run={run!r}: the robustness table has runs {tuple(runs)}")
         cpu = runs[run].build(dataset, seed)

@@ -23,7 +23,7 @@ a "cell") and *rows* read off the runs' learning curves:
   clients (sign_flip × 10) under the mean, trimmed mean (β = 0.25) and Krum (f = 2),
   and DP-FedAvg's utility for noise multipliers z = 0, 0.5, 1.0 with the ε each spent;
   federated gold SFT on arithmetic with 20 clients, 8 a round, so that 10% and 25% are
-  2 and 5 attackers (the design and its reasons: `grids`, "robustness table").
+  2 and 5 attackers (the design and its reasons: `robustness`).
 
 CPU scale (the default): SmolLM2-135M-Instruct with LoRA, 8 clients on a Dirichlet(α = 1)
 split, 4 clients per round (robustness: 20 and 8), seeds 0, 1, 2. Each table states its CPU budget
@@ -37,14 +37,29 @@ holds only the test file, so arc_challenge cells train on its first 75% (``test[
 879 questions) and are evaluated on the disjoint last 25% (``test[75%:]``, 293); the
 full-scale configs use the hub's train and test splits, as the paper does.
 
-Modules: `grids` (the tables, their cells and run directories), `cost` (the CPU cost
-model), `running` (validating, running and auditing cells, reading what they wrote),
+Modules: `base` (the grid's data types and the shared CPU cell), `grids` (the paper
+tables), `robustness` (the robustness and DP table), `expand` (a table's cells at a
+scale and their run directories), `cost` (the CPU cost model), `running` (validating, running and auditing cells, reading what they wrote),
 `render` (the numbers, markdown, plots and JSON), `cli` (the command line and its
 options). This package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from experiments.tables.base import (
+    CLIENTS_PER_ROUND,
+    DEFAULT_SEEDS,
+    DIRICHLET_ALPHA,
+    EVAL_TOKENS,
+    NUM_CLIENTS,
+    SCALES,
+    TRAIN_LIMIT,
+    Cell,
+    Row,
+    Run,
+    Table,
+    cpu_config,
+)
 from experiments.tables.cli import RESULTS, main
 from experiments.tables.cost import (
     DECODE_TOKENS_S,
@@ -54,38 +69,17 @@ from experiments.tables.cost import (
     TRAIN_TOKENS_S,
     estimate_seconds,
 )
-from experiments.tables.grids import (
-    BYZANTINE_ATTACK,
-    BYZANTINE_FRACTIONS,
-    BYZANTINE_SCALE,
-    CLIENTS_PER_ROUND,
-    DEFAULT_SEEDS,
-    DIRICHLET_ALPHA,
-    DP_CLIP_NORM,
-    DP_DELTA,
-    DP_GROUP,
-    DP_NOISE_MULTIPLIERS,
-    NUM_CLIENTS,
-    ROBUST_CLIENTS_PER_ROUND,
-    ROBUST_KRUM_BYZANTINE,
-    ROBUST_NUM_CLIENTS,
-    ROBUST_TRIM_FRACTION,
-    SCALES,
+from experiments.tables.expand import (
     SHARING_ORDER,
-    TABLES,
-    Cell,
-    Row,
-    Run,
-    Table,
     apply_overrides,
     cell_dirs,
     cells,
-    cpu_config,
+    comparable,
     parse_set,
-    robustness_config,
     tiny_model,
     tiny_scale,
 )
+from experiments.tables.grids import TABLES
 from experiments.tables.render import (
     accuracy_at,
     attackers_per_round,
@@ -93,16 +87,32 @@ from experiments.tables.render import (
     byzantine_count,
     collect,
     final_epsilon,
+    jsonable,
     mean_std,
     plot_curves,
     raw_text_left_client,
     render_markdown,
     rounds_to_target,
 )
+from experiments.tables.robustness import (
+    BYZANTINE_ATTACK,
+    BYZANTINE_FRACTIONS,
+    BYZANTINE_SCALE,
+    DP_CLIP_NORM,
+    DP_DELTA,
+    DP_GROUP,
+    DP_NOISE_MULTIPLIERS,
+    ROBUST_CLIENTS_PER_ROUND,
+    ROBUST_KRUM_BYZANTINE,
+    ROBUST_NUM_CLIENTS,
+    ROBUST_TRIM_FRACTION,
+    robustness_config,
+)
 from experiments.tables.running import (
     COMMITS_FILE,
     ServerAudit,
     cell_commits,
+    git_commit,
     read_curves,
     run_cell,
     update_norms,
@@ -122,6 +132,7 @@ __all__ = [
     "DP_DELTA",
     "DP_GROUP",
     "DP_NOISE_MULTIPLIERS",
+    "EVAL_TOKENS",
     "FORWARD_TOKENS_S",
     "NUM_CLIENTS",
     "RESULTS",
@@ -134,6 +145,7 @@ __all__ = [
     "SHARING_ORDER",
     "STARTUP_S",
     "TABLES",
+    "TRAIN_LIMIT",
     "TRAIN_TOKENS_S",
     "Cell",
     "Row",
@@ -149,9 +161,12 @@ __all__ = [
     "cell_dirs",
     "cells",
     "collect",
+    "comparable",
     "cpu_config",
     "estimate_seconds",
     "final_epsilon",
+    "git_commit",
+    "jsonable",
     "main",
     "mean_std",
     "parse_set",

@@ -33,20 +33,14 @@ import sys
 import time
 from collections.abc import Sequence
 
+from experiments.tables.base import DEFAULT_SEEDS, SCALES
 from experiments.tables.cost import estimate_seconds
-from experiments.tables.grids import (
-    DEFAULT_SEEDS,
-    SCALES,
-    TABLES,
-    cell_dirs,
-    cells,
-    parse_set,
-    tiny_model,
-)
-from experiments.tables.render import _jsonable, collect, plot_curves, render_markdown
+from experiments.tables.expand import cell_dirs, cells, parse_set, tiny_model
+from experiments.tables.grids import TABLES
+from experiments.tables.render import collect, jsonable, plot_curves, render_markdown
 from experiments.tables.running import (
-    _git_commit,
     cell_commits,
+    git_commit,
     read_curves,
     run_cell,
     validation_problems,
@@ -163,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("invalid cell config(s):\n  " + "\n  ".join(problems))
 
-    started_at = _git_commit()
+    started_at = git_commit()
     shared = {
         c.name: f"{d.parent.name}/{d.name}"
         for c, d in zip(grid, dirs)
@@ -219,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / f"{table.name}.md").write_text(render_markdown(table, numbers, meta))
     (out_dir / f"{table.name}.json").write_text(
         json.dumps(
-            _jsonable({"table": table.name, "meta": meta, "numbers": numbers, "cells": results}),
+            jsonable({"table": table.name, "meta": meta, "numbers": numbers, "cells": results}),
             indent=1,
             allow_nan=False,
         )

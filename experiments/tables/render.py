@@ -1,7 +1,7 @@
 """A table's numbers and how they are shown: `collect` reads the rows off the cells'
 learning curves (mean ± sample std over seeds, rounds and bytes to a target accuracy,
 whether raw text left a client, Byzantine clients met per round and the ε spent),
-`render_markdown` writes ``NAME.md``, `plot_curves` ``NAME.png``, and `_jsonable` makes
+`render_markdown` writes ``NAME.md``, `plot_curves` ``NAME.png``, and `jsonable` makes
 the results JSON-safe for ``NAME.json``.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.tables.grids import DP_GROUP, Table
+from experiments.tables.base import Table
+from experiments.tables.robustness import DP_GROUP
 
 # --------------------------------------------------------------------------- numbers
 
@@ -478,12 +479,12 @@ def _plot_utility(ax: Any, table: Table, results: list[dict[str, Any]], dataset:
 # --------------------------------------------------------------------------- JSON
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN/inf become null (JSON has none); numpy scalars become Python numbers."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.integer, np.floating)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

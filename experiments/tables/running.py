@@ -3,7 +3,7 @@ skipping when finished) each cell in its run directory with the server step audi
 reading back what a cell wrote (its learning curves, the commits it ran at).
 
 A finished cell is only reused if its saved config is the cell's own (up to
-`experiments.tables.grids._comparable`): a changed field is refused, naming it.
+`experiments.tables.expand.comparable`): a changed field is refused, naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.tables.grids import Cell, _comparable
+from experiments.tables.base import Cell
+from experiments.tables.expand import comparable
 
 
 def validation_problems(grid: Sequence[Cell]) -> list[str]:
@@ -45,7 +46,7 @@ def _dp_accounting_installed() -> bool:
 # --------------------------------------------------------------------------- commits
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The checkout's commit (with "+dirty" for uncommitted changes), None outside git."""
     import subprocess
 
@@ -73,7 +74,7 @@ def _record_commit(workdir: pathlib.Path) -> None:
     """Appends the checkout's commit to ``workdir/commits.txt`` when it differs from the
     last one there: the code versions a cell ran on, one line per change (a resumed cell
     can span several)."""
-    commit = _git_commit() or "unknown"
+    commit = git_commit() or "unknown"
     path = workdir / COMMITS_FILE
     seen = path.read_text().split() if path.is_file() else []
     if not seen or seen[-1] != commit:
@@ -165,7 +166,7 @@ def run_cell(cell: Cell, workdir: pathlib.Path) -> dict[str, Any]:
     if summary_path.is_file():
         saved = json.loads((workdir / "config.json").read_text())
         want = json.loads(cell.config.to_json_best_effort())
-        changed = _diff(_comparable(saved), _comparable(want))
+        changed = _diff(comparable(saved), comparable(want))
         if changed:
             raise ValueError(
                 f"{workdir} finished with a different config (fields {changed}); "

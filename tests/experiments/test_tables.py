@@ -14,7 +14,7 @@ import pytest
 
 import experiments.tables
 import fedsp
-from experiments.tables import cli, cost, grids, render, running
+from experiments.tables import base, cli, cost, expand, grids, render, robustness, running
 from fedsp import data
 from fedsp.core import privacy
 from fedsp.federated import faults
@@ -39,7 +39,7 @@ def _diff(a, b):
 def test_package_reexports_the_modules_public_names():
     # `from experiments.tables import X` and `experiments.tables.X` keep working: every
     # name is the module's own object, and every public name of a module is exported.
-    modules = (cli, cost, grids, render, running)
+    modules = (base, cli, cost, expand, grids, render, robustness, running)
     for name in experiments.tables.__all__:
         owners = [m for m in modules if getattr(m, name, None) is getattr(experiments.tables, name)]
         assert owners, name
@@ -82,7 +82,7 @@ def test_package_reexports_the_modules_public_names():
     ],
 )
 def test_grid_has_every_run_dataset_seed(name, runs, datasets):
-    grid = grids.cells(grids.TABLES[name])
+    grid = expand.cells(grids.TABLES[name])
     assert sorted(c.name for c in grid) == sorted(
         f"{r}-{d}-s{s}" for r in runs for d in datasets for s in (0, 1, 2)
     )
@@ -106,7 +106,7 @@ def test_grid_has_every_run_dataset_seed(name, runs, datasets):
 
 def test_spear_rows_read_the_right_runs():
     table = grids.TABLES["spear"]
-    algorithms = {c.run: c.config.algorithm.name for c in grids.cells(table, seeds=[0])}
+    algorithms = {c.run: c.config.algorithm.name for c in expand.cells(table, seeds=[0])}
     assert algorithms == {
         "spear": "spear",
         "feedback_sft": "feedback_sft",
@@ -126,12 +126,12 @@ def test_spear_rows_read_the_right_runs():
         ("TPAW iter 3", "tpaw", 3),
     ]
     assert all(
-        c.config.fl.rounds == 3 and c.config.eval.every == 1 for c in grids.cells(tpaw, seeds=[0])
+        c.config.fl.rounds == 3 and c.config.eval.every == 1 for c in expand.cells(tpaw, seeds=[0])
     )
 
 
 def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
-    agg = {c.run: c.config for c in grids.cells(grids.TABLES["aggregation"], seeds=[0])}
+    agg = {c.run: c.config for c in expand.cells(grids.TABLES["aggregation"], seeds=[0])}
     assert _diff(agg["fedavg"], agg["advantage_prune"]) == {
         "fl.client_weighting",
         "fl.prune_threshold",
@@ -141,7 +141,7 @@ def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
         agg["advantage_prune"].fl.prune_threshold,
         agg["fedavg"].fl.prune_threshold,
     ) == ("advantage", 0.0, None)
-    settings = {c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[0])}
+    settings = {c.run: c.config for c in expand.cells(grids.TABLES["settings"], seeds=[0])}
     assert _diff(settings["fed_sft"], settings["fed_selfplay"]) == {"algorithm.name"}
     central = settings["centralized"]
     assert (central.data.num_clients, central.fl.clients_per_round) == (1, 1)
@@ -152,7 +152,7 @@ def test_aggregation_and_settings_cells_differ_only_in_what_the_row_names():
 
 def test_robustness_cells_differ_only_in_what_the_row_names():
     table = grids.TABLES["robustness"]
-    configs = {c.run: c.config for c in grids.cells(table, seeds=[0])}
+    configs = {c.run: c.config for c in expand.cells(table, seeds=[0])}
     clean = configs["mean_byz0"]
     for run, config in configs.items():
         aggregator, _, percent = run.partition("_byz")
@@ -170,7 +170,7 @@ def test_robustness_cells_differ_only_in_what_the_row_names():
         assert _diff(clean, config) == want, run
     # Attack, defences and δ are set in every cell (inert where unused); the clean cell is
     # the settings table's federated gold-SFT cell with 20 clients, 8 a round, max_len 64.
-    fed_sft = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0].config
+    fed_sft = expand.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0].config
     assert _diff(fed_sft, clean) == {
         "data.num_clients",
         "fl.clients_per_round",
@@ -203,10 +203,10 @@ def test_robustness_cells_differ_only_in_what_the_row_names():
 
 def test_robustness_attackers_and_privacy_as_documented():
     # 10% and 25% of 20 clients are exactly 2 and 5 attackers, whatever the seed.
-    for fraction, count in zip(grids.BYZANTINE_FRACTIONS, (0, 2, 5)):
+    for fraction, count in zip(robustness.BYZANTINE_FRACTIONS, (0, 2, 5)):
         for seed in (0, 1, 2):
             assert len(faults.byzantine_clients(20, fraction, seed)) == count
-            config = grids.robustness_config("arithmetic", seed, byzantine=fraction)
+            config = robustness.robustness_config("arithmetic", seed, byzantine=fraction)
             assert render.byzantine_count(json.loads(config.to_json_best_effort())) == (count, 20)
     # (8 clients would realise 0 and 2; 10 clients 1 and 2.)
     assert [len(faults.byzantine_clients(n, f, 0)) for n in (8, 10) for f in (0.1, 0.25)] == [
@@ -229,8 +229,8 @@ def test_robustness_attackers_and_privacy_as_documented():
     # sign_flip × 10 under FedAvg (lr 1): the expected step in honest steps.
     assert [(8 - 11 * a) / 8 for a in (0.8, 2.0)] == pytest.approx([-0.1, -1.75])
     # Defences sized for 2 attackers in 8: β·8 = 2 dropped at each end; n ≥ 2f + 3.
-    assert math.floor(grids.ROBUST_TRIM_FRACTION * 8) == 2
-    assert 2 * grids.ROBUST_KRUM_BYZANTINE + 3 <= 8
+    assert math.floor(robustness.ROBUST_TRIM_FRACTION * 8) == 2
+    assert 2 * robustness.ROBUST_KRUM_BYZANTINE + 3 <= 8
     # The ε the notes quote after 6 rounds, and the noise norm vs C.
     eps = [
         privacy.epsilon(6, num_clients=20, clients_per_round=8, noise_multiplier=z, delta=1e-5)
@@ -246,11 +246,11 @@ def test_robustness_attackers_and_privacy_as_documented():
 
 def test_arithmetic_cells_validate(monkeypatch):
     for name in grids.TABLES:
-        grid = [c for c in grids.cells(grids.TABLES[name], seeds=[0]) if c.dataset == "arithmetic"]
+        grid = [c for c in expand.cells(grids.TABLES[name], seeds=[0]) if c.dataset == "arithmetic"]
         assert running.validation_problems(grid) == []
     # Without dp_accounting the DP cells are refused before anything runs.
     monkeypatch.setattr(running, "_dp_accounting_installed", lambda: False)
-    grid = grids.cells(grids.TABLES["robustness"], seeds=[0], only=["dp_z", "mean_byz0"])
+    grid = expand.cells(grids.TABLES["robustness"], seeds=[0], only=["dp_z", "mean_byz0"])
     assert running.validation_problems(grid) == [
         f"dp_z{z}-arithmetic-s0: fl.dp.clip_norm: the ε accounting needs dp_accounting "
         "(pip install -e '.[dp]')"
@@ -260,9 +260,9 @@ def test_arithmetic_cells_validate(monkeypatch):
 
 def _own_cells(name):
     """The cells table ``name`` runs in its own directory (not shared with another)."""
-    grid = grids.cells(grids.TABLES[name])
+    grid = expand.cells(grids.TABLES[name])
     root = pathlib.Path("root")
-    dirs = grids.cell_dirs(grid, root, seeds=(0, 1, 2), scale="cpu")
+    dirs = expand.cell_dirs(grid, root, seeds=(0, 1, 2), scale="cpu")
     return [c for c, d in zip(grid, dirs) if d == root / name / c.name]
 
 
@@ -279,8 +279,8 @@ def test_identical_cells_are_shared_across_tables():
     root = pathlib.Path("root")
     names = {}
     for name in grids.TABLES:
-        grid = grids.cells(grids.TABLES[name], seeds=[1])
-        for cell, d in zip(grid, grids.cell_dirs(grid, root, seeds=[1], scale="cpu")):
+        grid = expand.cells(grids.TABLES[name], seeds=[1])
+        for cell, d in zip(grid, expand.cell_dirs(grid, root, seeds=[1], scale="cpu")):
             names[f"{name}/{cell.name}"] = str(d.relative_to(root))
     assert names["settings/fed_selfplay-arithmetic-s1"] == "aggregation/fedavg-arithmetic-s1"
     assert names["spear/spear-arithmetic-s1"] == "aggregation/fedavg-arithmetic-s1"
@@ -292,14 +292,14 @@ def test_identical_cells_are_shared_across_tables():
         "spear/sft-arithmetic-s1",
     }
     # An override applies to every table, so shared cells stay shared and nothing else is.
-    grid = grids.cells(grids.TABLES["spear"], seeds=[1], overrides={"local.lr": 1e-3})
-    dirs = grids.cell_dirs(grid, root, seeds=[1], scale="cpu", overrides={"local.lr": 1e-3})
+    grid = expand.cells(grids.TABLES["spear"], seeds=[1], overrides={"local.lr": 1e-3})
+    dirs = expand.cell_dirs(grid, root, seeds=[1], scale="cpu", overrides={"local.lr": 1e-3})
     assert sum(d.parts[1] != "spear" for d in dirs) == 2
 
 
 def test_cost_model_on_the_benchmarked_round():
     # BENCHMARKS.md: SPEAR, 4 clients × 4 prompts × 16 tokens, one revision: rollout 10.4 s.
-    config = grids.cpu_config("arithmetic", 0)
+    config = base.cpu_config("arithmetic", 0)
     config.local.steps, config.fl.rounds, config.eval.every = 1, 1, 0
     rollout = 4 * 4 * 16 * 1.75 / cost.DECODE_TOKENS_S
     assert rollout == pytest.approx(10.4, rel=0.1)
@@ -547,12 +547,12 @@ def test_dry_run_prints_cells_and_configs(capsys):
 
 def test_full_scale_configs_for_every_row(capsys):
     for table in grids.TABLES.values():
-        for cell in grids.cells(table, seeds=[0], scale="full"):
+        for cell in expand.cells(table, seeds=[0], scale="full"):
             assert cell.config.model.path in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-1.5B")
             assert cell.config.model.dtype == "bfloat16"
-    tpaw = grids.cells(grids.TABLES["tpaw"], seeds=[0], scale="full")
+    tpaw = expand.cells(grids.TABLES["tpaw"], seeds=[0], scale="full")
     assert {(c.config.data.num_clients, c.config.fl.clients_per_round) for c in tpaw} == {(8, 8)}
-    spear = {c.name: c.config for c in grids.cells(grids.TABLES["spear"], seeds=[0], scale="full")}
+    spear = {c.name: c.config for c in expand.cells(grids.TABLES["spear"], seeds=[0], scale="full")}
     assert spear["grpo-arc_challenge-s0"].algorithm.name == "grpo"
     assert spear["spear-arc_challenge-s0"].data.num_clients == 50
     assert (
@@ -560,13 +560,13 @@ def test_full_scale_configs_for_every_row(capsys):
         spear["spear-arc_challenge-s0"].task.eval_split,
     ) == ("train", "test")
     settings = {
-        c.run: c.config for c in grids.cells(grids.TABLES["settings"], seeds=[1], scale="full")
+        c.run: c.config for c in expand.cells(grids.TABLES["settings"], seeds=[1], scale="full")
     }
     assert settings["centralized"].data.num_clients == 1 and settings["centralized"].seed == 1
     robust = {
-        c.run: c.config for c in grids.cells(grids.TABLES["robustness"], seeds=[0], scale="full")
+        c.run: c.config for c in expand.cells(grids.TABLES["robustness"], seeds=[0], scale="full")
     }
-    cpu = {c.run: c.config for c in grids.cells(grids.TABLES["robustness"], seeds=[0])}
+    cpu = {c.run: c.config for c in expand.cells(grids.TABLES["robustness"], seeds=[0])}
     for run, config in robust.items():
         assert (config.data.num_clients, config.fl.clients_per_round) == (50, 10)
         assert config.algorithm.name == "sft" and config.eval.every == 1
@@ -642,7 +642,7 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
         sum(sum(c["curves"]["time_s"].values()) for c in data["cells"])
     )
     assert data["meta"]["rounds_s"] > 0 and data["meta"]["commit"]
-    commit = running._git_commit() or "unknown"
+    commit = running.git_commit() or "unknown"
     assert all(c["commits"] == [commit] for c in data["cells"])
     assert f"its cells ran at commit {commit} (all 3 cells)" in md
 
@@ -715,8 +715,8 @@ def test_tiny_robustness_table_runs_and_renders(model_dir, tmp_path):
 
 def test_update_norms_measures_what_the_server_receives(model_dir):
     # 2 clients, one of them an attacker sending θ_r back (a "scale" attack with s = 0).
-    config = grids.robustness_config("arithmetic", 0, byzantine=0.5)
-    grids.tiny_scale(config, str(model_dir))
+    config = robustness.robustness_config("arithmetic", 0, byzantine=0.5)
+    expand.tiny_scale(config, str(model_dir))
     config.fl.byzantine.attack, config.fl.byzantine.scale = "scale", 0.0
     (norms,) = running.update_norms(config)
     clients = data.sample_clients(2, 2, 0, 1)
@@ -747,7 +747,7 @@ def test_all_tables_dry_run(capsys):
 
 
 def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monkeypatch):
-    cell = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    cell = expand.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
     workdir = tmp_path / cell.name
     calls = []
 
@@ -776,7 +776,7 @@ def test_partial_cell_resumes_in_its_directory_and_audits_add_up(tmp_path, monke
         "text_leaves": 0,
     }
     # Both attempts ran at this checkout's commit: recorded once.
-    assert running.cell_commits(workdir) == [running._git_commit() or "unknown"]
+    assert running.cell_commits(workdir) == [running.git_commit() or "unknown"]
     # Finished: a third call reads the summary without running.
     assert running.run_cell(cell, workdir) == {"final_accuracy": 0.5} and len(calls) == 2
 
@@ -785,7 +785,7 @@ def test_a_finished_cell_predating_an_execution_field_still_matches(tmp_path):
     """A cell saved before ``rollout.reuse_cache`` existed matches the config that has it
     at its default (it computes the same); any other difference, or the field set to
     the non-default value, is a different config."""
-    cell = grids.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
+    cell = expand.cells(grids.TABLES["settings"], seeds=[0], only=["fed_sft"])[0]
     workdir = tmp_path / cell.name
     workdir.mkdir()
     saved = json.loads(cell.config.to_json_best_effort())
