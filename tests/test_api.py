@@ -268,7 +268,7 @@ LAYERS = (
     ("fedsp.selfplay",),
     ("fedsp.federated",),
     ("fedsp.config",),
-    ("fedsp.runner",),
+    ("fedsp.run_setup", "fedsp.run_checkpoint", "fedsp.runner"),
     ("fedsp.plan", "fedsp.flower"),
 )
 

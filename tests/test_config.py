@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedsp import config as config_lib
-from fedsp import data, runner
+from fedsp import data, run_setup
 from fedsp.config import default_config
 
 
@@ -218,13 +218,13 @@ def test_empty_client_names_the_partition_fields(monkeypatch):
     config = default_config()
     config.data.partition = "iid"
     train = data.get_task("arithmetic").load("train", limit=12, seed=0)
-    assert [len(s) for s in runner.client_shards(config, train)] == [3, 3, 3, 3]
+    assert [len(s) for s in run_setup.client_shards(config, train)] == [3, 3, 3, 3]
     shards = [np.arange(3), np.arange(0), np.arange(3, 5), np.arange(0)]
     monkeypatch.setattr(data, "iid_partition", lambda *args: shards)
     with pytest.raises(
         ValueError, match=r"data.partition='iid' left client\(s\) \[1, 3\] of data.num_clients=4"
     ):
-        runner.client_shards(config, train)
+        run_setup.client_shards(config, train)
 
 
 def test_pmap_backend_needs_placeable_clients():

@@ -25,7 +25,7 @@ from fedsp.model.lora import apply_lora, split_lora
 from fedsp.model.sampling import bucket_length
 from fedsp.model.sharding import model_shardings
 from fedsp.model.transformer import Transformer
-from fedsp.runner import lora_config
+from fedsp.run_setup import lora_config
 from fedsp.selfplay.base import ClientBatch, PackedSequences, PlayerLogps
 from fedsp.selfplay.grpo import Grpo
 from fedsp.selfplay.pairs import PairwiseSelfPlay

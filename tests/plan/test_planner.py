@@ -13,7 +13,7 @@ from fedsp.model.sharding import device_bytes, make_mesh, replicate, shard_state
 from fedsp.model.transformer import Transformer
 from fedsp.plan import Shapes, get_target, plan_round
 from fedsp.plan.targets import GIB
-from fedsp.runner import lora_config
+from fedsp.run_setup import lora_config
 from tests.model import tiny
 
 EVAL_LEN = 32
