@@ -17,6 +17,27 @@ from tests.federated import fixtures
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _run_demo(
+    workdir: pathlib.Path, overrides: dict[str, object], **env: str
+) -> subprocess.CompletedProcess:
+    """``python -m experiments.run`` on the demo config with ``overrides``, on CPU; it
+    must succeed."""
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=experiments/configs/demo.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env)
+    result = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def _tiny(model_dir: pathlib.Path) -> dict[str, object]:
     """Overrides that shrink the demo config to one round of seconds on the tiny model."""
     return {
@@ -41,18 +62,7 @@ def _tiny(model_dir: pathlib.Path) -> dict[str, object]:
 def test_runner_applies_overrides_and_prints_the_table(tmp_path):
     model_dir = fixtures.save_tiny_model(tmp_path / "model")
     workdir = tmp_path / "run"
-    overrides = {**_tiny(model_dir), "fl.backend": "loop"}
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.run",
-        "--config=experiments/configs/demo.py",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_demo(workdir, {**_tiny(model_dir), "fl.backend": "loop"})
     lines = result.stdout.splitlines()
     assert lines[0] == "round  accuracy  time (s)"
     rows = [line.split() for line in lines[1:3]]
@@ -81,27 +91,10 @@ def test_a_second_run_loads_its_programs_and_repeats_the_numbers(tmp_path):
     # training program (`fedsp.executables`) instead of tracing and compiling them.
     model_dir = fixtures.save_tiny_model(tmp_path / "model")
     overrides = {**_tiny(model_dir), "log.progress": False}
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        FEDSP_COMPILATION_CACHE=str(tmp_path / "cache"),
-    )
     runs = []
     for name in ("first", "second"):
         workdir = tmp_path / name
-        command = [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "--config=experiments/configs/demo.py",
-            f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in overrides.items()),
-        ]
-        result = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        _run_demo(workdir, overrides, FEDSP_COMPILATION_CACHE=str(tmp_path / "cache"))
         records = [
             json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
         ]

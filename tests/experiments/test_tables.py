@@ -36,6 +36,16 @@ def _diff(a, b):
     return {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
 
 
+def _tiny_argv(table: str, cells: str, tmp_path, model_dir, *sets: str) -> list[str]:
+    """The command line of ``table``'s ``cells`` at tiny scale, seed 0, under tmp_path,
+    with the model and ``sets`` as ``--set`` overrides."""
+    argv = ["--table", table, "--scale", "tiny", "--seeds", "0", "--cells", cells]
+    argv += ["--workdir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    for item in (f"model.path={model_dir}", *sets):
+        argv += ["--set", item]
+    return argv
+
+
 def test_package_reexports_the_modules_public_names():
     # `from experiments.tables import X` and `experiments.tables.X` keep working: every
     # name is the module's own object, and every public name of a module is exported.
@@ -588,22 +598,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path, monkeypatch):
-    argv = [
-        "--table",
-        "settings",
-        "--scale",
-        "tiny",
-        "--seeds",
-        "0",
-        "--cells",
-        "centralized,fed_sft,fed_selfplay",
-        "--workdir",
-        str(tmp_path / "runs"),
-        "--results-dir",
-        str(tmp_path / "results"),
-        "--set",
-        f"model.path={model_dir}",
-    ]
+    argv = _tiny_argv("settings", "centralized,fed_sft,fed_selfplay", tmp_path, model_dir)
     assert cli.main(argv) == 0
     results = tmp_path / "results"
     md = (results / "settings.md").read_text()
@@ -663,26 +658,14 @@ def test_tiny_table_writes_outputs_and_skips_finished_cells(model_dir, tmp_path,
 def test_tiny_robustness_table_runs_and_renders(model_dir, tmp_path):
     # Three of its cells: the clean mean run (the target and the z = 0 row), Krum under
     # attack and DP-FedAvg. 4 clients, all sampled, so 25% is one attacker every round.
-    argv = [
-        "--table",
+    argv = _tiny_argv(
         "robustness",
-        "--scale",
-        "tiny",
-        "--seeds",
-        "0",
-        "--cells",
         "mean_byz0,krum_byz25,dp_z0.5",
-        "--workdir",
-        str(tmp_path / "runs"),
-        "--results-dir",
-        str(tmp_path / "results"),
-        "--set",
-        f"model.path={model_dir}",
-        "--set",
+        tmp_path,
+        model_dir,
         "data.num_clients=4",
-        "--set",
         "fl.clients_per_round=4",
-    ]
+    )
     assert cli.main(argv) == 0
     results = tmp_path / "results"
     md = (results / "robustness.md").read_text()
